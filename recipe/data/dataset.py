@@ -1,0 +1,219 @@
+"""MLM batches for one data-parallel rank, as a stateful iterable that `StatefulDataLoader` checkpoints.
+
+Epoch e reads a permutation of the items (sequences, or UniRef50 clusters with cluster sampling) that depends only
+on (seed, e). Rank r of W takes every W-th item from r; loader worker w of K takes every K-th of those from w. So
+the ranks together read every item exactly once per epoch, whatever K is. A batch is emitted when the next
+sequence would overflow the token budget; that sequence is not consumed, which makes the whole state two integers
+(epoch, cursor) per worker.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from recipe.data import mlm
+from recipe.data.packing import Sample, collate_bshd, collate_thd
+from recipe.data.sources import SequenceStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    max_seq_length: int = 1024  # tokens per sequence, <cls> and <eos> included
+    layout: str = "thd"  # thd (packed) or bshd (padded)
+    token_micro_batch_size: int = 8192  # THD: token budget per micro-batch
+    micro_batch_size: int = 8  # BSHD: sequences per micro-batch
+    pad_to_multiple_of: int = 16
+    pad_to_fixed: bool = False  # THD: pad every batch to exactly token_micro_batch_size
+    mask_prob: float = 0.15
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.layout not in ("thd", "bshd"):
+            raise ValueError(f"dataset.layout={self.layout!r} is not 'thd' or 'bshd'")
+        if self.max_seq_length < 3:
+            raise ValueError(f"dataset.max_seq_length={self.max_seq_length} leaves no room for a residue")
+        if self.layout == "thd" and self.token_micro_batch_size < self.max_seq_length:
+            raise ValueError(
+                f"dataset.token_micro_batch_size={self.token_micro_batch_size} cannot hold one sequence of "
+                f"dataset.max_seq_length={self.max_seq_length}"
+            )
+        if self.pad_to_fixed and self.token_micro_batch_size % max(self.pad_to_multiple_of, 1):
+            raise ValueError(
+                f"dataset.pad_to_fixed needs token_micro_batch_size={self.token_micro_batch_size} to be a multiple of "
+                f"pad_to_multiple_of={self.pad_to_multiple_of}"
+            )
+        if not 0.0 < self.mask_prob < 1.0:
+            raise ValueError(f"dataset.mask_prob={self.mask_prob} must be in (0, 1)")
+
+
+class ClusterIndex:
+    """ESM-2 sampling: an item is a UniRef50 cluster; a draw picks a UniRef90 cluster inside it uniformly, then a
+    member of that UniRef90 cluster uniformly (without ur90 ids: a member of the UniRef50 cluster)."""
+
+    def __init__(self, c50: np.ndarray, c90: np.ndarray | None = None):
+        order = np.lexsort((c90, c50)) if c90 is not None else np.argsort(c50, kind="stable")
+        s50 = c50[order]
+        new90 = np.ones(len(order), dtype=bool)
+        new90[1:] = s50[1:] != s50[:-1]
+        if c90 is not None:
+            s90 = c90[order]
+            new90[1:] |= s90[1:] != s90[:-1]
+        self.order = order
+        self.sub_start = np.flatnonzero(new90)  # start of each UniRef90 group in `order`
+        self.sub_len = np.diff(np.append(self.sub_start, len(order)))
+        sub50 = s50[self.sub_start]
+        new50 = np.ones(len(sub50), dtype=bool)
+        new50[1:] = sub50[1:] != sub50[:-1]
+        self.first_sub = np.flatnonzero(new50)
+        self.num_sub = np.diff(np.append(self.first_sub, len(sub50)))
+
+    def __len__(self) -> int:
+        return len(self.first_sub)
+
+    def rows(self, clusters: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+        keys = mlm.sample_keys(seed, epoch, clusters, mlm.CLUSTER)
+        u1 = mlm.uniform(keys, np.zeros(len(clusters)))
+        u2 = mlm.uniform(keys, np.ones(len(clusters)))
+        sub = self.first_sub[clusters] + (u1 * self.num_sub[clusters]).astype(np.int64)
+        return self.order[self.sub_start[sub] + (u2 * self.sub_len[sub]).astype(np.int64)]
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.Generator(np.random.Philox(key=[seed & (2**64 - 1), epoch])).permutation(n)
+
+
+class MLMBatches(IterableDataset):
+    """Infinite shuffled epochs for training (`train=True`), or one deterministic pass for validation."""
+
+    def __init__(
+        self,
+        store: SequenceStore,
+        settings: BatchSettings,
+        rank: int = 0,
+        world_size: int = 1,
+        train: bool = True,
+        cluster_sampling: bool = False,
+    ):
+        super().__init__()
+        self.store, self.settings, self.rank, self.world_size, self.train = store, settings, rank, world_size, train
+        self.clusters = None
+        if cluster_sampling:
+            if "ur50_id" not in store.clusters:
+                raise ValueError(f"dataset.cluster_sampling=true but {store.source} has no ur50_id column")
+            self.clusters = ClusterIndex(store.clusters["ur50_id"], store.clusters.get("ur90_id"))
+        self.num_items = len(self.clusters) if self.clusters is not None else len(store)
+        if self.num_items < world_size:
+            raise ValueError(f"{store.source}: {self.num_items} items cannot feed {world_size} data-parallel ranks")
+        self.epoch, self.cursor, self.num_workers = 0, 0, None
+
+    # -------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "cursor": self.cursor,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_workers": self.num_workers,
+            "num_items": self.num_items,
+            "seed": self.settings.seed,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        for key in ("world_size", "rank", "num_items", "seed"):
+            if state[key] != mine[key]:
+                raise ValueError(
+                    f"data loader state was saved with {key}={state[key]}, this run has {key}={mine[key]}: "
+                    "resuming would not read the data the interrupted run would have read"
+                )
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self._saved_workers = state["num_workers"]
+
+    # -------------------------------------------------------------- iteration
+    def _my_items(self, epoch: int, worker: int, num_workers: int) -> np.ndarray:
+        items = epoch_permutation(self.num_items, self.settings.seed, epoch) if self.train else np.arange(self.num_items)
+        return items[self.rank :: self.world_size][worker::num_workers]
+
+    def _rows(self, items: np.ndarray, epoch: int) -> np.ndarray:
+        return items if self.clusters is None else self.clusters.rows(items, self.settings.seed, epoch)
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        saved = getattr(self, "_saved_workers", None)
+        if saved is not None and saved != num_workers:
+            raise ValueError(
+                f"data loader state was saved with {saved} worker shard(s) (dataset.num_workers), this run has "
+                f"{num_workers}: resume with the same dataset.num_workers"
+            )
+        self.num_workers = num_workers
+        while True:
+            epoch = self.epoch
+            rows = self._rows(self._my_items(epoch, worker, num_workers), epoch)
+            while self.cursor < len(rows):
+                take, tokens = self.cursor, 0
+                while take < len(rows) and self._fits(take - self.cursor, tokens, self._tokens(rows[take])):
+                    tokens += self._tokens(rows[take])
+                    take += 1
+                batch = self._make_batch(rows[self.cursor : take], epoch)
+                self.cursor = take
+                yield batch
+            if not self.train:
+                return
+            self.epoch, self.cursor = epoch + 1, 0
+
+    def _tokens(self, row: int) -> int:
+        """Tokens the row takes after cropping, <cls> and <eos> included."""
+        return min(int(self.store.offsets[row + 1] - self.store.offsets[row]), self.settings.max_seq_length - 2) + 2
+
+    def _fits(self, count: int, tokens: int, n: int) -> bool:
+        s = self.settings
+        if s.layout == "bshd":
+            return count < s.micro_batch_size
+        return tokens + n <= s.token_micro_batch_size
+
+    def _make_batch(self, rows: np.ndarray, epoch: int) -> dict:
+        samples = make_samples(self.store, rows, self.settings, epoch if self.train else 0, self.train)
+        s = self.settings
+        if s.layout == "bshd":
+            return collate_bshd(samples, 8)
+        return collate_thd(samples, s.pad_to_multiple_of, s.token_micro_batch_size if s.pad_to_fixed else None)
+
+
+def make_samples(store: SequenceStore, rows: np.ndarray, s: BatchSettings, epoch: int, random_crop: bool) -> list[Sample]:
+    """Crop, add <cls>/<eos> and mask a list of rows, the masking vectorised over all of their tokens."""
+    max_res = s.max_seq_length - 2
+    crop_keys = mlm.sample_keys(s.seed, epoch, rows, mlm.CROP) if random_crop else [None] * len(rows)
+    toks = []
+    for row, ck in zip(rows, crop_keys):
+        res = store.residues(int(row))
+        start = mlm.crop_start(len(res), max_res, ck)
+        toks.append(mlm.add_specials(res[start : start + max_res]))
+    lengths = np.array([len(t) for t in toks], dtype=np.int64)
+    flat = np.concatenate(toks)
+    keys = np.repeat(mlm.sample_keys(s.seed, epoch, rows, 0), lengths)
+    positions = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    inputs, labels = mlm.mask_tokens(flat, keys, positions, s.mask_prob)
+    bounds = np.cumsum(lengths)[:-1]
+    return [
+        Sample(int(r), i, lab) for r, i, lab in zip(rows, np.split(inputs, bounds), np.split(labels, bounds))
+    ]
+
+
+def make_loader(dataset: MLMBatches, num_workers: int = 0, pin_memory: bool = False, prefetch_factor: int = 4):
+    """A `StatefulDataLoader` over already-batched items (batch_size=None)."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    kwargs = dict(prefetch_factor=prefetch_factor, persistent_workers=False) if num_workers > 0 else {}
+    return StatefulDataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **kwargs)
+
+
+def batch_to_device(batch: dict, device: torch.device, non_blocking: bool = True) -> dict:
+    return {k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

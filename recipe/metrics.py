@@ -1,0 +1,73 @@
+"""Rank-0 outputs: metrics.jsonl (the contract our checks read), optional wandb, and the progress bar."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+# Dense BF16 peak of the GPUs we know, TFLOP/s (datasheets). MFU elsewhere needs peak_tflops_per_gpu set.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "GH200": 989.0, "A100": 312.0, "B200": 2250.0}
+
+
+def peak_tflops(setting, device: torch.device) -> float | None:
+    if setting not in (None, "auto"):
+        return float(setting)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def max_memory_gb(device: torch.device) -> float:
+    """Peak GPU memory allocated by PyTorch; on CPU, the process's peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+
+
+class MetricsWriter:
+    def __init__(self, output_dir: Path, cfg: DictConfig, enabled: bool, resume_step: int | None):
+        self.enabled = enabled
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.wandb = None
+        if not enabled:
+            return
+        if self.path.exists():  # a fresh run starts a fresh log; a resumed one keeps what the checkpoint covers
+            kept = [] if resume_step is None else [
+                line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step
+            ]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self.file = open(self.path, "a", buffering=1)
+        if cfg.wandb.enabled:
+            os.environ.setdefault("WANDB_MODE", cfg.wandb.mode)
+            import wandb
+
+            self.wandb = wandb.init(
+                project=cfg.wandb.project,
+                name=cfg.wandb.name,
+                dir=str(output_dir),
+                mode=cfg.wandb.mode,
+                config=OmegaConf.to_container(cfg, resolve=True),
+                resume="allow",
+            )
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.wandb is not None:
+                self.wandb.finish()

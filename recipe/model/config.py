@@ -1,0 +1,77 @@
+"""ESM-2 model configuration: the published sizes and the knobs our backends add."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from recipe.data.tokenizer import MASK_ID, PAD_ID, VOCAB
+
+# Layer / hidden / head / FFN counts as published with the facebook/esm2_* checkpoints (Lin et al. 2023).
+# "tiny" is ours: a 4-layer model for CPU smoke runs and tests.
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": dict(num_layers=4, hidden_size=128, num_heads=8, intermediate_size=512),
+    "8M": dict(num_layers=6, hidden_size=320, num_heads=20, intermediate_size=1280),
+    "35M": dict(num_layers=12, hidden_size=480, num_heads=20, intermediate_size=1920),
+    "150M": dict(num_layers=30, hidden_size=640, num_heads=20, intermediate_size=2560),
+    "650M": dict(num_layers=33, hidden_size=1280, num_heads=20, intermediate_size=5120),
+    "3B": dict(num_layers=36, hidden_size=2560, num_heads=40, intermediate_size=10240),
+    "15B": dict(num_layers=48, hidden_size=5120, num_heads=40, intermediate_size=20480),
+}
+
+BACKENDS = ("auto", "torch", "te")
+# "gelu" is ESM-2's exact erf GELU; "gelu_tanh" is the tanh approximation TE fuses into LayerNormMLP.
+ACTIVATIONS = ("gelu", "gelu_tanh")
+
+
+@dataclass
+class EsmConfig:
+    """Everything that fixes the parameter layout and the numerics of one ESM-2 model."""
+
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    intermediate_size: int
+    vocab_size: int = len(VOCAB)
+    pad_token_id: int = PAD_ID
+    mask_token_id: int = MASK_ID
+    layer_norm_eps: float = 1e-5  # the facebook checkpoints' value, not transformers' class default 1e-12
+    token_dropout: bool = True
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 1026  # only written into exported HF configs; rotary has no length limit
+    initializer_range: float = 0.02
+    backend: str = "auto"
+    activation: str = "gelu"
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"model.backend={self.backend!r} is not one of {BACKENDS}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"model.activation={self.activation!r} is not one of {ACTIVATIONS}")
+        for key in ("num_layers", "hidden_size", "num_heads", "intermediate_size"):
+            if int(getattr(self, key)) <= 0:
+                raise ValueError(f"model.{key} must be positive, got {getattr(self, key)}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}")
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ValueError("rotary embeddings need an even head dimension")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @classmethod
+    def from_size(cls, size: str, **overrides: Any) -> "EsmConfig":
+        if size not in SIZES:
+            raise ValueError(f"model.size={size!r} is not a known ESM-2 size; choose one of {sorted(SIZES)}")
+        fields = dict(SIZES[size])
+        fields.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**fields)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def shape_dict(self) -> dict[str, int]:
+        """The fields that decide tensor shapes: a checkpoint only loads into a model that agrees on these."""
+        return {k: getattr(self, k) for k in ("num_layers", "hidden_size", "num_heads", "intermediate_size", "vocab_size")}

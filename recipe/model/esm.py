@@ -1,0 +1,251 @@
+"""ESM-2 masked language model: embeddings with ESM token dropout, a layer stack, and the tied LM head.
+
+Input is either packed THD (`input_ids` [T], `cu_seqlens` int32 [N+1], `max_seqlen`) or padded BSHD (`input_ids`
+[B, S] with `attention_mask`). Both give the same per-token outputs for the same sequences. With `labels`, the LM
+head runs only at labelled (masked) positions unless logits are asked for: the head and softmax over all T tokens
+are wasted work in training.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recipe.model.config import EsmConfig
+from recipe.model.layers import PackedInfo, TorchEsmLayer, init_scale, rotary_cos_sin
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+MASK_RATIO_TRAIN = 0.15 * 0.8  # ESM-2's token-dropout constant (mask probability x <mask> share)
+
+
+@dataclass
+class EsmOutput:
+    loss: torch.Tensor | None = None  # mean cross-entropy over labelled tokens
+    loss_sum: torch.Tensor | None = None  # summed cross-entropy, for token-weighted reductions
+    num_tokens: torch.Tensor | None = None  # labelled tokens in this batch
+    num_correct: torch.Tensor | None = None  # labelled tokens whose argmax is the label
+    logits: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+
+
+class LMHead(nn.Module):
+    """dense -> GELU -> LayerNorm -> decoder (tied to the word embeddings) + bias."""
+
+    def __init__(self, config: EsmConfig, device=None, dtype=None):
+        super().__init__()
+        h = config.hidden_size
+        self.dense = nn.Linear(h, h, device=device, dtype=dtype)
+        self.layer_norm = nn.LayerNorm(h, eps=config.layer_norm_eps, device=device, dtype=dtype)
+        self.bias = nn.Parameter(torch.empty(config.vocab_size, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor, decoder_weight: torch.Tensor) -> torch.Tensor:
+        x = self.layer_norm(F.gelu(self.dense(x)))
+        return F.linear(x, decoder_weight, self.bias)
+
+
+def _layer_class(backend: str):
+    if backend == "torch":
+        return TorchEsmLayer
+    if backend == "te":
+        from recipe.model.te_layers import TEEsmLayer
+
+        return TEEsmLayer
+    raise ValueError(f"model backend must be resolved to 'torch' or 'te' before building, got {backend!r}")
+
+
+class EsmForMaskedLM(nn.Module):
+    def __init__(self, config: EsmConfig, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        h = config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, h, padding_idx=config.pad_token_id, device=device, dtype=dtype)
+        layer_cls = _layer_class(config.backend)
+        self.layers = nn.ModuleList(layer_cls(config, device=device, dtype=dtype) for _ in range(config.num_layers))
+        self.final_layer_norm = nn.LayerNorm(h, eps=config.layer_norm_eps, device=device, dtype=dtype)
+        self.lm_head = LMHead(config, device=device, dtype=dtype)
+        self.check_inputs = True  # the trainer turns this off: its packer guarantees what these checks test
+
+    # ---------------------------------------------------------------- embeddings
+    def embed(self, input_ids: torch.Tensor, seq_of_token: torch.Tensor | None, lengths: torch.Tensor) -> torch.Tensor:
+        """Word embeddings with ESM token dropout: zero `<mask>` rows, rescale each sequence by its own mask ratio."""
+        x = self.embed_tokens(input_ids)
+        cfg = self.config
+        if cfg.token_dropout:
+            is_mask = input_ids == cfg.mask_token_id
+            x = x.masked_fill(is_mask.unsqueeze(-1), 0.0)
+            if seq_of_token is None:  # BSHD: one row per sequence
+                masked = is_mask.sum(-1).float()
+                scale = (1 - MASK_RATIO_TRAIN) / (1 - masked / lengths)
+                x = (x * scale[:, None, None]).to(x.dtype)
+            else:
+                masked = torch.zeros(len(lengths), device=x.device).index_add_(0, seq_of_token, is_mask.float())
+                scale = (1 - MASK_RATIO_TRAIN) / (1 - masked / lengths.clamp(min=1))
+                x = (x * scale[seq_of_token][:, None]).to(x.dtype)
+        return x.masked_fill((input_ids == cfg.pad_token_id).unsqueeze(-1), 0.0)
+
+    # ---------------------------------------------------------------- forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        return_logits: bool = False,
+        position_ids: torch.Tensor | None = None,
+    ) -> EsmOutput:
+        if self.check_inputs:
+            check_inputs(self.config, input_ids, cu_seqlens, max_seqlen, attention_mask, labels)
+        if input_ids.dim() == 1:
+            hidden = self._forward_packed(input_ids, PackedInfo(cu_seqlens, int(max_seqlen)), position_ids)
+        else:
+            hidden = self._forward_padded(input_ids, attention_mask)
+        return self.head_and_loss(hidden, labels, return_logits)
+
+    def _forward_packed(self, input_ids, packed: PackedInfo, position_ids=None) -> torch.Tensor:
+        x = self.embed(input_ids, packed.seq_index, packed.lengths.float())
+        return self._run_layers(x, packed, position_ids)
+
+    def _run_layers(self, x, packed: PackedInfo, position_ids=None) -> torch.Tensor:
+        cfg = self.config
+        if cfg.backend == "te":
+            from recipe.model.te_layers import rotary_freqs
+
+            rope = rotary_freqs(packed.max_seqlen, cfg.head_dim, cfg.rope_theta, x.device)
+        else:
+            rope = rotary_cos_sin(packed.offsets if position_ids is None else position_ids, cfg.head_dim, cfg.rope_theta)
+        for layer in self.layers:
+            x = layer(x, rope, packed=packed)
+        return self.final_layer_norm(x)
+
+    def _forward_padded(self, input_ids, attention_mask) -> torch.Tensor:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        lengths = attention_mask.sum(-1)
+        x = self.embed(input_ids, None, lengths.float())
+        x = (x * attention_mask.unsqueeze(-1)).to(x.dtype)
+        if self.config.backend == "te":  # TE runs THD: unpad, run, scatter back
+            keep = attention_mask.flatten().bool()
+            cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+            out = self._run_layers(x.flatten(0, 1)[keep], PackedInfo(cu, int(lengths.max())))
+            return out.new_zeros(*input_ids.shape, out.shape[-1]).masked_scatter_(attention_mask.bool()[..., None], out)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        rope = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        key_padding_mask = attention_mask.bool()
+        for layer in self.layers:
+            x = layer(x, rope, key_padding_mask=key_padding_mask)
+        return self.final_layer_norm(x)
+
+    def head_and_loss(self, hidden: torch.Tensor, labels: torch.Tensor | None, return_logits: bool) -> EsmOutput:
+        decoder = self.embed_tokens.weight
+        if labels is None:
+            return EsmOutput(logits=self.lm_head(hidden, decoder), last_hidden_state=hidden)
+        flat_labels = labels.reshape(-1)
+        if return_logits:
+            logits = self.lm_head(hidden, decoder)
+            picked, target = logits.reshape(-1, logits.shape[-1]), flat_labels
+        else:
+            logits = None
+            keep = flat_labels != IGNORE_INDEX
+            picked = self.lm_head(hidden.reshape(-1, hidden.shape[-1])[keep], decoder)
+            target = flat_labels[keep]
+        loss_sum = F.cross_entropy(picked.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
+        valid = target != IGNORE_INDEX
+        num = valid.sum()
+        correct = ((picked.argmax(-1) == target) & valid).sum()
+        return EsmOutput(
+            loss=loss_sum / num.clamp(min=1),
+            loss_sum=loss_sum,
+            num_tokens=num,
+            num_correct=correct,
+            logits=logits,
+            last_hidden_state=hidden,
+        )
+
+
+def check_inputs(config: EsmConfig, input_ids, cu_seqlens, max_seqlen, attention_mask, labels) -> None:
+    """Clear errors for malformed batches, instead of an index error deep inside a kernel."""
+    if input_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= config.vocab_size):
+        raise ValueError(
+            f"input_ids out of range: min {int(input_ids.min())}, max {int(input_ids.max())}, vocabulary size {config.vocab_size}"
+        )
+    if labels is not None and labels.shape != input_ids.shape:
+        raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
+    if input_ids.dim() == 1:
+        if cu_seqlens is None or max_seqlen is None:
+            raise ValueError("packed (1-D) input_ids need cu_seqlens and max_seqlen")
+        if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or len(cu_seqlens) < 2:
+            raise ValueError(f"cu_seqlens must be a 1-D int32 tensor of N+1 >= 2 offsets, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+        cu = cu_seqlens.cpu()
+        if int(cu[0]) != 0 or int(cu[-1]) != input_ids.numel():
+            raise ValueError(f"cu_seqlens must start at 0 and end at T={input_ids.numel()}, got {int(cu[0])} ... {int(cu[-1])}")
+        lengths = cu[1:] - cu[:-1]
+        if bool((lengths <= 0).any()):
+            raise ValueError(f"cu_seqlens must be strictly increasing, got {cu.tolist()[:16]}")
+        if int(lengths.max()) > int(max_seqlen):
+            raise ValueError(f"max_seqlen={int(max_seqlen)} is smaller than the longest sequence ({int(lengths.max())})")
+    elif input_ids.dim() == 2:
+        if cu_seqlens is not None:
+            raise ValueError("cu_seqlens goes with packed 1-D input_ids, not [B, S]")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        if attention_mask is not None and bool((attention_mask.sum(-1) == 0).any()):
+            raise ValueError("attention_mask has a row with no tokens")
+    else:
+        raise ValueError(f"input_ids must be [T] (packed) or [B, S] (padded), got shape {tuple(input_ids.shape)}")
+
+
+# -------------------------------------------------------------------- initialisation
+def param_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, seed: int) -> None:
+    """ESM-2 init (normal(0, 0.02), zero biases, unit norm weights, zero pad row), the same for any sharding.
+
+    Each parameter draws from its own generator seeded by (seed, name) over its *full* shape; a sharded (DTensor)
+    parameter keeps its slice. DDP, FSDP2 at any world size, and a single process therefore start from identical
+    weights, which is what makes their losses comparable step by step.
+    """
+    std = model.config.initializer_range if hasattr(model, "config") else 0.02
+    pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+    for name, param in model.named_parameters():
+        full_shape, local, offsets = _local_view(param)
+        kind = init_scale(name)
+        if kind == "ones":
+            local.fill_(1.0)
+            continue
+        if kind == "zeros":
+            local.zero_()
+            continue
+        gen = torch.Generator(device=local.device).manual_seed(param_seed(seed, name))
+        full = torch.empty(full_shape, device=local.device, dtype=torch.float32).normal_(0.0, std, generator=gen)
+        if name.endswith("embed_tokens.weight") and pad is not None:
+            full[pad] = 0.0
+        for dim, (start, size) in enumerate(zip(offsets, local.shape)):
+            full = full.narrow(dim, start, size)
+        local.copy_(full)
+
+
+def _local_view(param: torch.Tensor):
+    """(global shape, the local tensor to write, its offset in the global tensor) for plain or DTensor params."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        DTensor = ()
+    if isinstance(param, DTensor):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        _, offsets = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+        return tuple(param.shape), param.to_local(), tuple(offsets)
+    return tuple(param.shape), param, (0,) * param.dim()

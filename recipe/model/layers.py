@@ -1,0 +1,207 @@
+"""The ESM-2 transformer layer in plain PyTorch, with TransformerEngine's parameter names.
+
+Both backends name their parameters as TE's modules do (`LayerNormLinear`: layer_norm_weight, layer_norm_bias, weight,
+bias; `LayerNormMLP`: layer_norm_weight, layer_norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias), so one
+state dict serves both and no key mapping sits between them. The layer body (`EsmLayerBase.forward`) is shared;
+a backend supplies its modules and its attention kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recipe.model.config import EsmConfig
+
+
+@dataclass
+class PackedInfo:
+    """Where the sequences are in a packed [T] batch. The derived index tensors are built once per forward."""
+
+    cu_seqlens: torch.Tensor  # int32 [N+1], 0 ... T
+    max_seqlen: int
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.cu_seqlens[1:] - self.cu_seqlens[:-1]
+
+    @property
+    def seq_index(self) -> torch.Tensor:
+        """For every token, the index of its sequence."""
+        if "seq" not in self._cache:
+            lengths = self.lengths.long()
+            self._cache["seq"] = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
+        return self._cache["seq"]
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        """For every token, its position inside its own sequence (restarts at each sequence start)."""
+        if "off" not in self._cache:
+            seq = self.seq_index
+            self._cache["off"] = torch.arange(len(seq), device=seq.device) - self.cu_seqlens[:-1].long()[seq]
+        return self._cache["off"]
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos/sin tables as transformers' EsmRotaryEmbedding builds them (non-interleaved halves)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=position_ids.device) / head_dim))
+    freqs = position_ids[..., None].float() * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [..., H, D] by the tables [..., D], in fp32 like the reference, returning x's dtype."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (xf * cos.unsqueeze(-2) + rotated * sin.unsqueeze(-2)).to(x.dtype)
+
+
+def gelu(x: torch.Tensor, activation: str) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh" if activation == "gelu_tanh" else "none")
+
+
+def layer_norm_mlp(x: torch.Tensor, mlp: nn.Module, eps: float, activation: str) -> torch.Tensor:
+    """Pre-LN MLP from LayerNormMLP-named parameters, in plain PyTorch (also TE's exact-GELU path)."""
+    h = F.layer_norm(x, (x.shape[-1],), mlp.layer_norm_weight, mlp.layer_norm_bias, eps)
+    h = gelu(F.linear(h, mlp.fc1_weight, mlp.fc1_bias), activation)
+    return F.linear(h, mlp.fc2_weight, mlp.fc2_bias)
+
+
+def _param(*shape: int, device=None, dtype=None) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, device=device, dtype=dtype))
+
+
+class LayerNormLinear(nn.Module):
+    """LayerNorm then Linear, named as te.LayerNormLinear."""
+
+    def __init__(self, in_features: int, out_features: int, eps: float, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.layer_norm_weight = _param(in_features, device=device, dtype=dtype)
+        self.layer_norm_bias = _param(in_features, device=device, dtype=dtype)
+        self.weight = _param(out_features, in_features, device=device, dtype=dtype)
+        self.bias = _param(out_features, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.layer_norm(x, (x.shape[-1],), self.layer_norm_weight, self.layer_norm_bias, self.eps)
+        return F.linear(h, self.weight, self.bias)
+
+
+class LayerNormMLP(nn.Module):
+    """LayerNorm, fc1, GELU, fc2, named as te.LayerNormMLP."""
+
+    def __init__(self, hidden: int, ffn: int, eps: float, activation: str, device=None, dtype=None):
+        super().__init__()
+        self.eps, self.activation = eps, activation
+        self.layer_norm_weight = _param(hidden, device=device, dtype=dtype)
+        self.layer_norm_bias = _param(hidden, device=device, dtype=dtype)
+        self.fc1_weight = _param(ffn, hidden, device=device, dtype=dtype)
+        self.fc1_bias = _param(ffn, device=device, dtype=dtype)
+        self.fc2_weight = _param(hidden, ffn, device=device, dtype=dtype)
+        self.fc2_bias = _param(hidden, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return layer_norm_mlp(x, self, self.eps, self.activation)
+
+
+class AttentionBlock(nn.Module):
+    """Holds the attention projections so that their names read `attention.layernorm_qkv` / `attention.proj`."""
+
+    def __init__(self, layernorm_qkv: nn.Module, proj: nn.Module):
+        super().__init__()
+        self.layernorm_qkv = layernorm_qkv
+        self.proj = proj
+
+
+class EsmLayerBase(nn.Module):
+    """x + Attn(LN(x)), then x + MLP(LN(x)); rotary on q and k. Subclasses provide `attend` and the modules."""
+
+    attention: AttentionBlock
+    mlp: nn.Module
+
+    def __init__(self, config: EsmConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+
+    def attend(self, q, k, v, rope, packed: PackedInfo | None, key_padding_mask: torch.Tensor | None):
+        raise NotImplementedError
+
+    def forward(self, x, rope, packed: PackedInfo | None = None, key_padding_mask: torch.Tensor | None = None):
+        qkv = self.attention.layernorm_qkv(x)
+        q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(-3)
+        out = self.attend(q, k, v, rope, packed, key_padding_mask)
+        x = x + self.attention.proj(out.flatten(-2))
+        return x + self.feed_forward(x)
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x)
+
+
+class TorchEsmLayer(EsmLayerBase):
+    """The reference layer: exactly transformers' EsmLayer arithmetic (q scaled before rotary, fp32 rotary)."""
+
+    def __init__(self, config: EsmConfig, device=None, dtype=None):
+        super().__init__(config)
+        h, eps = config.hidden_size, config.layer_norm_eps
+        self.attention = AttentionBlock(
+            LayerNormLinear(h, 3 * h, eps, device=device, dtype=dtype), nn.Linear(h, h, device=device, dtype=dtype)
+        )
+        self.mlp = LayerNormMLP(h, config.intermediate_size, eps, config.activation, device=device, dtype=dtype)
+
+    def attend(self, q, k, v, rope, packed, key_padding_mask):
+        cos, sin = rope
+        q = apply_rotary(q * self.head_dim**-0.5, cos, sin)
+        k = apply_rotary(k, cos, sin)
+        if packed is None:
+            return padded_attention(q, k, v, key_padding_mask)
+        return packed_attention(q, k, v, packed)
+
+
+def padded_attention(q, k, v, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+    """[B, S, H, D] attention through SDPA with a key padding mask (True = real token)."""
+    mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=1.0)
+    return out.transpose(1, 2)
+
+
+def _varlen_usable(q: torch.Tensor) -> bool:
+    return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+
+
+def packed_attention(q, k, v, packed: PackedInfo) -> torch.Tensor:
+    """[T, H, D] attention within each packed sequence.
+
+    On CUDA in bf16/fp16 this is `varlen_attn` (flash attention over cu_seqlens). Elsewhere (CPU, or fp32 where the
+    flash kernel does not run) the sequences are scattered into a padded [N, S, H, D] block and run through SDPA:
+    slower, but the same function, and what the CPU tests check against transformers.
+    """
+    if _varlen_usable(q):
+        from torch.nn.attention.varlen import varlen_attn
+
+        cu = packed.cu_seqlens
+        return varlen_attn(q, k, v, cu, cu, packed.max_seqlen, packed.max_seqlen, scale=1.0)
+    n = len(packed.cu_seqlens) - 1
+    seq, off = packed.seq_index, packed.offsets
+    shape = (n, packed.max_seqlen, *q.shape[1:])
+    padded = [x.new_zeros(shape).index_put_((seq, off), x) for x in (q, k, v)]
+    mask = torch.zeros(n, packed.max_seqlen, dtype=torch.bool, device=q.device).index_put_(
+        (seq, off), torch.ones_like(seq, dtype=torch.bool)
+    )
+    return padded_attention(*padded, mask)[seq, off]
+
+
+def init_scale(name: str) -> str:
+    """How ESM-2 initialises a parameter, by its name: 'ones' for norm weights, 'zeros' for biases, else 'normal'."""
+    leaf = name.rsplit(".", 1)[-1]
+    if "norm" in name and leaf.endswith("weight"):
+        return "ones"
+    if leaf.endswith("bias"):
+        return "zeros"
+    return "normal"
+

@@ -1,0 +1,67 @@
+"""The ESM-2 layer on TransformerEngine modules (THD input only; the model unpads BSHD before the layers).
+
+Parameter names equal the torch backend's (see layers.py), so state dicts move between backends as they are.
+TE's fused LayerNormMLP only knows the tanh GELU. With `activation: gelu` (ESM-2's exact erf GELU, the default)
+the MLP runs through the same LayerNormMLP parameters in plain PyTorch, so a converted facebook checkpoint gives
+ESM-2's numbers; `activation: gelu_tanh` uses TE's fused kernel (measured difference: docs/numerics.md).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from recipe.model.config import EsmConfig
+from recipe.model.layers import AttentionBlock, EsmLayerBase, PackedInfo, layer_norm_mlp
+
+
+def rotary_freqs(max_seqlen: int, head_dim: int, theta: float, device) -> torch.Tensor:
+    """[S, 1, 1, D] fp32 angles for TE's fused rope (same non-interleaved layout as the torch backend)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=device) / head_dim))
+    freqs = torch.arange(max_seqlen, device=device, dtype=torch.float)[:, None] * inv_freq
+    return torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
+
+
+class TEEsmLayer(EsmLayerBase):
+    def __init__(self, config: EsmConfig, device=None, dtype=None):
+        super().__init__(config)
+        import transformer_engine.pytorch as te
+
+        h, eps = config.hidden_size, config.layer_norm_eps
+        kw = dict(params_dtype=dtype or torch.float32, device=device if device is not None else "cuda")
+        self.eps, self.activation = eps, config.activation
+        self.attention = AttentionBlock(
+            te.LayerNormLinear(h, 3 * h, eps=eps, bias=True, **kw), te.Linear(h, h, bias=True, **kw)
+        )
+        self.mlp = te.LayerNormMLP(h, config.intermediate_size, eps=eps, bias=True, activation="gelu", **kw)
+        self.core_attention = te.DotProductAttention(
+            config.num_heads,
+            config.head_dim,
+            attention_dropout=0.0,
+            qkv_format="thd",
+            attn_mask_type="padding",
+            softmax_scale=config.head_dim**-0.5,
+        )
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation == "gelu":
+            return layer_norm_mlp(x, self.mlp, self.eps, "gelu")
+        return self.mlp(x)
+
+    def attend(self, q, k, v, rope, packed: PackedInfo | None, key_padding_mask):
+        from transformer_engine.pytorch.attention.rope import apply_rotary_pos_emb
+
+        if packed is None:
+            raise ValueError("the te backend runs packed (THD) input only")
+        cu = packed.cu_seqlens
+        q = apply_rotary_pos_emb(q, rope, tensor_format="thd", fused=True, cu_seqlens=cu)
+        k = apply_rotary_pos_emb(k, rope, tensor_format="thd", fused=True, cu_seqlens=cu)
+        out = self.core_attention(
+            q.contiguous(),
+            k.contiguous(),
+            v.contiguous(),
+            cu_seqlens_q=cu,
+            cu_seqlens_kv=cu,
+            max_seqlen_q=packed.max_seqlen,
+            max_seqlen_kv=packed.max_seqlen,
+        )
+        return out.view(*q.shape)

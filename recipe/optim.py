@@ -1,0 +1,48 @@
+"""AdamW with ESM-2's settings and its learning-rate schedule.
+
+The schedule is a pure function of the step (no scheduler object to checkpoint): linear warmup from 0 to the peak,
+linear decay to `min_lr_ratio` x peak at `decay_end_fraction` of training, constant afterwards.
+"""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+
+def lr_at(step: int, peak: float, warmup: int, total: int, decay_end_fraction: float = 0.9, min_ratio: float = 0.1) -> float:
+    """Learning rate for optimizer step `step` (0-based: the first update uses lr_at(0))."""
+    if warmup > 0 and step < warmup:
+        return peak * (step + 1) / warmup
+    decay_end = max(int(total * decay_end_fraction), warmup + 1)
+    if step >= decay_end:
+        return peak * min_ratio
+    frac = (step - warmup) / (decay_end - warmup)
+    return peak * (1.0 - (1.0 - min_ratio) * frac)
+
+
+def param_groups(model: nn.Module, weight_decay: float, no_decay: list[str]) -> list[dict]:
+    """Weight decay for matrices and embeddings; none for parameters whose name contains a `no_decay` entry."""
+    decay, plain = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (plain if any(s in name for s in no_decay) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: DictConfig, device: torch.device) -> torch.optim.Optimizer:
+    o = cfg.optimizer
+    fused = device.type == "cuda" if o.fused == "auto" else bool(o.fused)
+    return torch.optim.AdamW(
+        param_groups(model, o.weight_decay, list(o.no_decay)),
+        lr=lr_at(0, o.lr, cfg.lr_scheduler.warmup_steps, cfg.num_train_steps),
+        betas=tuple(o.betas),
+        eps=o.eps,
+        fused=fused,
+    )
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,317 @@
+"""The training loop, shared by every entrypoint. `run(cfg, "ddp" | "fsdp2")` is all a train_*.py file calls.
+
+One optimizer step (`train_step`): take `grad_acc_steps` micro-batches, count their masked tokens on the CPU and
+all-reduce the count once, then run forward/backward on each with the loss scaled to a token-weighted mean over the
+whole global step (so DDP, FSDP2, any world size and any accumulation give the same gradient), clip, check for
+non-finite values, and update.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from recipe import config as config_lib
+from recipe.checkpoint import Checkpointer, rng_state, set_rng_state
+from recipe.data.dataset import BatchSettings, MLMBatches, batch_to_device, make_loader
+from recipe.data.sources import load_sequences
+from recipe.metrics import MetricsWriter, max_memory_gb, peak_tflops
+from recipe.model import EsmConfig, build_model, init_weights
+from recipe.model.convert import config_from_hf, export_hf, load_hf_into
+from recipe.model.esm import IGNORE_INDEX
+from recipe.model.flops import batch_flops
+from recipe.optim import build_optimizer, lr_at, set_lr
+from recipe.parallel import STRATEGIES, DistInfo, Strategy, all_reduce, barrier, init_distributed
+
+log = logging.getLogger("recipe")
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+# ====================================================================================== the step
+def model_inputs(batch: dict, device: torch.device) -> dict:
+    keys = ("input_ids", "labels", "cu_seqlens", "attention_mask")
+    out = {k: batch[k].to(device, non_blocking=True) for k in keys if k in batch}
+    if "max_seqlen" in batch:
+        out["max_seqlen"] = batch["max_seqlen"]
+    return out
+
+
+def train_step(model, optimizer, strategy: Strategy, batches: list[dict], global_labels: torch.Tensor, amp, max_norm):
+    """Forward/backward over the micro-batches of one step, then clip. Returns (global mean loss, grad norm)."""
+    device, world = strategy.info.device, strategy.info.world_size
+    loss_sum = torch.zeros((), device=device)
+    for i, batch in enumerate(batches):
+        with strategy.sync_gradients(model, i == len(batches) - 1), amp:
+            out = model(**model_inputs(batch, device))
+            (out.loss_sum * (world / global_labels)).backward()  # DDP/FSDP average over ranks: undo it
+        loss_sum += out.loss_sum.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm else float("inf"))
+    if hasattr(grad_norm, "full_tensor"):
+        grad_norm = grad_norm.full_tensor()
+    loss = all_reduce(loss_sum) / global_labels
+    return loss, grad_norm
+
+
+# ====================================================================================== validation
+@torch.no_grad()
+def evaluate(model, dataset: MLMBatches, device, amp, max_batches: int | None) -> dict:
+    """Full deterministic pass over this rank's share of the validation split; token-weighted across ranks.
+
+    Ranks may hold different numbers of batches; a rank that has run out joins with a batch whose labels are all
+    ignored, so sharded (FSDP2) forwards stay in lock-step.
+    """
+    model.eval()
+    sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss_sum, tokens, correct
+    it, spare, count = iter(dataset), None, 0
+    while True:
+        batch = next(it, None) if max_batches is None or count < max_batches else None
+        if not all_reduce(torch.tensor([batch is not None], device=device, dtype=torch.int32), dist.ReduceOp.MAX).item():
+            break
+        if batch is None:
+            batch = dict(spare, labels=torch.full_like(spare["labels"], IGNORE_INDEX))
+        spare, count = batch, count + 1
+        with amp:
+            out = model(**model_inputs(batch, device))
+        sums += torch.stack([out.loss_sum.double(), out.num_tokens.double(), out.num_correct.double()])
+    model.train()
+    loss_sum, tokens, correct = all_reduce(sums).tolist()
+    val_loss = loss_sum / max(tokens, 1)
+    return {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50)), "val_accuracy": correct / max(tokens, 1), "val_tokens": int(tokens)}
+
+
+# ====================================================================================== set-up
+class Preemption:
+    """SIGTERM / SIGUSR1 (Slurm's warning signal) ask for a checkpoint at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+
+def resolve_precision(cfg: DictConfig, device: torch.device) -> torch.dtype:
+    if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
+
+
+def model_config(cfg: DictConfig) -> EsmConfig:
+    m = cfg.model
+    overrides = dict(
+        backend=m.backend,
+        activation=m.activation,
+        layer_norm_eps=m.layer_norm_eps,
+        token_dropout=m.token_dropout,
+    )
+    if m.init_from is not None:
+        return config_from_hf(m.init_from, **overrides)
+    shape = {k: m[k] for k in ("num_layers", "hidden_size", "num_heads", "intermediate_size")}
+    return EsmConfig.from_size(m.size, **shape, **overrides)
+
+
+def build(cfg: DictConfig, strategy: Strategy):
+    """The wrapped, initialised model (and its resolved config)."""
+    info = strategy.info
+    mcfg = model_config(cfg)
+    if strategy.meta_init:
+        model = build_model(mcfg, device="meta", dtype=strategy.param_dtype)
+    else:
+        model = build_model(mcfg, device=info.device, seed=cfg.seed, dtype=strategy.param_dtype)
+    mcfg = model.config
+    if cfg.use_torch_compile:
+        for layer in model.layers:
+            layer.compile()
+    model = strategy.wrap(model)
+    if strategy.meta_init:
+        model.to_empty(device=info.device)
+        init_weights(model, cfg.seed)
+    if cfg.model.init_from is not None:
+        load_hf_into(model, cfg.model.init_from)
+        log.info("initialised from %s", cfg.model.init_from)
+    raw = model.module if hasattr(model, "module") else model
+    raw.check_inputs = False  # our packer guarantees the invariants; skipping saves a GPU sync per micro-batch
+    return model, mcfg
+
+
+def batch_settings(cfg: DictConfig) -> BatchSettings:
+    d = cfg.dataset
+    return BatchSettings(
+        max_seq_length=d.max_seq_length,
+        layout=d.layout,
+        token_micro_batch_size=config_lib.token_budget(cfg),
+        micro_batch_size=d.micro_batch_size,
+        pad_to_multiple_of=d.pad_to_multiple_of,
+        pad_to_fixed=d.pad_to_fixed,
+        mask_prob=d.mask_prob,
+        seed=cfg.seed,
+    )
+
+
+def build_data(cfg: DictConfig, info: DistInfo):
+    d = cfg.dataset
+    settings = batch_settings(cfg)
+    train_store = load_sequences(d.train_path, d.format, d.column)
+    cluster = d.cluster_sampling
+    if cluster == "auto":
+        cluster = "ur50_id" in train_store.clusters
+    train = MLMBatches(train_store, settings, info.rank, info.world_size, train=True, cluster_sampling=bool(cluster))
+    loader = make_loader(train, d.num_workers, d.pin_memory and info.device.type == "cuda", d.prefetch_factor)
+    val = None
+    if d.val_path is not None:
+        val = MLMBatches(load_sequences(d.val_path, d.format, d.column, split="validation"), settings, info.rank, info.world_size, train=False)
+    log.info("data: %s; cluster sampling %s", train_store.summary(), "on" if cluster else "off")
+    return loader, val, settings
+
+
+def resume_expectations(cfg: DictConfig, info: DistInfo, mcfg: EsmConfig, settings: BatchSettings) -> dict:
+    """What must not change between a run and its resumption (it is stored in every checkpoint)."""
+    return {
+        "world_size": info.world_size,
+        "model_shape": mcfg.shape_dict(),
+        "data": dataclasses.asdict(settings) | {"num_workers": cfg.dataset.num_workers, "train_path": str(cfg.dataset.train_path)},
+    }
+
+
+# ====================================================================================== the run
+def run(cfg: DictConfig, strategy_name: str) -> None:
+    info = init_distributed(cfg.device)
+    logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    try:
+        fit(cfg, STRATEGIES[strategy_name](info, resolve_precision(cfg, info.device), cfg.fsdp.fp32_master_weights, cfg.fsdp.reshard_after_forward))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def fit(cfg: DictConfig, strategy: Strategy) -> None:
+    info = strategy.info
+    config_lib.validate(cfg)
+    out_dir = Path(cfg.output_dir)
+    if info.is_main:
+        print(f"output_dir: {out_dir.resolve()}", flush=True)
+        (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    torch.manual_seed(cfg.seed)
+    model, mcfg = build(cfg, strategy)
+    optimizer = build_optimizer(model, cfg, info.device)
+    loader, val_data, settings = build_data(cfg, info)
+    ckpt = Checkpointer(config_lib.ckpt_dir(cfg), info, cfg.checkpoint.max_checkpoints, cfg.checkpoint.async_save)
+    expect = resume_expectations(cfg, info, mcfg, settings)
+    log.info(
+        "model: ESM-2 %s, backend %s, %s, %.1fM parameters; strategy %s x %d, compute %s",
+        cfg.model.size, mcfg.backend, mcfg.activation, sum(p.numel() for p in model.parameters()) / 1e6,
+        strategy.name, info.world_size, strategy.compute_dtype,
+    )
+
+    step, consumed = 0, 0
+    latest = ckpt.latest() if cfg.checkpoint.resume_from_checkpoint else None
+    if latest is not None:
+        meta, rank_state = ckpt.load(latest, model, optimizer, expect)
+        step, consumed = meta["step"], meta["consumed_tokens"]
+        loader.load_state_dict(rank_state["loader"])
+        set_rng_state(rank_state["rng"])
+        log.info("resumed from %s at step %d", latest, step)
+    elif cfg.checkpoint.resume_from_checkpoint:
+        log.info("checkpoint.resume_from_checkpoint=true but no complete checkpoint under %s: starting fresh", ckpt.root)
+
+    metrics = MetricsWriter(out_dir, cfg, info.is_main, resume_step=step if latest is not None else None)
+    amp = torch.autocast(info.device.type, dtype=strategy.compute_dtype) if strategy.compute_dtype != torch.float32 else nullcontext()
+    peak = peak_tflops(cfg.peak_tflops_per_gpu, info.device)
+    preempt = Preemption()
+
+    def save(at_step: int) -> None:
+        meta = {"step": at_step, "consumed_tokens": consumed, **expect, "config": OmegaConf.to_container(cfg, resolve=True)}
+        ckpt.save(at_step, model, optimizer, meta, {"loader": loader.state_dict(), "rng": rng_state()})
+
+    def validate_now(at_step: int) -> None:
+        if val_data is not None:
+            record = {"step": at_step, **evaluate(model, val_data, info.device, amp, cfg.validation.max_batches)}
+            metrics.log(record)
+            log.info("validation at step %d: loss %.4f, perplexity %.3f, accuracy %.4f", at_step, record["val_loss"], record["val_perplexity"], record["val_accuracy"])
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.num_train_steps, initial=step, disable=not info.is_main, desc="train", dynamic_ncols=True, mininterval=1.0)
+    train_iter = iter(loader)
+    window = {"tokens": 0.0, "flops": 0.0, "t0": time.perf_counter()}
+    if info.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(info.device)
+    model.train()
+    while step < cfg.num_train_steps:
+        batches = [next(train_iter) for _ in range(cfg.grad_acc_steps)]
+        local = [sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches), sum(b["num_real_tokens"] for b in batches),
+                 sum(batch_flops(mcfg, b["seq_lengths"].tolist()) for b in batches), float(preempt.requested)]
+        counts = all_reduce(torch.tensor(local, device=info.device, dtype=torch.float64))
+        global_labels = counts[0].clamp(min=1).float()
+        set_lr(optimizer, lr := lr_at(step, cfg.optimizer.lr, cfg.lr_scheduler.warmup_steps, cfg.num_train_steps,
+                                      cfg.lr_scheduler.decay_end_fraction, cfg.lr_scheduler.min_lr_ratio))
+        loss, grad_norm = train_step(model, optimizer, strategy, batches, global_labels, amp, cfg.max_grad_norm)
+        loss_v, norm_v = loss.item(), grad_norm.item()
+        if cfg.detect_anomaly and not (math.isfinite(loss_v) and math.isfinite(norm_v)):
+            raise NonFiniteError(f"non-finite {'loss' if not math.isfinite(loss_v) else 'gradient norm'} at step {step + 1} "
+                                 f"(loss {loss_v}, grad norm {norm_v}); nothing of this step was written")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens, flops, stop = counts[1].item(), counts[2].item(), counts[3].item() > 0
+        consumed += int(tokens)
+        window["tokens"] += tokens
+        window["flops"] += flops
+        bar.update(1)
+        if step % cfg.log_every_n_steps == 0 or step == cfg.num_train_steps or stop:
+            elapsed = time.perf_counter() - window["t0"]
+            tflops = window["flops"] / info.world_size / elapsed / 1e12
+            record = {
+                "step": step, "loss": loss_v, "lr": lr, "grad_norm": norm_v,
+                "tokens_per_second_per_gpu": window["tokens"] / info.world_size / elapsed,
+                "tflops_per_gpu": tflops, "mfu": tflops / peak if peak else None,
+                "max_memory_gb": max_memory_gb(info.device), "consumed_tokens": consumed,
+            }
+            metrics.log(record)
+            bar.set_postfix(loss=f"{loss_v:.4f}", tok_s=f"{record['tokens_per_second_per_gpu']:.3g}", refresh=False)
+            window = {"tokens": 0.0, "flops": 0.0, "t0": time.perf_counter()}
+        every = cfg.validation.every_n_steps
+        if every and step % every == 0 and step < cfg.num_train_steps:
+            validate_now(step)
+        if stop:
+            save(step)
+            ckpt.wait()
+            log.warning("preemption signal: checkpoint saved at step %d; resume with checkpoint.resume_from_checkpoint=true", step)
+            break
+        every = cfg.checkpoint.save_every_n_steps
+        if every and step % every == 0 and step < cfg.num_train_steps:
+            save(step)
+    bar.close()
+    if step == cfg.num_train_steps:
+        finish(cfg, model, mcfg, step, save, validate_now)
+    ckpt.wait()
+    metrics.close()
+
+
+def finish(cfg: DictConfig, model, mcfg: EsmConfig, step: int, save, validate_now) -> None:
+    """End of training: final validation, final checkpoint, Hugging Face export."""
+    validate_now(step)
+    if cfg.checkpoint.save_final_checkpoint:
+        save(step)
+    if cfg.checkpoint.save_final_model:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if dist.get_rank() == 0:
+            path = export_hf(full, mcfg, Path(cfg.output_dir) / "final_model", extra={"trained_steps": step})
+            log.info("final model (Hugging Face format): %s", path)
+        barrier()
