@@ -44,10 +44,10 @@ class BatchSettings:
                 f"dataset.token_micro_batch_size={self.token_micro_batch_size} cannot hold one sequence of "
                 f"dataset.max_seq_length={self.max_seq_length}"
             )
-        if self.pad_to_fixed and self.token_micro_batch_size % max(self.pad_to_multiple_of, 1):
+        if self.layout == "thd" and self.token_micro_batch_size % max(self.pad_to_multiple_of, 1):
             raise ValueError(
-                f"dataset.pad_to_fixed needs token_micro_batch_size={self.token_micro_batch_size} to be a multiple of "
-                f"pad_to_multiple_of={self.pad_to_multiple_of}"
+                f"dataset.token_micro_batch_size={self.token_micro_batch_size} must be a multiple of "
+                f"dataset.pad_to_multiple_of={self.pad_to_multiple_of}, or padded batches could exceed it"
             )
         if not 0.0 < self.mask_prob < 1.0:
             raise ValueError(f"dataset.mask_prob={self.mask_prob} must be in (0, 1)")
@@ -208,11 +208,26 @@ def make_samples(store: SequenceStore, rows: np.ndarray, s: BatchSettings, epoch
 
 
 def make_loader(dataset: MLMBatches, num_workers: int = 0, pin_memory: bool = False, prefetch_factor: int = 4):
-    """A `StatefulDataLoader` over already-batched items (batch_size=None)."""
+    """A `StatefulDataLoader` over already-batched items (batch_size=None), whose state refuses a restore into
+    another worker count with a message that says so."""
     from torchdata.stateful_dataloader import StatefulDataLoader
 
+    class MLMLoader(StatefulDataLoader):
+        def state_dict(self) -> dict:
+            return {"num_workers": num_workers, "rank": dataset.rank, "world_size": dataset.world_size, "loader": super().state_dict()}
+
+        def load_state_dict(self, state: dict) -> None:
+            for key, mine in (("world_size", dataset.world_size), ("rank", dataset.rank), ("num_workers", num_workers)):
+                if state[key] != mine:
+                    raise ValueError(
+                        f"data loader state was saved with {key}={state[key]}, this run has {key}={mine}: resuming "
+                        "would not read the data the interrupted run would have read (use the same dataset.num_workers "
+                        "and number of processes)"
+                    )
+            super().load_state_dict(state["loader"])
+
     kwargs = dict(prefetch_factor=prefetch_factor, persistent_workers=False) if num_workers > 0 else {}
-    return StatefulDataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **kwargs)
+    return MLMLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **kwargs)
 
 
 def batch_to_device(batch: dict, device: torch.device, non_blocking: bool = True) -> dict:

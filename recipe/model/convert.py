@@ -24,9 +24,18 @@ UNUSED_PREFIXES = ("esm.contact_head.",)
 DERIVED_SUFFIXES = ("rotary_embeddings.inv_freq", "embeddings.position_ids")
 
 
+def _modern_name(key: str) -> str:
+    """transformers writes LayerNorm parameters as gamma/beta in some versions (5.x save_pretrained does)."""
+    if key.endswith(".gamma"):
+        return key[: -len("gamma")] + "weight"
+    if key.endswith(".beta"):
+        return key[: -len("beta")] + "bias"
+    return key
+
+
 def hf_to_ours(hf: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
     """Map an EsmForMaskedLM state dict to ours. Every key must be used, skipped on purpose, or it is an error."""
-    hf = dict(hf)
+    hf = {_modern_name(k): v for k, v in hf.items()}
     out: dict[str, torch.Tensor] = {}
 
     def take(key: str) -> torch.Tensor:

@@ -1,0 +1,52 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+BUNDLED_TRAIN = ROOT / "data" / "uniprot_sample" / "train"
+BUNDLED_VAL = ROOT / "data" / "uniprot_sample" / "validation"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def hf_config(num_layers=2, hidden_size=64, num_heads=4, intermediate_size=256, token_dropout=True):
+    """A facebook/esm2-like transformers config (rotary, eps 1e-5, no dropout)."""
+    from transformers import EsmConfig
+
+    return EsmConfig(
+        vocab_size=33, hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+        intermediate_size=intermediate_size, position_embedding_type="rotary", token_dropout=token_dropout,
+        mask_token_id=32, pad_token_id=1, layer_norm_eps=1e-5, emb_layer_norm_before=False,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=1026,
+    )
+
+
+def run_cmd(args, timeout=300, env=None, cwd=ROOT):
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="disabled", **(env or {}))
+    return subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun(script, nproc, *overrides, timeout=300):
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script] if nproc > 1 \
+        else [sys.executable, script]
+    return run_cmd(args + list(overrides), timeout=timeout)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (run on the device machine)")
+    config.addinivalue_line("markers", "slow: multi-process or end-to-end training runs")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
