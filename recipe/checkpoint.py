@@ -122,9 +122,9 @@ class Checkpointer:
     def load(self, path: Path, model, optimizer, expect: dict) -> tuple[dict, dict]:
         """Restore model and optimizer in place; return (meta, this rank's state). `expect` must match meta."""
         meta = json.loads((path / "meta.json").read_text())
-        for key, want in expect.items():
-            if meta.get(key) != want:
-                raise RuntimeError(f"cannot resume from {path}: it was written with {key}={meta.get(key)}, this run has {key}={want}")
+        changed = [f"{key}: checkpoint {meta.get(key)} vs this run {want}" for key, want in expect.items() if meta.get(key) != want]
+        if changed:
+            raise RuntimeError(f"cannot resume from {path}: " + "; ".join(changed))
         model_sd, optim_sd = get_state_dict(model, optimizer)
         self._check_keys(path, model_sd)
         state = {"model": model_sd, "optim": optim_sd}

@@ -1,0 +1,79 @@
+"""Bad configs fail at start, naming the key or the path; the shipped configs are complete and consistent."""
+
+import pytest
+from conftest import torchrun
+from hydra import compose, initialize_config_dir
+
+from recipe.config import CONFIG_DIR, ConfigError, token_budget, validate
+
+CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if p.stem != "defaults")
+
+
+def load(name="L0_sanity", *overrides, out="/tmp/esm-config-test"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(name, overrides=[f"output_dir={out}", *overrides])
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["+model.depth=3"], r"unknown config key\(s\): model.depth"),
+        (["dataset.train_path=/nonexistent/x.fasta"], r"dataset.train_path=/nonexistent/x.fasta: no such file"),
+        (["dataset.val_path=/nonexistent/v"], r"dataset.val_path=/nonexistent/v: no such file"),
+        (["dataset.micro_batch_size=64", "dataset.token_micro_batch_size=4096"], r"dataset.micro_batch_size=64 x dataset.max_seq_length=256 .* does not fit dataset.token_micro_batch_size=4096"),
+        (["dataset.token_micro_batch_size=4100", "dataset.micro_batch_size=1"], r"multiple of dataset.pad_to_multiple_of=16"),
+        (["num_train_steps=0"], r"num_train_steps=0 must be a positive integer"),
+        (["precision=fp16"], r"precision='fp16' must be one of"),
+        (["fp8_config.enabled=true"], r"fp8_config.enabled=true"),
+        (["model.init_from=/nonexistent/model"], r"model.init_from=/nonexistent/model"),
+    ],
+)
+def test_bad_config_names_the_key(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        validate(load("L0_sanity", *overrides))
+
+
+def test_unwritable_output_dir():
+    with pytest.raises(ConfigError, match=r"output_dir=/proc/esm-out is not writable"):
+        validate(load("L0_sanity", out="/proc/esm-out"))
+
+
+def test_unknown_key_on_the_command_line_fails_at_start(tmp_path):
+    r = torchrun("train_ddp.py", 1, "model.depth=3", f"output_dir={tmp_path}")
+    assert r.returncode != 0 and "model.depth" in r.stderr
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_shipped_configs_validate(name, tmp_path):
+    cfg = load(name, out=str(tmp_path))
+    validate(cfg)
+    if name.startswith(("L1", "L2")):
+        tokens_per_step = token_budget(cfg) * cfg.grad_acc_steps
+        assert 1.9e6 <= tokens_per_step <= 2.2e6, "ESM-2 trained with ~2 M tokens per step"
+        assert tuple(cfg.optimizer.betas) == (0.9, 0.98) and cfg.optimizer.eps == 1e-8 and cfg.optimizer.weight_decay == 0.01
+        assert cfg.optimizer.lr == (1.6e-4 if name == "L2_15B" else 4e-4)
+        assert cfg.lr_scheduler.warmup_steps == 2000 and cfg.lr_scheduler.decay_end_fraction == 0.9 and cfg.lr_scheduler.min_lr_ratio == 0.1
+
+
+def test_lr_schedule_shape():
+    from recipe.optim import lr_at
+
+    peak, warm, total = 4e-4, 2000, 500_000
+    assert lr_at(0, peak, warm, total) == pytest.approx(peak / warm)
+    assert lr_at(warm - 1, peak, warm, total) == pytest.approx(peak)
+    assert lr_at(int(0.9 * total), peak, warm, total) == pytest.approx(0.1 * peak)
+    assert lr_at(total - 1, peak, warm, total) == pytest.approx(0.1 * peak)
+    mid = (warm + int(0.9 * total)) // 2
+    assert lr_at(mid, peak, warm, total) == pytest.approx(0.55 * peak, rel=1e-3)
+
+
+def test_weight_decay_exclusions():
+    from recipe.model import EsmConfig, build_model
+    from recipe.optim import param_groups
+
+    model = build_model(EsmConfig.from_size("tiny", backend="torch"))
+    decay, plain = param_groups(model, 0.01, ["bias", "norm"])
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all("bias" not in names[id(p)] and "norm" not in names[id(p)] for p in decay["params"])
+    assert {names[id(p)] for p in plain["params"]} >= {"final_layer_norm.weight", "lm_head.bias", "layers.0.mlp.fc1_bias"}
+    assert plain["weight_decay"] == 0.0 and decay["weight_decay"] == 0.01

@@ -1,0 +1,159 @@
+"""End-to-end training on CPU: L0_sanity, DDP vs FSDP2 with 2 gloo processes, exact resume, torn checkpoints,
+preemption, non-finite stops, and config errors."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT, torchrun
+
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "model.size=tiny",
+    "dataset.max_seq_length=128",
+    "dataset.micro_batch_size=4",
+    "validation.max_batches=2",
+    "validation.every_n_steps=0",
+    "log_every_n_steps=1",
+    "checkpoint.save_final_model=false",
+    "lr_scheduler.warmup_steps=2",
+]
+
+
+def losses(out_dir):
+    return {r["step"]: r["loss"] for r in map(json.loads, (out_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+
+
+def check(result):
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory):
+    """8 steps on 2 gloo processes with each strategy, checkpoints every 4 (FSDP2's written asynchronously)."""
+    root = tmp_path_factory.mktemp("runs")
+    runs = {}
+    for strategy, extra in (("ddp", []), ("fsdp2", ["checkpoint.async_save=true", "dataset.num_workers=2"])):
+        out = root / strategy
+        check(torchrun(f"train_{strategy}.py", 2, *TINY, "num_train_steps=8", "checkpoint.save_every_n_steps=4",
+                       *(extra if strategy == "fsdp2" else ["dataset.num_workers=2"]), f"output_dir={out}"))
+        runs[strategy] = out
+    return runs
+
+
+def test_ddp_and_fsdp2_give_the_same_losses(two_process_runs):
+    ddp, fsdp = losses(two_process_runs["ddp"]), losses(two_process_runs["fsdp2"])
+    assert sorted(ddp) == list(range(1, 9))
+    for step in ddp:
+        assert ddp[step] == pytest.approx(fsdp[step], rel=1e-6, abs=1e-6), step
+    assert ddp[8] < ddp[1]
+
+
+def resume_copy(src, dst, step, *extra_files):
+    (dst / "checkpoints").mkdir(parents=True)
+    shutil.copytree(src / "checkpoints" / f"step_{step}", dst / "checkpoints" / f"step_{step}")
+    return dst
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_resume_is_bitwise_identical(two_process_runs, tmp_path, strategy):
+    """A run of 8 steps, and a run resumed from its step-4 checkpoint for the last 4: identical losses at every step."""
+    full = two_process_runs[strategy]
+    resumed = resume_copy(full, tmp_path / "resumed", 4)
+    workers = ["dataset.num_workers=2"]
+    extra = ["checkpoint.async_save=true"] if strategy == "fsdp2" else []
+    check(torchrun(f"train_{strategy}.py", 2, *TINY, *workers, *extra, "num_train_steps=8", "checkpoint.save_every_n_steps=4",
+                   "checkpoint.resume_from_checkpoint=true", f"output_dir={resumed}"))
+    a, b = losses(full), losses(resumed)
+    assert sorted(b) == [5, 6, 7, 8]
+    assert all(a[s] == b[s] for s in b), (a, b)
+
+
+def test_torn_checkpoint_is_ignored(two_process_runs, tmp_path):
+    """A save cut off half way (no COMPLETE marker, still in its temporary directory) is skipped on resume."""
+    full = two_process_runs["ddp"]
+    run = resume_copy(full, tmp_path / "torn", 4)
+    torn = run / "checkpoints" / ".tmp_step_8"
+    shutil.copytree(full / "checkpoints" / "step_8", torn)
+    (torn / "COMPLETE").unlink()
+    for shard in (torn / "dcp").glob("*.distcp"):
+        shard.write_bytes(shard.read_bytes()[:100])
+    r = check(torchrun("train_ddp.py", 2, *TINY, "dataset.num_workers=2", "num_train_steps=8", "checkpoint.save_every_n_steps=4",
+                       "checkpoint.resume_from_checkpoint=true", f"output_dir={run}"))
+    assert "resumed from" in r.stderr and "step_4 at step 4" in r.stderr
+    assert losses(run)[8] == losses(full)[8]
+
+
+def test_resume_with_changed_model_shape_fails_clearly(two_process_runs, tmp_path):
+    run = resume_copy(two_process_runs["ddp"], tmp_path / "shape", 4)
+    r = torchrun("train_ddp.py", 1, *TINY, "num_train_steps=8", "model.num_layers=3", "checkpoint.resume_from_checkpoint=true", f"output_dir={run}")
+    assert r.returncode != 0
+    assert "cannot resume from" in r.stderr and "model_shape" in r.stderr
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
+    args = [*TINY, "num_train_steps=40", "checkpoint.save_every_n_steps=0", "checkpoint.save_final_checkpoint=false", "dataset.num_workers=0"]
+    reference = tmp_path / "reference"
+    check(torchrun("train_fsdp2.py", 1, *args, f"output_dir={reference}"))
+    run = tmp_path / "preempted"
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    proc = subprocess.Popen([sys.executable, "train_fsdp2.py", *args, f"output_dir={run}"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "preemption signal: checkpoint saved at step" in err
+    saved = sorted((run / "checkpoints").glob("step_*"))
+    assert len(saved) == 1 and (saved[0] / "COMPLETE").exists()
+    stopped_at = int(saved[0].name.split("_")[1])
+    assert 3 <= stopped_at < 40
+    check(torchrun("train_fsdp2.py", 1, *args, "checkpoint.resume_from_checkpoint=true", f"output_dir={run}"))
+    assert losses(run) == losses(reference)
+
+
+def test_non_finite_loss_stops_before_writing(tmp_path):
+    r = torchrun("train_ddp.py", 1, *TINY, "num_train_steps=30", "optimizer.lr=1e12", "max_grad_norm=null",
+                 "lr_scheduler.warmup_steps=0", "checkpoint.save_every_n_steps=1", f"output_dir={tmp_path}")
+    assert r.returncode != 0
+    found = re.search(r"NonFiniteError: non-finite (loss|gradient norm) at step (\d+)", r.stderr)
+    assert found, r.stderr[-3000:]
+    step = int(found.group(2))
+    assert step > 1
+    assert max(losses(tmp_path)) == step - 1  # nothing logged for the bad step
+    assert max(int(p.name.split("_")[1]) for p in (tmp_path / "checkpoints").glob("step_*")) == step - 1
+
+
+def test_l0_sanity_from_the_readme_command(tmp_path):
+    """The README's command, on this CPU: loss falls, validation runs, final_model loads in transformers."""
+    out = tmp_path / "l0"
+    start = time.time()
+    r = check(torchrun("train_fsdp2.py", 1, "--config-name", "L0_sanity", f"output_dir={out}"))
+    elapsed = time.time() - start
+    assert f"output_dir: {out}" in r.stdout
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [x for x in records if "loss" in x]
+    val = [x for x in records if "val_loss" in x]
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_second_per_gpu", "tflops_per_gpu", "mfu", "max_memory_gb", "consumed_tokens"} <= set(train[0])
+    assert {"step", "val_loss", "val_perplexity", "val_accuracy"} <= set(val[0])
+    assert len(val) == 2 and val[-1]["val_loss"] < val[0]["val_loss"] + 0.05
+    assert sum(x["loss"] for x in train[-3:]) / 3 < train[0]["loss"] - 0.3
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    model = AutoModelForMaskedLM.from_pretrained(out / "final_model")
+    tok = AutoTokenizer.from_pretrained(out / "final_model")
+    logits = model(**tok(["MKTAYIAKQRQISFVKSHFSRQ"], return_tensors="pt")).logits
+    assert logits.shape == (1, 24, 33)
+    print(f"\n  L0_sanity on this CPU: {elapsed:.0f} s, loss {train[0]['loss']:.3f} -> {train[-1]['loss']:.3f}, val loss {val[-1]['val_loss']:.3f}")
