@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from recipe.parallel import DistInfo, barrier
 
@@ -126,24 +126,29 @@ class Checkpointer:
         if changed:
             raise RuntimeError(f"cannot resume from {path}: " + "; ".join(changed))
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        self._check_keys(path, model_sd)
+        model_sd = self._check_keys(path, model_sd)
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=str(path / "dcp"))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        # keys were checked above (strictly, but for TE's _extra_state); let set_state_dict accept that subset
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=StateDictOptions(strict=False))
         rank_file = path / f"rank_{self.info.rank}.pt"
         if not rank_file.exists():
             raise RuntimeError(f"cannot resume from {path}: no {rank_file.name} (saved with another world size?)")
         return meta, torch.load(rank_file, weights_only=False)
 
     @staticmethod
-    def _check_keys(path: Path, model_sd: dict) -> None:
+    def _check_keys(path: Path, model_sd: dict) -> dict:
+        """Strict key and shape check. TransformerEngine's `_extra_state` entries (FP8 metadata) are the one
+        exception: a checkpoint of the other backend lacks or carries them, and they are skipped."""
         stored = dcp.FileSystemReader(str(path / "dcp")).read_metadata().state_dict_metadata
         saved = {k.removeprefix("model.") for k in stored if k.startswith("model.")}
-        wanted = set(model_sd)
-        if saved != wanted:
-            missing, unexpected = sorted(wanted - saved), sorted(saved - wanted)
+        missing = sorted(k for k in set(model_sd) - saved if not k.endswith("_extra_state"))
+        unexpected = sorted(k for k in saved - set(model_sd) if not k.endswith("_extra_state"))
+        if missing or unexpected:
             raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing[:10]}, unexpected {unexpected[:10]}")
         for key, value in model_sd.items():
-            md = stored[f"model.{key}"]
-            if hasattr(md, "size") and tuple(md.size) != tuple(value.shape):
+            md = stored.get(f"model.{key}")
+            if hasattr(md, "size") and hasattr(value, "shape") and tuple(md.size) != tuple(value.shape):
                 raise RuntimeError(f"checkpoint {path}: tensor {key} has shape {tuple(md.size)}, model has {tuple(value.shape)}")
+        return {k: v for k, v in model_sd.items() if k in saved}

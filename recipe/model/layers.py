@@ -144,7 +144,9 @@ class EsmLayerBase(nn.Module):
 
 
 class TorchEsmLayer(EsmLayerBase):
-    """The reference layer: exactly transformers' EsmLayer arithmetic (q scaled before rotary, fp32 rotary)."""
+    """The reference layer: transformers' EsmLayer arithmetic (fp32 rotary). transformers scales q by 1/sqrt(D)
+    before the rotation; we let the attention kernel scale, which is the same function (rotation is linear) and
+    lets flash kernels fuse it; fp32 logits agree to ~1e-6."""
 
     def __init__(self, config: EsmConfig, device=None, dtype=None):
         super().__init__(config)
@@ -156,17 +158,16 @@ class TorchEsmLayer(EsmLayerBase):
 
     def attend(self, q, k, v, rope, packed, key_padding_mask):
         cos, sin = rope
-        q = apply_rotary(q * self.head_dim**-0.5, cos, sin)
-        k = apply_rotary(k, cos, sin)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if packed is None:
             return padded_attention(q, k, v, key_padding_mask)
         return packed_attention(q, k, v, packed)
 
 
 def padded_attention(q, k, v, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
-    """[B, S, H, D] attention through SDPA with a key padding mask (True = real token)."""
+    """[B, S, H, D] attention through SDPA with a key padding mask (True = real token); scale 1/sqrt(D)."""
     mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=1.0)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.transpose(1, 2)
 
 
@@ -185,7 +186,7 @@ def packed_attention(q, k, v, packed: PackedInfo) -> torch.Tensor:
         from torch.nn.attention.varlen import varlen_attn
 
         cu = packed.cu_seqlens
-        return varlen_attn(q, k, v, cu, cu, packed.max_seqlen, packed.max_seqlen, scale=1.0)
+        return varlen_attn(q, k, v, cu, cu, packed.max_seqlen, packed.max_seqlen)  # default scale 1/sqrt(D)
     n = len(packed.cu_seqlens) - 1
     seq, off = packed.seq_index, packed.offsets
     shape = (n, packed.max_seqlen, *q.shape[1:])

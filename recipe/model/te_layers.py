@@ -53,11 +53,11 @@ class TEEsmLayer(EsmLayerBase):
         if packed is None:
             raise ValueError("the te backend runs packed (THD) input only")
         cu = packed.cu_seqlens
-        q = apply_rotary_pos_emb(q, rope, tensor_format="thd", fused=True, cu_seqlens=cu)
-        k = apply_rotary_pos_emb(k, rope, tensor_format="thd", fused=True, cu_seqlens=cu)
+        q = apply_rotary_pos_emb(q.contiguous(), rope, tensor_format="thd", fused=True, cu_seqlens=cu)
+        k = apply_rotary_pos_emb(k.contiguous(), rope, tensor_format="thd", fused=True, cu_seqlens=cu)
         out = self.core_attention(
-            q.contiguous(),
-            k.contiguous(),
+            q,
+            k,
             v.contiguous(),
             cu_seqlens_q=cu,
             cu_seqlens_kv=cu,

@@ -1,0 +1,130 @@
+"""GPU checks (pytest -m gpu -s): bf16 numerics of both backends on real packed sequences, TE vs torch, GPU training.
+
+Run on the device machine with the kit: `source .device/setup.sh && python -m pytest -m gpu -s tests/test_gpu.py`.
+Numbers are printed (-s) for the notes in docs/numerics.md.
+"""
+
+import json
+import time
+
+import pytest
+import torch
+from conftest import BUNDLED_VAL, torchrun
+
+from recipe.data.dataset import BatchSettings, MLMBatches
+from recipe.data.sources import load_sequences
+from recipe.model import EsmConfig, build_model
+
+pytestmark = pytest.mark.gpu
+
+
+def te_available() -> bool:
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+
+        return torch.cuda.get_device_capability() >= (9, 0)
+    except Exception:
+        return False
+
+
+needs_te = pytest.mark.skipif(not torch.cuda.is_available() or not te_available(), reason="TransformerEngine on Hopper+ needed")
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """8,192 packed tokens of real validation sequences, masked as in training."""
+    ds = MLMBatches(load_sequences(BUNDLED_VAL), BatchSettings(max_seq_length=1024, token_micro_batch_size=8192, seed=3), train=False)
+    b = next(iter(ds))
+    return {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def forward(model, batch, dtype):
+    ctx = torch.autocast("cuda", dtype=dtype) if dtype != torch.float32 else torch.autocast("cuda", enabled=False)
+    with torch.no_grad(), ctx:
+        return model(batch["input_ids"], cu_seqlens=batch["cu_seqlens"], max_seqlen=batch["max_seqlen"], labels=batch["labels"], return_logits=True)
+
+
+def real_tokens(batch, logits):
+    return logits[: batch["num_real_tokens"]]
+
+
+@pytest.mark.parametrize("size", ["8M", "150M"])
+def test_torch_backend_bf16_against_fp32(batch, size):
+    model = build_model(EsmConfig.from_size(size, backend="torch"), device="cuda", seed=0).eval()
+    ref = forward(model, batch, torch.float32)
+    low = forward(model, batch, torch.bfloat16)
+    err = rel_err(real_tokens(batch, low.logits), real_tokens(batch, ref.logits))
+    print(f"\n  torch backend {size}: bf16 (varlen_attn) vs fp32 logits relative error {err:.2e}; loss {low.loss.item():.5f} vs {ref.loss.item():.5f}")
+    assert err < 2e-2  # bf16 has 8 mantissa bits: ~4e-3 per rounding, accumulated over the layers
+    assert abs(low.loss.item() - ref.loss.item()) / ref.loss.item() < 1e-2
+
+
+def test_varlen_attention_matches_padded_reference():
+    from recipe.model.layers import PackedInfo, packed_attention, padded_attention
+
+    torch.manual_seed(0)
+    lengths = torch.tensor([100, 37, 512, 3])
+    cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32).cuda()
+    q, k, v = (torch.randn(int(lengths.sum()), 8, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    packed = PackedInfo(cu, int(lengths.max()))
+    fast = packed_attention(q, k, v, packed)
+    seq, off = packed.seq_index, packed.offsets
+    pad = [x.float().new_zeros(4, 512, 8, 64).index_put_((seq, off), x.float()) for x in (q, k, v)]
+    mask = torch.zeros(4, 512, dtype=torch.bool, device="cuda").index_put_((seq, off), torch.ones_like(seq, dtype=torch.bool))
+    ref = padded_attention(*pad, mask)[seq, off]
+    err = rel_err(fast, ref)
+    print(f"\n  varlen_attn bf16 vs fp32 padded SDPA: relative error {err:.2e}")
+    assert err < 1e-2
+
+
+@needs_te
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+def test_te_backend_against_torch(batch, activation):
+    torch_model = build_model(EsmConfig.from_size("8M", backend="torch"), device="cuda", seed=0).eval()
+    te_model = build_model(EsmConfig.from_size("8M", backend="te", activation=activation), device="cuda", seed=None).eval()
+    result = te_model.load_state_dict(torch_model.state_dict(), strict=False)
+    assert not result.unexpected_keys and all(k.endswith("_extra_state") for k in result.missing_keys)
+    ref32 = forward(torch_model, batch, torch.float32)
+    ref = forward(torch_model, batch, torch.bfloat16)
+    out = forward(te_model, batch, torch.bfloat16)
+    err = rel_err(real_tokens(batch, out.logits), real_tokens(batch, ref.logits))
+    err32 = rel_err(real_tokens(batch, out.logits), real_tokens(batch, ref32.logits))
+    print(f"\n  te backend ({activation}) vs torch backend, bf16: logits relative error {err:.2e} (vs torch fp32: {err32:.2e}); "
+          f"loss te {out.loss.item():.5f}, torch bf16 {ref.loss.item():.5f}, torch fp32 {ref32.loss.item():.5f}")
+    assert err < 3e-2 and err32 < 3e-2
+
+
+@needs_te
+def test_te_backend_trains_and_matches_gradients(batch):
+    torch_model = build_model(EsmConfig.from_size("8M", backend="torch"), device="cuda", seed=0)
+    te_model = build_model(EsmConfig.from_size("8M", backend="te"), device="cuda", seed=None)
+    te_model.load_state_dict(torch_model.state_dict(), strict=False)
+    grads = {}
+    for name, model in (("torch", torch_model), ("te", te_model)):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(batch["input_ids"], cu_seqlens=batch["cu_seqlens"], max_seqlen=batch["max_seqlen"], labels=batch["labels"])
+        out.loss.backward()
+        grads[name] = {n: p.grad for n, p in model.named_parameters()}
+    worst = min(torch.nn.functional.cosine_similarity(grads["te"][n].flatten().float(), g.flatten().float(), dim=0).item()
+                for n, g in grads["torch"].items() if g.norm() > 0)
+    print(f"\n  te vs torch gradients (bf16, 8M): worst per-tensor cosine similarity {worst:.4f}")
+    assert worst > 0.98
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["te"] if torch.cuda.is_available() and te_available() else []))
+def test_l0_sanity_on_one_gpu(tmp_path, backend):
+    start = time.time()
+    r = torchrun("train_fsdp2.py", 1, "--config-name", "L0_sanity", f"model.backend={backend}", f"output_dir={tmp_path}")
+    elapsed = time.time() - start
+    assert r.returncode == 0, r.stderr[-4000:]
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [x for x in records if "loss" in x]
+    val = [x for x in records if "val_loss" in x]
+    print(f"\n  L0_sanity on {torch.cuda.get_device_name()} ({backend}): {elapsed:.1f} s wall, loss {train[0]['loss']:.3f} -> "
+          f"{train[-1]['loss']:.3f}, val loss {val[-1]['val_loss']:.3f}, {train[-1]['tokens_per_second_per_gpu']:.3g} tokens/s")
+    assert train[-1]["loss"] < train[0]["loss"] - 0.3
+    assert elapsed < 60
