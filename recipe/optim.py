@@ -10,6 +10,8 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from recipe.model.layers import param_kind
+
 
 def lr_at(step: int, peak: float, warmup: int, total: int, decay_end_fraction: float = 0.9, min_ratio: float = 0.1) -> float:
     """Learning rate for optimizer step `step` (0-based: the first update uses lr_at(0))."""
@@ -22,12 +24,20 @@ def lr_at(step: int, peak: float, warmup: int, total: int, decay_end_fraction: f
     return peak * (1.0 - (1.0 - min_ratio) * frac)
 
 
+NO_DECAY_KINDS = ("bias", "norm", "embedding")
+
+
 def param_groups(model: nn.Module, weight_decay: float, no_decay: list[str]) -> list[dict]:
-    """Weight decay for matrices and embeddings; none for parameters whose name contains a `no_decay` entry."""
+    """Weight decay for matrices; none for the kinds listed in `no_decay`: bias (every bias, LayerNorm biases
+    included), norm (LayerNorm weights), embedding (the word embeddings, also the tied decoder)."""
+    unknown = set(no_decay) - set(NO_DECAY_KINDS)
+    if unknown:
+        raise ValueError(f"optimizer.no_decay has unknown entries {sorted(unknown)}; choose from {NO_DECAY_KINDS}")
     decay, plain = [], []
     for name, p in model.named_parameters():
+        kind = "embedding" if name.endswith("embed_tokens.weight") else param_kind(name)
         if p.requires_grad:
-            (plain if any(s in name for s in no_decay) else decay).append(p)
+            (plain if kind in no_decay else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
 

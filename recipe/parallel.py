@@ -119,7 +119,10 @@ class FSDP2Strategy(Strategy):
         mp = MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
         for layer in model.layers:
             fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=self.reshard_after_forward)
-        fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=self.reshard_after_forward)
+        # The root unit holds the word embeddings, which the LM head reuses as its decoder at the very end of the
+        # forward; backward needs them at once, so they stay gathered (resharding them frees storage the head's
+        # backward still reads).
+        fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
         return model
 
     @contextlib.contextmanager

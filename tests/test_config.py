@@ -74,6 +74,9 @@ def test_weight_decay_exclusions():
     model = build_model(EsmConfig.from_size("tiny", backend="torch"))
     decay, plain = param_groups(model, 0.01, ["bias", "norm"])
     names = {id(p): n for n, p in model.named_parameters()}
-    assert all("bias" not in names[id(p)] and "norm" not in names[id(p)] for p in decay["params"])
+    assert all(not names[id(p)].endswith("bias") and "layer_norm" not in names[id(p)] for p in decay["params"])
     assert {names[id(p)] for p in plain["params"]} >= {"final_layer_norm.weight", "lm_head.bias", "layers.0.mlp.fc1_bias"}
+    assert "layers.0.attention.layernorm_qkv.weight" in {names[id(p)] for p in decay["params"]}  # a matrix despite its name
+    with pytest.raises(ValueError, match="optimizer.no_decay has unknown entries"):
+        param_groups(model, 0.01, ["LayerNorm"])
     assert plain["weight_decay"] == 0.0 and decay["weight_decay"] == 0.01

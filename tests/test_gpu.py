@@ -115,16 +115,18 @@ def test_te_backend_trains_and_matches_gradients(batch):
     assert worst > 0.98
 
 
-@pytest.mark.parametrize("backend", ["torch"] + (["te"] if torch.cuda.is_available() and te_available() else []))
-def test_l0_sanity_on_one_gpu(tmp_path, backend):
+@pytest.mark.parametrize("strategy, backend", [("fsdp2", "torch"), ("ddp", "torch"), ("fsdp2", "te"), ("ddp", "te")])
+def test_l0_sanity_on_one_gpu(tmp_path, strategy, backend):
+    if backend == "te" and not te_available():
+        pytest.skip("TransformerEngine on Hopper+ needed")
     start = time.time()
-    r = torchrun("train_fsdp2.py", 1, "--config-name", "L0_sanity", f"model.backend={backend}", f"output_dir={tmp_path}")
+    r = torchrun(f"train_{strategy}.py", 1, "--config-name", "L0_sanity", f"model.backend={backend}", f"output_dir={tmp_path}")
     elapsed = time.time() - start
     assert r.returncode == 0, r.stderr[-4000:]
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train = [x for x in records if "loss" in x]
     val = [x for x in records if "val_loss" in x]
-    print(f"\n  L0_sanity on {torch.cuda.get_device_name()} ({backend}): {elapsed:.1f} s wall, loss {train[0]['loss']:.3f} -> "
+    print(f"\n  L0_sanity on {torch.cuda.get_device_name()} ({strategy}, {backend}): {elapsed:.1f} s wall, loss {train[0]['loss']:.3f} -> "
           f"{train[-1]['loss']:.3f}, val loss {val[-1]['val_loss']:.3f}, {train[-1]['tokens_per_second_per_gpu']:.3g} tokens/s")
     assert train[-1]["loss"] < train[0]["loss"] - 0.3
     assert elapsed < 60

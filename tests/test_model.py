@@ -232,8 +232,10 @@ def test_init_statistics_and_meta_device():
     for (name, a), (_, b) in zip(meta.named_parameters(), direct.named_parameters()):
         assert torch.equal(a, b), name
     sd = dict(direct.named_parameters())
-    w = sd["layers.0.mlp.fc1_weight"]
-    assert abs(w.std().item() - 0.02) < 0.001 and abs(w.mean().item()) < 0.001
+    for name in ("layers.0.mlp.fc1_weight", "layers.0.attention.layernorm_qkv.weight", "layers.1.attention.proj.weight", "lm_head.dense.weight"):
+        w = sd[name]
+        assert abs(w.std().item() - 0.02) < 0.001 and abs(w.mean().item()) < 0.001, name
+    assert torch.all(sd["layers.0.attention.layernorm_qkv.layer_norm_weight"] == 1)
     assert torch.all(sd["layers.1.attention.layernorm_qkv.bias"] == 0)
     assert torch.all(sd["layers.1.mlp.layer_norm_weight"] == 1) and torch.all(sd["final_layer_norm.weight"] == 1)
     assert torch.all(sd["lm_head.bias"] == 0) and torch.all(sd["embed_tokens.weight"][1] == 0)

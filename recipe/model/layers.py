@@ -197,12 +197,21 @@ def packed_attention(q, k, v, packed: PackedInfo) -> torch.Tensor:
     return padded_attention(*padded, mask)[seq, off]
 
 
-def init_scale(name: str) -> str:
-    """How ESM-2 initialises a parameter, by its name: 'ones' for norm weights, 'zeros' for biases, else 'normal'."""
-    leaf = name.rsplit(".", 1)[-1]
-    if "norm" in name and leaf.endswith("weight"):
-        return "ones"
-    if leaf.endswith("bias"):
-        return "zeros"
-    return "normal"
+def is_norm_param(name: str) -> bool:
+    """LayerNorm parameters: TE-style `layer_norm_weight`/`layer_norm_bias`, or weight/bias of a `*layer_norm`
+    module. (Not a substring test: `layernorm_qkv.weight` is the fused QKV projection, a matrix.)"""
+    parts = name.split(".")
+    return parts[-1].startswith("layer_norm_") or (len(parts) > 1 and parts[-2].endswith("layer_norm"))
 
+
+def param_kind(name: str) -> str:
+    """'norm', 'bias' or 'weight': what ESM-2's initialisation and the weight-decay exclusions go by."""
+    if is_norm_param(name):
+        return "norm" if name.endswith("weight") else "bias"
+    return "bias" if name.endswith("bias") else "weight"
+
+
+def init_scale(name: str) -> str:
+    """How ESM-2 initialises a parameter: 'ones' for norm weights, 'zeros' for biases (norm biases too), else 'normal'."""
+    kind = param_kind(name)
+    return {"norm": "ones", "bias": "zeros", "weight": "normal"}[kind]
