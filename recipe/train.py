@@ -87,6 +87,8 @@ def evaluate(model, dataset: MLMBatches, device, amp, max_batches: int | None) -
         sums += torch.stack([out.loss_sum.double(), out.num_tokens.double(), out.num_correct.double()])
     model.train()
     loss_sum, tokens, correct = all_reduce(sums).tolist()
+    if tokens == 0:
+        raise RuntimeError("validation produced no masked tokens: the validation split yielded no batches")
     val_loss = loss_sum / max(tokens, 1)
     return {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50)), "val_accuracy": correct / max(tokens, 1), "val_tokens": int(tokens)}
 

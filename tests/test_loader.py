@@ -103,9 +103,10 @@ def test_restore_with_another_worker_count_is_refused(store):
         _take(other, 1)
 
 
-def test_validation_is_one_deterministic_pass(store):
-    a = [b["sample_index"].tolist() for b in MLMBatches(store, SETTINGS, 0, 1, train=False)]
-    b = [b["sample_index"].tolist() for b in MLMBatches(store, SETTINGS, 0, 1, train=False)]
+def test_validation_is_one_deterministic_pass_every_time(store):
+    val = MLMBatches(store, SETTINGS, 0, 1, train=False)
+    a = [b["sample_index"].tolist() for b in val]
+    b = [b["sample_index"].tolist() for b in val]  # the same object again: a fresh full pass, not an empty one
     assert a == b and sorted(sum(a, [])) == list(range(len(store)))
 
 

@@ -154,6 +154,8 @@ class MLMBatches(IterableDataset):
                 f"{num_workers}: resume with the same dataset.num_workers"
             )
         self.num_workers = num_workers
+        if not self.train:  # validation: every iteration is a fresh, full pass
+            self.epoch, self.cursor = 0, 0
         while True:
             epoch = self.epoch
             rows = self._rows(self._my_items(epoch, worker, num_workers), epoch)
