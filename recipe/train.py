@@ -167,16 +167,23 @@ def batch_settings(cfg: DictConfig) -> BatchSettings:
 def build_data(cfg: DictConfig, info: DistInfo):
     d = cfg.dataset
     settings = batch_settings(cfg)
-    train_store = load_sequences(d.train_path, d.format, d.column)
-    cluster = d.cluster_sampling
-    if cluster == "auto":
-        cluster = "ur50_id" in train_store.clusters
-    train = MLMBatches(train_store, settings, info.rank, info.world_size, train=True, cluster_sampling=bool(cluster))
+    if d.streaming:
+        from recipe.data.streaming import StreamingMLMBatches, open_stream
+
+        train = StreamingMLMBatches(open_stream(d.train_path, d.format), settings, info.rank, info.world_size, d.column, d.streaming_shuffle_buffer)
+        summary, cluster = f"{d.train_path} (streaming)", False
+    else:
+        train_store = load_sequences(d.train_path, d.format, d.column)
+        cluster = d.cluster_sampling
+        if cluster == "auto":
+            cluster = "ur50_id" in train_store.clusters
+        train = MLMBatches(train_store, settings, info.rank, info.world_size, train=True, cluster_sampling=bool(cluster))
+        summary = train_store.summary()
     loader = make_loader(train, d.num_workers, d.pin_memory and info.device.type == "cuda", d.prefetch_factor)
     val = None
     if d.val_path is not None:
         val = MLMBatches(load_sequences(d.val_path, d.format, d.column, split="validation"), settings, info.rank, info.world_size, train=False)
-    log.info("data: %s; cluster sampling %s", train_store.summary(), "on" if cluster else "off")
+    log.info("data: %s; cluster sampling %s", summary, "on" if cluster else "off")
     return loader, val, settings
 
 

@@ -162,3 +162,60 @@ def test_two_gloo_processes_cover_the_data_once(tmp_path):
     line = next(x for x in r.stdout.splitlines() if x.startswith("COVER"))
     _, n, got, ok = line.split()
     assert n == got and ok == "True"
+
+
+@pytest.fixture(scope="module")
+def parquet_shards(tmp_path_factory):
+    """The bundled validation split as 4 parquet shards (streaming splits by shard)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(BUNDLED_VAL)
+    out = tmp_path_factory.mktemp("shards")
+    step = -(-table.num_rows // 4)
+    for i in range(4):
+        pq.write_table(table.slice(i * step, step), out / f"part-{i}.parquet")
+    return out, table.num_rows
+
+
+def test_streaming_ranks_cover_the_stream_once(parquet_shards):
+    """Two ranks' first epochs together hold every sequence of the files exactly once (compared by content)."""
+    import pyarrow.parquet as pq
+    from datasets.distributed import split_dataset_by_node
+
+    from recipe.data.streaming import StreamingMLMBatches, open_stream
+    from recipe.data.tokenizer import decode
+
+    path, n = parquet_shards
+    uncropped = BatchSettings(max_seq_length=40_000, token_micro_batch_size=40_000, seed=11)  # longer than any sequence
+    read = []
+    for rank in range(2):
+        share = sum(1 for _ in split_dataset_by_node(open_stream(path), rank=rank, world_size=2))
+        mine = []
+        for batch in StreamingMLMBatches(open_stream(path), uncropped, rank, 2):
+            original = torch.where(batch["labels"] != -100, batch["labels"], batch["input_ids"])
+            cu = batch["cu_seqlens"].tolist()
+            mine.extend(decode(original[a:b].tolist()) for a, b in zip(cu, cu[1 : len(batch["seq_lengths"]) + 1]))
+            if len(mine) >= share:
+                break
+        read.extend(mine[:share])
+    want = pq.read_table(path).column("sequence").to_pylist()
+    assert len(read) == n and sorted(read) == sorted(want)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_streaming_resume_gives_the_identical_next_batches(parquet_shards, workers):
+    from recipe.data.streaming import StreamingMLMBatches, open_stream
+
+    path, _ = parquet_shards
+    def fresh():
+        return make_loader(StreamingMLMBatches(open_stream(path), SETTINGS, 0, 1), num_workers=workers)
+
+    loader = fresh()
+    it = iter(loader)
+    for _ in range(5):
+        next(it)
+    state = loader.state_dict()
+    expected = [next(it) for _ in range(4)]
+    restored = fresh()
+    restored.load_state_dict(state)
+    assert _same(_take(restored, 4), expected)

@@ -176,40 +176,46 @@ class MLMBatches(IterableDataset):
         return min(int(self.store.offsets[row + 1] - self.store.offsets[row]), self.settings.max_seq_length - 2) + 2
 
     def _fits(self, count: int, tokens: int, n: int) -> bool:
-        s = self.settings
-        if s.layout == "bshd":
-            return count < s.micro_batch_size
-        return tokens + n <= s.token_micro_batch_size
+        return fits(self.settings, count, tokens, n)
 
     def _make_batch(self, rows: np.ndarray, epoch: int) -> dict:
-        samples = make_samples(self.store, rows, self.settings, epoch if self.train else 0, self.train)
-        s = self.settings
-        if s.layout == "bshd":
-            return collate_bshd(samples, 8)
-        return collate_thd(samples, s.pad_to_multiple_of, s.token_micro_batch_size if s.pad_to_fixed else None)
+        return collate(make_samples(self.store, rows, self.settings, epoch if self.train else 0, self.train), self.settings)
+
+
+def fits(s: BatchSettings, count: int, tokens: int, n: int) -> bool:
+    """Whether a sequence of n tokens joins a batch that holds `count` sequences and `tokens` tokens."""
+    return count < s.micro_batch_size if s.layout == "bshd" else tokens + n <= s.token_micro_batch_size
 
 
 def make_samples(store: SequenceStore, rows: np.ndarray, s: BatchSettings, epoch: int, random_crop: bool) -> list[Sample]:
-    """Crop, add <cls>/<eos> and mask a list of rows, the masking vectorised over all of their tokens."""
+    return build_samples([store.residues(int(r)) for r in rows], np.asarray(rows), s, epoch, random_crop)
+
+
+def build_samples(residues: list[np.ndarray], keys: np.ndarray, s: BatchSettings, epoch: int, random_crop: bool) -> list[Sample]:
+    """Crop, add <cls>/<eos> and mask sequences (residue ids), the masking vectorised over all of their tokens.
+    `keys` are the sample indices that, with (seed, epoch), fix every random choice."""
     max_res = s.max_seq_length - 2
-    crop_keys = mlm.sample_keys(s.seed, epoch, rows, mlm.CROP) if random_crop else [None] * len(rows)
+    crop_keys = mlm.sample_keys(s.seed, epoch, keys, mlm.CROP) if random_crop else [None] * len(keys)
     toks = []
-    for row, ck in zip(rows, crop_keys):
-        res = store.residues(int(row))
+    for res, ck in zip(residues, crop_keys):
         start = mlm.crop_start(len(res), max_res, ck)
         toks.append(mlm.add_specials(res[start : start + max_res]))
     lengths = np.array([len(t) for t in toks], dtype=np.int64)
     flat = np.concatenate(toks)
-    keys = np.repeat(mlm.sample_keys(s.seed, epoch, rows, 0), lengths)
+    token_keys = np.repeat(mlm.sample_keys(s.seed, epoch, keys, 0), lengths)
     positions = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    inputs, labels = mlm.mask_tokens(flat, keys, positions, s.mask_prob)
+    inputs, labels = mlm.mask_tokens(flat, token_keys, positions, s.mask_prob)
     bounds = np.cumsum(lengths)[:-1]
-    return [
-        Sample(int(r), i, lab) for r, i, lab in zip(rows, np.split(inputs, bounds), np.split(labels, bounds))
-    ]
+    return [Sample(int(k), i, lab) for k, i, lab in zip(keys, np.split(inputs, bounds), np.split(labels, bounds))]
 
 
-def make_loader(dataset: MLMBatches, num_workers: int = 0, pin_memory: bool = False, prefetch_factor: int = 4):
+def collate(samples: list[Sample], s: BatchSettings) -> dict:
+    if s.layout == "bshd":
+        return collate_bshd(samples, 8)
+    return collate_thd(samples, s.pad_to_multiple_of, s.token_micro_batch_size if s.pad_to_fixed else None)
+
+
+def make_loader(dataset: IterableDataset, num_workers: int = 0, pin_memory: bool = False, prefetch_factor: int = 4):
     """A `StatefulDataLoader` over already-batched items (batch_size=None), whose state refuses a restore into
     another worker count with a message that says so."""
     from torchdata.stateful_dataloader import StatefulDataLoader
