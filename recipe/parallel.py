@@ -135,4 +135,5 @@ STRATEGIES = {"ddp": DDPStrategy, "fsdp2": FSDP2Strategy}
 
 
 def unwrap(model: nn.Module) -> nn.Module:
+    """The ESM-2 module inside a DDP wrapper (FSDP2 shards in place and has no wrapper)."""
     return model.module if hasattr(model, "module") and not hasattr(model, "layers") else model

@@ -30,7 +30,7 @@ from recipe.model.convert import config_from_hf, export_hf, load_hf_into
 from recipe.model.esm import IGNORE_INDEX
 from recipe.model.flops import batch_flops
 from recipe.optim import build_optimizer, lr_at, set_lr
-from recipe.parallel import STRATEGIES, DistInfo, Strategy, all_reduce, barrier, init_distributed
+from recipe.parallel import STRATEGIES, DistInfo, Strategy, all_reduce, barrier, init_distributed, unwrap
 
 log = logging.getLogger("recipe")
 
@@ -142,10 +142,10 @@ def build(cfg: DictConfig, strategy: Strategy):
     if strategy.meta_init:
         model.to_empty(device=info.device)
         init_weights(model, cfg.seed)
+    raw = unwrap(model)
     if cfg.model.init_from is not None:
-        load_hf_into(model, cfg.model.init_from)
+        load_hf_into(raw, cfg.model.init_from)
         log.info("initialised from %s", cfg.model.init_from)
-    raw = model.module if hasattr(model, "module") else model
     raw.check_inputs = False  # our packer guarantees the invariants; skipping saves a GPU sync per micro-batch
     return model, mcfg
 

@@ -158,3 +158,25 @@ def test_l0_sanity_from_the_readme_command(tmp_path):
     logits = model(**tok(["MKTAYIAKQRQISFVKSHFSRQ"], return_tensors="pt")).logits
     assert logits.shape == (1, 24, 33)
     print(f"\n  L0_sanity on this CPU: {elapsed:.0f} s, loss {train[0]['loss']:.3f} -> {train[-1]['loss']:.3f}, val loss {val[-1]['val_loss']:.3f}")
+
+
+def test_continued_pretraining_from_a_hugging_face_directory(tmp_path):
+    """model.init_from loads a facebook-layout directory (as save_pretrained writes it); with lr=0 the exported
+    final model carries exactly the imported weights."""
+    import torch
+    from conftest import hf_config
+    from safetensors.torch import load_file
+    from transformers import EsmForMaskedLM
+
+    torch.manual_seed(0)
+    EsmForMaskedLM(hf_config(num_layers=2, hidden_size=64, num_heads=4, intermediate_size=256)).save_pretrained(tmp_path / "hf")
+    out = tmp_path / "run"
+    r = check(torchrun("train_ddp.py", 1, *TINY[1:], "num_train_steps=2", "optimizer.lr=0", "checkpoint.save_final_model=true",
+                       f"model.init_from={tmp_path / 'hf'}", f"output_dir={out}"))
+    assert "skipped 2 tensors we do not use" in r.stderr and "initialised from" in r.stderr
+    before, after = load_file(tmp_path / "hf" / "model.safetensors"), load_file(out / "final_model" / "model.safetensors")
+    rename = {".gamma": ".weight", ".beta": ".bias"}
+    before = {next((k[: -len(a)] + b for a, b in rename.items() if k.endswith(a)), k): v for k, v in before.items()}
+    shared = [k for k in after if k in before and "contact_head" not in k and "inv_freq" not in k]
+    assert len(shared) == len(after) - 3
+    assert all(torch.equal(before[k], after[k]) for k in shared)
