@@ -1,19 +1,14 @@
-"""Train ESM-2 with DistributedDataParallel.
+"""Train ESM-2 with DistributedDataParallel (gradients all-reduced, model replicated).
 
     torchrun --nproc_per_node N train_ddp.py --config-name L0_sanity key=value ...
     python train_ddp.py --config-name L0_sanity        # one process
+
+What differs between strategies lives in recipe/parallel.py; the loop is recipe/train.py.
 """
 
-import hydra
-from omegaconf import DictConfig
+from recipe.train import entrypoint
 
-from recipe.train import run
-
-
-@hydra.main(config_path="hydra_config", config_name="L0_sanity", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    run(cfg, "ddp")
-
+main = entrypoint("ddp")
 
 if __name__ == "__main__":
     main()

@@ -1,19 +1,14 @@
-"""Train ESM-2 with FSDP2 (fully_shard per layer, bf16 compute, fp32 reduction).
+"""Train ESM-2 with FSDP2 (fully_shard per layer and root, bf16 compute, fp32 reduction).
 
     torchrun --nproc_per_node N train_fsdp2.py --config-name L0_sanity key=value ...
     python train_fsdp2.py --config-name L0_sanity        # one process
+
+What differs between strategies lives in recipe/parallel.py; the loop is recipe/train.py.
 """
 
-import hydra
-from omegaconf import DictConfig
+from recipe.train import entrypoint
 
-from recipe.train import run
-
-
-@hydra.main(config_path="hydra_config", config_name="L0_sanity", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    run(cfg, "fsdp2")
-
+main = entrypoint("fsdp2")
 
 if __name__ == "__main__":
     main()

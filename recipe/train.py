@@ -197,6 +197,17 @@ def resume_expectations(cfg: DictConfig, info: DistInfo, mcfg: EsmConfig, settin
 
 
 # ====================================================================================== the run
+def entrypoint(strategy_name: str):
+    """The hydra `main` of a train_<strategy>.py file: configs from hydra_config/, L0_sanity unless --config-name."""
+    import hydra
+
+    @hydra.main(config_path=str(config_lib.CONFIG_DIR), config_name="L0_sanity", version_base="1.3")
+    def main(cfg: DictConfig) -> None:
+        run(cfg, strategy_name)
+
+    return main
+
+
 def run(cfg: DictConfig, strategy_name: str) -> None:
     info = init_distributed(cfg.device)
     logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
