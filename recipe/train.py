@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from recipe import config as config_lib
 from recipe.checkpoint import Checkpointer, rng_state, set_rng_state
-from recipe.data.dataset import BatchSettings, MLMBatches, batch_to_device, make_loader
+from recipe.data.dataset import BatchSettings, MLMBatches, make_loader
 from recipe.data.sources import load_sequences
 from recipe.metrics import MetricsWriter, max_memory_gb, peak_tflops
 from recipe.model import EsmConfig, build_model, init_weights

@@ -13,7 +13,6 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from recipe.data import mlm
@@ -237,6 +236,3 @@ def make_loader(dataset: IterableDataset, num_workers: int = 0, pin_memory: bool
     kwargs = dict(prefetch_factor=prefetch_factor, persistent_workers=False) if num_workers > 0 else {}
     return MLMLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **kwargs)
 
-
-def batch_to_device(batch: dict, device: torch.device, non_blocking: bool = True) -> dict:
-    return {k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
