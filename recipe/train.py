@@ -94,6 +94,33 @@ def evaluate(model, dataset: MLMBatches, device, amp, max_batches: int | None) -
 
 
 # ====================================================================================== set-up
+class Throughput:
+    """Unpadded tokens and model FLOPs since the last log line, turned into per-GPU rates."""
+
+    def __init__(self, world_size: int, peak_tflops: float | None, device: torch.device):
+        self.world_size, self.peak, self.device = world_size, peak_tflops, device
+        self.reset()
+
+    def reset(self) -> None:
+        self.tokens, self.flops, self.t0 = 0.0, 0.0, time.perf_counter()
+
+    def add(self, tokens: float, flops: float) -> None:
+        self.tokens += tokens
+        self.flops += flops
+
+    def record(self) -> dict:
+        elapsed = time.perf_counter() - self.t0
+        tflops = self.flops / self.world_size / elapsed / 1e12
+        rates = {
+            "tokens_per_second_per_gpu": self.tokens / self.world_size / elapsed,
+            "tflops_per_gpu": tflops,
+            "mfu": tflops / self.peak if self.peak else None,
+            "max_memory_gb": max_memory_gb(self.device),
+        }
+        self.reset()
+        return rates
+
+
 class Preemption:
     """SIGTERM / SIGUSR1 (Slurm's warning signal) ask for a checkpoint at the next step boundary."""
 
@@ -250,7 +277,7 @@ def fit(cfg: DictConfig, strategy: Strategy) -> None:
 
     metrics = MetricsWriter(out_dir, cfg, info.is_main, resume_step=step if latest is not None else None)
     amp = torch.autocast(info.device.type, dtype=strategy.compute_dtype) if strategy.compute_dtype != torch.float32 else nullcontext()
-    peak = peak_tflops(cfg.peak_tflops_per_gpu, info.device)
+    throughput = Throughput(info.world_size, peak_tflops(cfg.peak_tflops_per_gpu, info.device), info.device)
     preempt = Preemption()
 
     def save(at_step: int) -> None:
@@ -267,7 +294,6 @@ def fit(cfg: DictConfig, strategy: Strategy) -> None:
 
     bar = tqdm(total=cfg.num_train_steps, initial=step, disable=not info.is_main, desc="train", dynamic_ncols=True, mininterval=1.0)
     train_iter = iter(loader)
-    window = {"tokens": 0.0, "flops": 0.0, "t0": time.perf_counter()}
     if info.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(info.device)
     model.train()
@@ -289,21 +315,12 @@ def fit(cfg: DictConfig, strategy: Strategy) -> None:
         step += 1
         tokens, flops, stop = counts[1].item(), counts[2].item(), counts[3].item() > 0
         consumed += int(tokens)
-        window["tokens"] += tokens
-        window["flops"] += flops
+        throughput.add(tokens, flops)
         bar.update(1)
         if step % cfg.log_every_n_steps == 0 or step == cfg.num_train_steps or stop:
-            elapsed = time.perf_counter() - window["t0"]
-            tflops = window["flops"] / info.world_size / elapsed / 1e12
-            record = {
-                "step": step, "loss": loss_v, "lr": lr, "grad_norm": norm_v,
-                "tokens_per_second_per_gpu": window["tokens"] / info.world_size / elapsed,
-                "tflops_per_gpu": tflops, "mfu": tflops / peak if peak else None,
-                "max_memory_gb": max_memory_gb(info.device), "consumed_tokens": consumed,
-            }
+            record = {"step": step, "loss": loss_v, "lr": lr, "grad_norm": norm_v, **throughput.record(), "consumed_tokens": consumed}
             metrics.log(record)
             bar.set_postfix(loss=f"{loss_v:.4f}", tok_s=f"{record['tokens_per_second_per_gpu']:.3g}", refresh=False)
-            window = {"tokens": 0.0, "flops": 0.0, "t0": time.perf_counter()}
         every = cfg.validation.every_n_steps
         if every and step % every == 0 and step < cfg.num_train_steps:
             validate_now(step)
