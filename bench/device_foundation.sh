@@ -11,7 +11,7 @@ python3 -c "import torch, transformer_engine as te, transformers; print('torch',
 timeout 200 python3 -m pytest -m gpu -s -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | grep -v -E "^\s*$|Warning|warn"
 STEPS=${L1_STEPS:-200}
 # torch backend + DDP: measured fastest for 8M on an H200 (docs/benchmarks.md); TE is 2.6x slower at this size.
-python3 train_${STRATEGY:-ddp}.py --config-name L1_8M num_train_steps=$STEPS model.backend=${BACKEND:-torch} \
+python3 "train_${STRATEGY:-ddp}.py" --config-name L1_8M num_train_steps="$STEPS" model.backend="${BACKEND:-torch}" \
   dataset.train_path=.device/data/swissprot14_train_100k.fasta.xz dataset.val_path=.device/data/swissprot14_val.fasta.gz \
   output_dir=/tmp/l1_8m validation.every_n_steps=100 log_every_n_steps=10 checkpoint.save_every_n_steps=0 \
   dataset.num_workers=2 2>&1 | tr '\r' '\n' | grep -v -E "it/s\]$|Warning" | tee "$OUT/l1_8m.log" | tail -8
