@@ -45,8 +45,8 @@ export ENTRY=${ENTRY:-train_fsdp2.py}
 export NPROC=${GPUS_PER_NODE:-8}
 export NNODES=${SLURM_NNODES:-1}
 export MASTER_PORT=${MASTER_PORT:-29500}
-HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-export HEAD
+mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")  # not `| head -1`: SIGPIPE under pipefail
+export HEAD=${nodes[0]:?no hosts in SLURM_JOB_NODELIST}
 export RDZV_ID=${SLURM_JOB_ID:-esm2}
 OUTPUT_DIR=${OUTPUT_DIR:-$SUBMIT_DIR/outputs/${SLURM_JOB_NAME:-esm2}}
 mkdir -p "$OUTPUT_DIR"
