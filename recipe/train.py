@@ -21,11 +21,12 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from recipe import config as config_lib
+from recipe import quantization
 from recipe.checkpoint import Checkpointer, rng_state, set_rng_state
 from recipe.data.dataset import BatchSettings, MLMBatches, make_loader
 from recipe.data.sources import load_sequences
 from recipe.metrics import MetricsWriter, max_memory_gb, peak_tflops
-from recipe.model import EsmConfig, build_model, init_weights
+from recipe.model import EsmConfig, build_model, init_weights, resolve_backend
 from recipe.model.convert import config_from_hf, export_hf, load_hf_into
 from recipe.model.esm import IGNORE_INDEX
 from recipe.model.flops import batch_flops
@@ -154,14 +155,14 @@ def model_config(cfg: DictConfig) -> EsmConfig:
 
 
 def build(cfg: DictConfig, strategy: Strategy):
-    """The wrapped, initialised model (and its resolved config)."""
+    """The wrapped, initialised model, its resolved config and its per-layer precision plan."""
     info = strategy.info
-    mcfg = model_config(cfg)
+    mcfg = dataclasses.replace(model_config(cfg), backend=resolve_backend(cfg.model.backend))
+    plan, recipes = precision_plan(cfg, mcfg, info)  # refuses before any memory is spent on the model
     if strategy.meta_init:
         model = build_model(mcfg, device="meta", dtype=strategy.param_dtype)
     else:
         model = build_model(mcfg, device=info.device, seed=cfg.seed, dtype=strategy.param_dtype)
-    mcfg = model.config
     if cfg.use_torch_compile:
         for layer in model.layers:
             layer.compile()
@@ -170,11 +171,30 @@ def build(cfg: DictConfig, strategy: Strategy):
         model.to_empty(device=info.device)
         init_weights(model, cfg.seed)
     raw = unwrap(model)
+    if plan.quantized:
+        raw.set_layer_precision([recipes.get(p) for p in plan.layers], dist.group.WORLD if dist.is_initialized() else None)
     if cfg.model.init_from is not None:
         load_hf_into(raw, cfg.model.init_from)
         log.info("initialised from %s", cfg.model.init_from)
     raw.check_inputs = False  # our packer guarantees the invariants; skipping saves a GPU sync per micro-batch
-    return model, mcfg
+    return model, mcfg, plan
+
+
+def precision_plan(cfg: DictConfig, mcfg: EsmConfig, info: DistInfo) -> tuple[quantization.PrecisionPlan, dict]:
+    """Resolve the per-layer precision plan, refuse what this run cannot do, and build the TE recipes."""
+    plan = quantization.resolve(mcfg.num_layers, cfg.fp8_config, cfg.fp8_layers, cfg.fp4_config, cfg.fp4_layers)
+    if not plan.quantized:
+        return plan, {}
+    gpu = torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else None
+    cap = torch.cuda.get_device_capability(info.device) if info.device.type == "cuda" else None
+    quantization.check_hardware(plan, mcfg.backend, info.device.type, gpu, cap)
+    if mcfg.activation == "gelu":
+        raise quantization.PrecisionError(
+            "FP8/FP4 layers need TE's fused MLP, which has only the tanh GELU: set model.activation=gelu_tanh "
+            "(it moves logits ~50x less than bf16 rounding, docs/numerics.md)"
+        )
+    sections = {"fp8": cfg.fp8_config, "fp4": cfg.fp4_config}
+    return plan, {fmt: quantization.build_recipe(sections[fmt], fmt) for fmt in plan.recipes}
 
 
 def batch_settings(cfg: DictConfig) -> BatchSettings:
@@ -253,11 +273,12 @@ def fit(cfg: DictConfig, strategy: Strategy) -> None:
         print(f"output_dir: {out_dir.resolve()}", flush=True)
         (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     torch.manual_seed(cfg.seed)
-    model, mcfg = build(cfg, strategy)
+    model, mcfg, plan = build(cfg, strategy)
     optimizer = build_optimizer(model, cfg, info.device)
     loader, val_data, settings = build_data(cfg, info)
     ckpt = Checkpointer(config_lib.ckpt_dir(cfg), info, cfg.checkpoint.max_checkpoints, cfg.checkpoint.async_save)
-    expect = resume_expectations(cfg, info, mcfg, settings)
+    expect = resume_expectations(cfg, info, mcfg, settings) | {"precision": plan.to_dict()}
+    log.info("layer precision: %s", plan.describe())
     log.info(
         "model: ESM-2 %s, backend %s, %s, %.1fM parameters; strategy %s x %d, compute %s",
         cfg.model.size, mcfg.backend, mcfg.activation, sum(p.numel() for p in model.parameters()) / 1e6,
@@ -334,12 +355,12 @@ def fit(cfg: DictConfig, strategy: Strategy) -> None:
             save(step)
     bar.close()
     if step == cfg.num_train_steps:
-        finish(cfg, model, mcfg, step, save, validate_now)
+        finish(cfg, model, mcfg, step, save, validate_now, plan)
     ckpt.wait()
     metrics.close()
 
 
-def finish(cfg: DictConfig, model, mcfg: EsmConfig, step: int, save, validate_now) -> None:
+def finish(cfg: DictConfig, model, mcfg: EsmConfig, step: int, save, validate_now, plan) -> None:
     """End of training: final validation, final checkpoint, Hugging Face export."""
     validate_now(step)
     if cfg.checkpoint.save_final_checkpoint:
@@ -349,6 +370,7 @@ def finish(cfg: DictConfig, model, mcfg: EsmConfig, step: int, save, validate_no
 
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if dist.get_rank() == 0:
-            path = export_hf(full, mcfg, Path(cfg.output_dir) / "final_model", extra={"trained_steps": step})
+            extra = {"trained_steps": step, "layer_precision": plan.to_dict()}
+            path = export_hf(full, mcfg, Path(cfg.output_dir) / "final_model", extra=extra)
             log.info("final model (Hugging Face format): %s", path)
         barrier()

@@ -24,7 +24,6 @@ def load(name="L0_sanity", *overrides, out="/tmp/esm-config-test"):
         (["dataset.token_micro_batch_size=4100", "dataset.micro_batch_size=1"], r"multiple of dataset.pad_to_multiple_of=16"),
         (["num_train_steps=0"], r"num_train_steps=0 must be a positive integer"),
         (["precision=fp16"], r"precision='fp16' must be one of"),
-        (["fp8_config.enabled=true"], r"fp8_config.enabled=true"),
         (["model.init_from=/nonexistent/model"], r"model.init_from=/nonexistent/model"),
     ],
 )

@@ -5,6 +5,8 @@ Numbers are printed (-s) for the notes in docs/numerics.md.
 """
 
 import json
+import math
+import shutil
 import time
 
 import pytest
@@ -130,3 +132,57 @@ def test_l0_sanity_on_one_gpu(tmp_path, strategy, backend):
           f"{train[-1]['loss']:.3f}, val loss {val[-1]['val_loss']:.3f}, {train[-1]['tokens_per_second_per_gpu']:.3g} tokens/s")
     assert train[-1]["loss"] < train[0]["loss"] - 0.3
     assert elapsed < 60
+
+
+FP8_ARGS = ["model.backend=te", "model.activation=gelu_tanh", "fp8_config.enabled=true"]
+
+
+def run_l0(tmp_path, *overrides):
+    r = torchrun("train_fsdp2.py", 1, "--config-name", "L0_sanity", *overrides, f"output_dir={tmp_path}")
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] if (tmp_path / "metrics.jsonl").exists() else []
+    return r, [x for x in records if "loss" in x], [x for x in records if "val_loss" in x]
+
+
+@needs_te
+@pytest.mark.parametrize("recipe", ["DelayedScaling", "Float8CurrentScaling", "Float8BlockScaling"])
+def test_fp8_recipes_train_l0(tmp_path, recipe):
+    r, train, val = run_l0(tmp_path, *FP8_ARGS, f"fp8_config.fp8_recipe=transformer_engine.common.recipe.{recipe}", "num_train_steps=60")
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "layer precision: layers 1-4: fp8" in r.stderr
+    losses = [x["loss"] for x in train]
+    print(f"\n  FP8 {recipe} on L0_sanity: loss {losses[0]:.3f} -> {losses[-1]:.3f}, val loss {val[-1]['val_loss']:.3f}, "
+          f"{train[-1]['tokens_per_second_per_gpu']:.3g} tokens/s")
+    assert all(map(math.isfinite, losses)) and losses[-1] < losses[0] - 0.2
+
+
+@needs_te
+@pytest.mark.parametrize("section, recipe", [("fp8", "MXFP8BlockScaling"), ("fp4", "NVFP4BlockScaling")])
+def test_blackwell_formats_refused_on_hopper(tmp_path, section, recipe):
+    if torch.cuda.get_device_capability() >= (10, 0):
+        pytest.skip("this GPU runs Blackwell formats")
+    r, _, _ = run_l0(tmp_path, "model.backend=te", "model.activation=gelu_tanh", f"{section}_config.enabled=true",
+                     f"{section}_config.{section}_recipe={recipe}")
+    name, (major, minor) = torch.cuda.get_device_name(), torch.cuda.get_device_capability()
+    message = f"{recipe} needs"
+    assert r.returncode != 0 and message in r.stderr and f"{name} has compute capability {major}.{minor}" in r.stderr
+    print(f"\n  {recipe} on {name}: refused: " + next(x for x in r.stderr.splitlines() if message in x).split("Error: ")[-1])
+
+
+@needs_te
+def test_fp8_checkpoint_resumes_with_identical_next_step_loss(tmp_path):
+    args = [*FP8_ARGS, "num_train_steps=8", "checkpoint.save_every_n_steps=4", "validation.every_n_steps=0", "log_every_n_steps=1",
+            "checkpoint.save_final_model=false", "dataset.num_workers=0"]
+    full = tmp_path / "full"
+    r, train_full, _ = run_l0(full, *args)
+    assert r.returncode == 0, r.stderr[-4000:]
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "step_4", resumed / "checkpoints" / "step_4")
+    r, train_resumed, _ = run_l0(resumed, *args, "checkpoint.resume_from_checkpoint=true")
+    assert r.returncode == 0, r.stderr[-4000:]
+    a = {x["step"]: x["loss"] for x in train_full}
+    b = {x["step"]: x["loss"] for x in train_resumed}
+    print(f"\n  FP8 DelayedScaling resume at step 4: step-5 loss {a[5]!r} (uninterrupted) vs {b[5]!r} (resumed); "
+          f"step 8: {a[8]:.6f} vs {b[8]:.6f}")
+    assert b[5] == a[5]  # the forward of the first resumed step is deterministic: weights and FP8 scales restored
+    assert abs(b[8] - a[8]) < 1e-2

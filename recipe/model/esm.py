@@ -71,6 +71,30 @@ class EsmForMaskedLM(nn.Module):
         self.final_layer_norm = nn.LayerNorm(h, eps=config.layer_norm_eps, device=device, dtype=dtype)
         self.lm_head = LMHead(config, device=device, dtype=dtype)
         self.check_inputs = True  # the trainer turns this off: its packer guarantees what these checks test
+        self.layer_recipes: list | None = None  # te backend: one TE recipe (or None for BF16) per layer
+        self.amax_group = None
+
+    def set_layer_precision(self, recipes: list, amax_group=None) -> None:
+        """Per-layer TE recipes (None = BF16). Embeddings, head and loss always stay in BF16/FP32."""
+        if self.config.backend != "te":
+            raise ValueError("layer-wise FP8/FP4 needs the te backend")
+        if len(recipes) != len(self.layers):
+            raise ValueError(f"{len(recipes)} layer recipes for {len(self.layers)} layers")
+        self.layer_recipes = None if all(r is None for r in recipes) else list(recipes)
+        self.amax_group = amax_group
+
+    def _layer_contexts(self):
+        """One outer TE autocast around the stack (amax reduction once per step, at its exit) and a per-layer
+        context inside it that switches each layer to its own recipe or to BF16."""
+        from contextlib import nullcontext
+
+        if self.layer_recipes is None:
+            return nullcontext(), [nullcontext()] * len(self.layers)
+        import transformer_engine.pytorch as te
+
+        first = next(r for r in self.layer_recipes if r is not None)
+        outer = te.autocast(enabled=True, recipe=first, amax_reduction_group=self.amax_group)
+        return outer, [te.autocast(enabled=r is not None, recipe=r) for r in self.layer_recipes]
 
     # ---------------------------------------------------------------- embeddings
     def embed(self, input_ids: torch.Tensor, seq_of_token: torch.Tensor | None, lengths: torch.Tensor) -> torch.Tensor:
@@ -121,8 +145,13 @@ class EsmForMaskedLM(nn.Module):
             rope = rotary_freqs(packed.max_seqlen, cfg.head_dim, cfg.rope_theta, x.device)
         else:
             rope = rotary_cos_sin(packed.offsets if position_ids is None else position_ids, cfg.head_dim, cfg.rope_theta)
-        for layer in self.layers:
-            x = layer(x, rope, packed=packed)
+        outer, per_layer = self._layer_contexts()
+        if self.layer_recipes is not None and x.shape[0] % 16:
+            raise ValueError(f"FP8/FP4 layers need a token count divisible by 16, got {x.shape[0]} (dataset.pad_to_multiple_of)")
+        with outer:
+            for layer, ctx in zip(self.layers, per_layer):
+                with ctx:
+                    x = layer(x, rope, packed=packed)
         return self.final_layer_norm(x)
 
     def _forward_padded(self, input_ids, attention_mask) -> torch.Tensor:
