@@ -59,6 +59,18 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def extra_state_to_bytes(model_sd: dict) -> dict:
+    """TransformerEngine's `_extra_state` (FP8 scales and amax history) is a uint8 tensor whose size changes once
+    FP8 runs (empty in a fresh model); DCP needs fixed sizes for tensors, so it travels as an opaque bytes object."""
+    return {k: bytes(v.cpu().numpy().tobytes()) if k.endswith("_extra_state") and isinstance(v, torch.Tensor) else v
+            for k, v in model_sd.items()}
+
+
+def extra_state_from_bytes(model_sd: dict) -> dict:
+    return {k: torch.frombuffer(bytearray(v), dtype=torch.uint8) if k.endswith("_extra_state") and isinstance(v, bytes) else v
+            for k, v in model_sd.items()}
+
+
 class Checkpointer:
     def __init__(self, root: Path, info: DistInfo, max_checkpoints: int | None = 3, async_save: bool = False):
         self.root, self.info, self.max_checkpoints, self.async_save = Path(root), info, max_checkpoints, async_save
@@ -81,7 +93,7 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
+        state = {"model": extra_state_to_bytes(model_sd), "optim": optim_sd}
         torch.save(rank_state, tmp / f"rank_{self.info.rank}.pt")
         if self.info.is_main:
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
@@ -126,9 +138,10 @@ class Checkpointer:
         if changed:
             raise RuntimeError(f"cannot resume from {path}: " + "; ".join(changed))
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        model_sd = self._check_keys(path, model_sd)
+        model_sd = extra_state_to_bytes(self._check_keys(path, model_sd))
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=str(path / "dcp"))
+        state["model"] = extra_state_from_bytes(state["model"])
         # keys were checked above (strictly, but for TE's _extra_state); let set_state_dict accept that subset
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=StateDictOptions(strict=False))
@@ -148,6 +161,8 @@ class Checkpointer:
         if missing or unexpected:
             raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing[:10]}, unexpected {unexpected[:10]}")
         for key, value in model_sd.items():
+            if key.endswith("_extra_state"):  # opaque, variable-size bytes (empty before TE's first FP8 forward)
+                continue
             md = stored.get(f"model.{key}")
             if hasattr(md, "size") and hasattr(value, "shape") and tuple(md.size) != tuple(value.shape):
                 raise RuntimeError(f"checkpoint {path}: tensor {key} has shape {tuple(md.size)}, model has {tuple(value.shape)}")
