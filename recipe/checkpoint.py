@@ -13,8 +13,10 @@ previous checkpoint as the newest complete one. Loading is strict: missing or un
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import random
 import re
 import shutil
@@ -57,6 +59,20 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
         if m and (p / "COMPLETE").exists():
             found.append((int(m.group(1)), p))
     return sorted(found)
+
+
+@contextlib.contextmanager
+def _env(**values: str):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def extra_state_to_bytes(model_sd: dict) -> dict:
@@ -142,9 +158,12 @@ class Checkpointer:
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=str(path / "dcp"))
         state["model"] = extra_state_from_bytes(state["model"])
-        # keys were checked above (strictly, but for TE's _extra_state); let set_state_dict accept that subset
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                       options=StateDictOptions(strict=False))
+        # Keys were checked above (strictly, but for TE's _extra_state); let set_state_dict accept that subset.
+        # TE keeps delayed-scaling FP8 metadata as a pickle and refuses to unpickle it unless told the source is
+        # trusted: a checkpoint this trainer wrote is (its rank files are pickles too), so allow it for this load.
+        with _env(NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE="1"):
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                           options=StateDictOptions(strict=False))
         rank_file = path / f"rank_{self.info.rank}.pt"
         if not rank_file.exists():
             raise RuntimeError(f"cannot resume from {path}: no {rank_file.name} (saved with another world size?)")
