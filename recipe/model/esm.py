@@ -8,8 +8,8 @@ are wasted work in training.
 
 from __future__ import annotations
 
-import logging
 import zlib
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +19,6 @@ from torch import nn
 from recipe.model.config import EsmConfig
 from recipe.model.layers import PackedInfo, TorchEsmLayer, init_scale, rotary_cos_sin
 
-log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 MASK_RATIO_TRAIN = 0.15 * 0.8  # ESM-2's token-dropout constant (mask probability x <mask> share)
@@ -86,8 +85,6 @@ class EsmForMaskedLM(nn.Module):
     def _layer_contexts(self):
         """One outer TE autocast around the stack (amax reduction once per step, at its exit) and a per-layer
         context inside it that switches each layer to its own recipe or to BF16."""
-        from contextlib import nullcontext
-
         if self.layer_recipes is None:
             return nullcontext(), [nullcontext()] * len(self.layers)
         import transformer_engine.pytorch as te
