@@ -131,6 +131,10 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     a = p.parse_args()
+    try:  # before any CUDA work: TE loads the system cuDNN, which fails once torch has loaded its own
+        import transformer_engine.pytorch  # noqa: F401
+    except ImportError:
+        pass
     store = load_sequences(a.data)
     peak = matmul_peak()
     name = torch.cuda.get_device_name()
