@@ -163,9 +163,9 @@ def build(cfg: DictConfig, strategy: Strategy):
         model = build_model(mcfg, device="meta", dtype=strategy.param_dtype)
     else:
         model = build_model(mcfg, device=info.device, seed=cfg.seed, dtype=strategy.param_dtype)
-    if cfg.use_torch_compile:
+    if cfg.use_torch_compile:  # per layer; dynamic shapes, since packed lengths and max_seqlen vary per batch
         for layer in model.layers:
-            layer.compile()
+            layer.compile(dynamic=True)
     model = strategy.wrap(model)
     if strategy.meta_init:
         model.to_empty(device=info.device)
