@@ -72,7 +72,7 @@ def test_varlen_attention_matches_padded_reference():
     lengths = torch.tensor([100, 37, 512, 3])
     cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32).cuda()
     q, k, v = (torch.randn(int(lengths.sum()), 8, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    packed = PackedInfo(cu, int(lengths.max()))
+    packed = PackedInfo(cu, int(lengths.max()), int(lengths.sum()))
     fast = packed_attention(q, k, v, packed)
     seq, off = packed.seq_index, packed.offsets
     pad = [x.float().new_zeros(4, 512, 8, 64).index_put_((seq, off), x.float()) for x in (q, k, v)]

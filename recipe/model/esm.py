@@ -125,7 +125,7 @@ class EsmForMaskedLM(nn.Module):
         if self.check_inputs:
             check_inputs(self.config, input_ids, cu_seqlens, max_seqlen, attention_mask, labels)
         if input_ids.dim() == 1:
-            hidden = self._forward_packed(input_ids, PackedInfo(cu_seqlens, int(max_seqlen)), position_ids)
+            hidden = self._forward_packed(input_ids, PackedInfo(cu_seqlens, int(max_seqlen), input_ids.numel()), position_ids)
         else:
             hidden = self._forward_padded(input_ids, attention_mask)
         return self.head_and_loss(hidden, labels, return_logits)
@@ -160,7 +160,7 @@ class EsmForMaskedLM(nn.Module):
         if self.config.backend == "te":  # TE runs THD: unpad, run, scatter back
             keep = attention_mask.flatten().bool()
             cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-            out = self._run_layers(x.flatten(0, 1)[keep], PackedInfo(cu, int(lengths.max())))
+            out = self._run_layers(x.flatten(0, 1)[keep], PackedInfo(cu, int(lengths.max()), int(lengths.sum())))
             return out.new_zeros(*input_ids.shape, out.shape[-1]).masked_scatter_(attention_mask.bool()[..., None], out)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         rope = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta)

@@ -23,6 +23,7 @@ class PackedInfo:
 
     cu_seqlens: torch.Tensor  # int32 [N+1], 0 ... T
     max_seqlen: int
+    num_tokens: int  # T
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -31,10 +32,11 @@ class PackedInfo:
 
     @property
     def seq_index(self) -> torch.Tensor:
-        """For every token, the index of its sequence."""
+        """For every token, the index of its sequence (a search, not repeat_interleave: no host sync on GPU)."""
         if "seq" not in self._cache:
-            lengths = self.lengths.long()
-            self._cache["seq"] = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
+            cu = self.cu_seqlens
+            tokens = torch.arange(self.num_tokens, device=cu.device, dtype=cu.dtype)
+            self._cache["seq"] = torch.searchsorted(cu[1:], tokens, right=True)
         return self._cache["seq"]
 
     @property
