@@ -210,14 +210,7 @@ def load_hf_into(model: torch.nn.Module, directory: str | Path) -> None:
     for k, v in ours.items():
         if tuple(v.shape) != tuple(expected[k].shape):
             raise ValueError(f"{directory}: tensor {k} has shape {tuple(v.shape)}, model expects {tuple(expected[k].shape)}")
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            target = param.to_local() if hasattr(param, "to_local") else param
-            src = ours[name].to(target.dtype)
-            if hasattr(param, "to_local"):
-                from recipe.model.esm import _local_view
+    from recipe.model.esm import copy_full_into
 
-                _, local, offsets = _local_view(param)
-                for dim, (start, size) in enumerate(zip(offsets, local.shape)):
-                    src = src.narrow(dim, start, size)
-            target.copy_(src)
+    for name, param in model.named_parameters():
+        copy_full_into(param, ours[name])

@@ -246,7 +246,7 @@ def init_weights(model: nn.Module, seed: int) -> None:
     std = model.config.initializer_range if hasattr(model, "config") else 0.02
     pad = getattr(getattr(model, "config", None), "pad_token_id", None)
     for name, param in model.named_parameters():
-        full_shape, local, offsets = _local_view(param)
+        full_shape, local, _ = _local_view(param)
         kind = init_scale(name)
         if kind == "ones":
             local.fill_(1.0)
@@ -258,9 +258,16 @@ def init_weights(model: nn.Module, seed: int) -> None:
         full = torch.empty(full_shape, device=local.device, dtype=torch.float32).normal_(0.0, std, generator=gen)
         if name.endswith("embed_tokens.weight") and pad is not None:
             full[pad] = 0.0
-        for dim, (start, size) in enumerate(zip(offsets, local.shape)):
-            full = full.narrow(dim, start, size)
-        local.copy_(full)
+        copy_full_into(param, full)
+
+
+@torch.no_grad()
+def copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Write a parameter's whole (unsharded) value into it, or into this rank's shard of it when it is a DTensor."""
+    _, local, offsets = _local_view(param)
+    for dim, (start, size) in enumerate(zip(offsets, local.shape)):
+        full = full.narrow(dim, start, size)
+    local.copy_(full)
 
 
 def _local_view(param: torch.Tensor):
