@@ -90,8 +90,8 @@ def evaluate(model, dataset: MLMBatches, device, amp, max_batches: int | None) -
     loss_sum, tokens, correct = all_reduce(sums).tolist()
     if tokens == 0:
         raise RuntimeError("validation produced no masked tokens: the validation split yielded no batches")
-    val_loss = loss_sum / max(tokens, 1)
-    return {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50)), "val_accuracy": correct / max(tokens, 1), "val_tokens": int(tokens)}
+    val_loss = loss_sum / tokens
+    return {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50)), "val_accuracy": correct / tokens, "val_tokens": int(tokens)}
 
 
 # ====================================================================================== set-up
