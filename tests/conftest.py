@@ -11,6 +11,17 @@ sys.path.insert(0, str(ROOT))
 BUNDLED_TRAIN = ROOT / "data" / "uniprot_sample" / "train"
 BUNDLED_VAL = ROOT / "data" / "uniprot_sample" / "validation"
 SHARED_DATA = ROOT.parent / "shared" / "data"
+# Overrides that make any training run a few-second CPU job (tiny model, short sequences, per-step metrics).
+TINY = [
+    "model.size=tiny",
+    "dataset.max_seq_length=128",
+    "dataset.micro_batch_size=4",
+    "validation.max_batches=2",
+    "validation.every_n_steps=0",
+    "log_every_n_steps=1",
+    "checkpoint.save_final_model=false",
+    "lr_scheduler.warmup_steps=2",
+]
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -12,14 +12,12 @@ import time
 
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, TINY
 
 pytestmark = pytest.mark.slow
 
 STANDINS = ROOT / "tests" / "slurm_standins"
-TINY = ["model.size=tiny", "dataset.max_seq_length=128", "dataset.micro_batch_size=4", "validation.max_batches=2",
-        "validation.every_n_steps=0", "log_every_n_steps=1", "checkpoint.save_every_n_steps=0",
-        "checkpoint.save_final_model=false", "lr_scheduler.warmup_steps=2", "dataset.num_workers=0", "num_train_steps=40"]
+RUN = [*TINY, "checkpoint.save_every_n_steps=0", "dataset.num_workers=0", "num_train_steps=40"]
 
 
 def free_port() -> int:
@@ -45,7 +43,7 @@ def steps(run):
 def test_slurm_two_nodes_preempt_requeue_resume(tmp_path):
     env = sbatch_env(tmp_path)
     run = tmp_path / "run"
-    proc = subprocess.Popen(["bash", "slurm.sh", *TINY], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(["bash", "slurm.sh", *RUN], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None:
         if (run / "metrics.jsonl").exists() and len(steps(run)) >= 3:
@@ -66,7 +64,7 @@ def test_slurm_two_nodes_preempt_requeue_resume(tmp_path):
     assert meta["world_size"] == 2  # two simulated nodes trained together
 
     env["MASTER_PORT"] = str(free_port())
-    second = subprocess.run(["bash", "slurm.sh", *TINY], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    second = subprocess.run(["bash", "slurm.sh", *RUN], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert f"resumed from {saved[0]} at step {stopped}" in second.stdout + second.stderr
     assert steps(run) == list(range(1, 41))

@@ -11,20 +11,10 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, torchrun
+from conftest import ROOT, TINY, torchrun
 
 pytestmark = pytest.mark.slow
 
-TINY = [
-    "model.size=tiny",
-    "dataset.max_seq_length=128",
-    "dataset.micro_batch_size=4",
-    "validation.max_batches=2",
-    "validation.every_n_steps=0",
-    "log_every_n_steps=1",
-    "checkpoint.save_final_model=false",
-    "lr_scheduler.warmup_steps=2",
-]
 
 
 def losses(out_dir):
