@@ -82,8 +82,8 @@ def validate(cfg: DictConfig) -> None:
             f"the token budget {token_budget(cfg)} (dataset.token_micro_batch_size) must be a multiple of "
             f"dataset.pad_to_multiple_of={d.pad_to_multiple_of}"
         )
-    for key in ("device", "precision"):
-        allowed = {"device": ("auto", "cuda", "cpu"), "precision": ("auto", "bf16", "fp32")}[key]
+    for key in ("device", "precision", "cp_comm_type"):
+        allowed = {"device": ("auto", "cuda", "cpu"), "precision": ("auto", "bf16", "fp32"), "cp_comm_type": ("p2p", "all_gather", "a2a")}[key]
         if cfg[key] not in allowed:
             raise ConfigError(f"{key}={cfg[key]!r} must be one of {allowed}")
     for key in ("train_path", "val_path"):

@@ -41,16 +41,18 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay: list[str]) -> 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: DictConfig, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: DictConfig, device: torch.device, master_weights: bool = False) -> torch.optim.Optimizer:
+    """AdamW. With `master_weights` (quantized model init: FP8 weights in the model) it is TransformerEngine's
+    FusedAdam, which keeps an FP32 master copy of every weight and re-quantizes after each update."""
     o = cfg.optimizer
+    groups = param_groups(model, o.weight_decay, list(o.no_decay))
+    lr = lr_at(0, o.lr, cfg.lr_scheduler.warmup_steps, cfg.num_train_steps)
+    if master_weights:
+        from transformer_engine.pytorch.optimizers import FusedAdam
+
+        return FusedAdam(groups, lr=lr, betas=tuple(o.betas), eps=o.eps, adam_w_mode=True, master_weights=True)
     fused = device.type == "cuda" if o.fused == "auto" else bool(o.fused)
-    return torch.optim.AdamW(
-        param_groups(model, o.weight_decay, list(o.no_decay)),
-        lr=lr_at(0, o.lr, cfg.lr_scheduler.warmup_steps, cfg.num_train_steps),
-        betas=tuple(o.betas),
-        eps=o.eps,
-        fused=fused,
-    )
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(o.betas), eps=o.eps, fused=fused)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -1,8 +1,14 @@
-"""Process groups and the two data-parallel strategies. What differs between DDP and FSDP2 lives here, nowhere else.
+"""Process groups, context parallelism and the two data-parallel strategies. What differs between DDP and FSDP2
+lives here, nowhere else.
 
 - DDP: the model is built and initialised on the device, replicated, gradients all-reduced.
 - FSDP2: the model is built on the meta device, `fully_shard` per transformer layer then the root, materialised
   shard by shard and initialised in place (init_weights gives the same numbers as an unsharded init).
+- Context parallelism (cp_size > 1): the world is a (dp, cp) mesh, cp innermost, so a CP group is cp_size
+  neighbouring ranks (one NVLink domain). Only attention talks inside a CP group. Parameters are replicated (DDP) or
+  sharded (FSDP2) over the *flattened* dp x cp world, and gradients are averaged over all of it: every rank's
+  gradient is that of its own tokens' loss, so the sum over the world is the full batch's gradient, whatever split
+  of dp and cp made it. Data is read per dp rank; the ranks of a CP group read the same batches.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ import contextlib
 import logging
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -21,15 +27,78 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class ContextParallel:
+    """This rank's place in its context-parallel group (size 1: no CP)."""
+
+    size: int = 1
+    rank: int = 0
+    group: object = None  # torch ProcessGroup of the cp_size ranks that share each sequence
+    ranks: list[int] = field(default_factory=list)  # their global ranks
+
+
+@dataclass
 class DistInfo:
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
+    cp: ContextParallel = field(default_factory=ContextParallel)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def dp_rank(self) -> int:
+        """Which share of the data this rank reads (CP peers read the same)."""
+        return self.rank // self.cp.size
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.cp.size
+
+
+class ContextParallelError(ValueError):
+    pass
+
+
+def check_context_parallel(cp_size: int, world_size: int, device_type: str, backend: str, layout: str) -> None:
+    """Refuse a context-parallel run that cannot work, before anything is built (`backend` may still be 'auto')."""
+    if not isinstance(cp_size, int) or cp_size < 1:
+        raise ContextParallelError(f"cp_size={cp_size!r} must be a positive integer")
+    if cp_size == 1:
+        return
+    if world_size % cp_size:
+        raise ContextParallelError(
+            f"cp_size={cp_size} does not divide the world size {world_size}: the ranks form a (dp, cp) grid, "
+            f"so the number of processes must be a multiple of cp_size"
+        )
+    if device_type != "cuda":
+        raise ContextParallelError(
+            f"context parallelism (cp_size={cp_size}) needs CUDA GPUs: it runs on TransformerEngine's context-parallel "
+            f"attention, and this run is on {device_type}"
+        )
+    if backend == "torch":
+        raise ContextParallelError(
+            f"context parallelism (cp_size={cp_size}) needs model.backend=te (TransformerEngine's context-parallel "
+            f"attention); the torch backend has no context-parallel attention"
+        )
+    if layout != "thd":
+        raise ContextParallelError(f"context parallelism (cp_size={cp_size}) needs packed batches: dataset.layout=thd, not {layout}")
+
+
+def setup_context_parallel(info: DistInfo, cp_size: int) -> DistInfo:
+    """Build the (dp, cp) device mesh and record this rank's CP group in `info` (checked by check_context_parallel)."""
+    if cp_size == 1:
+        return info
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(info.device.type, (info.world_size // cp_size, cp_size), mesh_dim_names=("dp", "cp"))
+    group = mesh.get_group("cp")
+    info.cp = ContextParallel(cp_size, mesh.get_local_rank("cp"), group, dist.get_process_group_ranks(group))
+    if info.cp.rank != info.rank % cp_size or info.dp_rank != mesh.get_local_rank("dp"):
+        raise RuntimeError(f"device mesh layout is not (dp, cp) row-major: rank {info.rank} got cp rank {info.cp.rank}")
+    return info
 
 
 def _free_port() -> int:
@@ -115,7 +184,9 @@ class FSDP2Strategy(Strategy):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mesh = init_device_mesh(self.info.device.type, (self.info.world_size,), mesh_dim_names=("dp",))
+        # One flat mesh over every rank: with context parallelism this is the dp x cp grid flattened, so each
+        # parameter is sharded over all GPUs (no hybrid sharding).
+        mesh = init_device_mesh(self.info.device.type, (self.info.world_size,), mesh_dim_names=("shard",))
         mp = MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
         for layer in model.layers:
             fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=self.reshard_after_forward)

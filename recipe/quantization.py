@@ -119,6 +119,18 @@ def check_hardware(plan: PrecisionPlan, backend: str, device_type: str, gpu_name
             )
 
 
+def check_quantized_init(plan: PrecisionPlan, enabled: bool) -> None:
+    if enabled and not plan.quantized:
+        raise PrecisionError("quantized_model_init=true needs FP8 or FP4 layers (fp8_config.enabled / fp4_config.enabled)")
+
+
+def init_context(recipe):
+    """Where a layer is built: TE's quantized-weight init for a quantized layer, nothing special for a BF16 one."""
+    import transformer_engine.pytorch as te
+
+    return te.quantized_model_init(enabled=recipe is not None, recipe=recipe)
+
+
 def build_recipe(section, fmt: str):
     """The TE recipe object for one config section (e.g. fp8_config): class, format and extra kwargs."""
     te_recipe = importlib.import_module("transformer_engine.common.recipe")

@@ -9,6 +9,7 @@ non-finite values, and update.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import signal
@@ -23,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from recipe import config as config_lib
 from recipe import quantization
 from recipe.checkpoint import Checkpointer, rng_state, set_rng_state
+from recipe.data.context_parallel import shard_batch
 from recipe.data.dataset import BatchSettings, MLMBatches, make_loader
 from recipe.data.sources import load_sequences
 from recipe.metrics import MetricsWriter, max_memory_gb, peak_tflops
@@ -31,7 +33,9 @@ from recipe.model.convert import config_from_hf, export_hf, load_hf_into
 from recipe.model.esm import IGNORE_INDEX
 from recipe.model.flops import batch_flops
 from recipe.optim import build_optimizer, lr_at, set_lr
-from recipe.parallel import STRATEGIES, DistInfo, Strategy, all_reduce, barrier, init_distributed, unwrap
+from recipe.parallel import (
+    STRATEGIES, DistInfo, Strategy, all_reduce, barrier, check_context_parallel, init_distributed, setup_context_parallel, unwrap,
+)
 
 log = logging.getLogger("recipe")
 
@@ -42,7 +46,7 @@ class NonFiniteError(RuntimeError):
 
 # ====================================================================================== the step
 def model_inputs(batch: dict, device: torch.device) -> dict:
-    keys = ("input_ids", "labels", "cu_seqlens", "attention_mask")
+    keys = ("input_ids", "labels", "cu_seqlens", "cu_seqlens_padded", "attention_mask")
     out = {k: batch[k].to(device, non_blocking=True) for k in keys if k in batch}
     if "max_seqlen" in batch:
         out["max_seqlen"] = batch["max_seqlen"]
@@ -67,7 +71,7 @@ def train_step(model, optimizer, strategy: Strategy, batches: list[dict], global
 
 # ====================================================================================== validation
 @torch.no_grad()
-def evaluate(model, dataset: MLMBatches, device, amp, max_batches: int | None) -> dict:
+def evaluate(model, dataset: MLMBatches, device, amp, max_batches: int | None, shard=lambda b: b) -> dict:
     """Full deterministic pass over this rank's share of the validation split; token-weighted across ranks.
 
     Ranks may hold different numbers of batches; a rank that has run out joins with a batch whose labels are all
@@ -78,6 +82,7 @@ def evaluate(model, dataset: MLMBatches, device, amp, max_batches: int | None) -
     it, spare, count = iter(dataset), None, 0
     while True:
         batch = next(it, None) if max_batches is None or count < max_batches else None
+        batch = shard(batch) if batch is not None else None
         if not all_reduce(torch.tensor([batch is not None], device=device, dtype=torch.int32), dist.ReduceOp.MAX).item():
             break
         if batch is None:
@@ -154,25 +159,33 @@ def model_config(cfg: DictConfig) -> EsmConfig:
     return EsmConfig.from_size(m.size, **shape, **overrides)
 
 
-def build(cfg: DictConfig, strategy: Strategy):
+def build(cfg: DictConfig, strategy: Strategy, backend: str):
     """The wrapped, initialised model, its resolved config and its per-layer precision plan."""
     info = strategy.info
-    mcfg = dataclasses.replace(model_config(cfg), backend=resolve_backend(cfg.model.backend))
+    mcfg = dataclasses.replace(model_config(cfg), backend=backend)
     plan, recipes = precision_plan(cfg, mcfg, info)  # refuses before any memory is spent on the model
-    if strategy.meta_init:
+    contexts = [quantization.init_context(recipes.get(p)) for p in plan.layers] if cfg.quantized_model_init else None
+    if strategy.meta_init and contexts is None:
         model = build_model(mcfg, device="meta", dtype=strategy.param_dtype)
-    else:
-        model = build_model(mcfg, device=info.device, seed=cfg.seed, dtype=strategy.param_dtype)
+    else:  # quantized weights are made on the device (TE quantizes as they are initialised), then sharded
+        model = build_model(mcfg, device=info.device, seed=cfg.seed, dtype=strategy.param_dtype, layer_init_contexts=contexts)
     if cfg.use_torch_compile:  # per layer; dynamic shapes, since packed lengths and max_seqlen vary per batch
         for layer in model.layers:
             layer.compile(dynamic=True)
     model = strategy.wrap(model)
-    if strategy.meta_init:
+    if strategy.meta_init and contexts is None:
         model.to_empty(device=info.device)
         init_weights(model, cfg.seed)
     raw = unwrap(model)
+    if info.cp.size > 1:
+        raw.set_context_parallel(info.cp.group, info.cp.ranks, info.cp.rank, cfg.cp_comm_type)
     if plan.quantized:
         raw.set_layer_precision([recipes.get(p) for p in plan.layers], dist.group.WORLD if dist.is_initialized() else None)
+    if contexts is not None:
+        from transformer_engine.pytorch import QuantizedTensor
+
+        held = [n for n, p in raw.named_parameters() if isinstance(getattr(p, "_local_tensor", p), QuantizedTensor)]
+        log.info("quantized model init: %d weights held quantized, FP32 master copies in the optimizer", len(held))
     if cfg.model.init_from is not None:
         load_hf_into(raw, cfg.model.init_from)
         log.info("initialised from %s", cfg.model.init_from)
@@ -184,10 +197,12 @@ def precision_plan(cfg: DictConfig, mcfg: EsmConfig, info: DistInfo) -> tuple[qu
     """Resolve the per-layer precision plan, refuse what this run cannot do, and build the TE recipes."""
     plan = quantization.resolve(mcfg.num_layers, cfg.fp8_config, cfg.fp8_layers, cfg.fp4_config, cfg.fp4_layers)
     if not plan.quantized:
+        quantization.check_quantized_init(plan, cfg.quantized_model_init)
         return plan, {}
     gpu = torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else None
     cap = torch.cuda.get_device_capability(info.device) if info.device.type == "cuda" else None
     quantization.check_hardware(plan, mcfg.backend, info.device.type, gpu, cap)
+    quantization.check_quantized_init(plan, cfg.quantized_model_init)
     if mcfg.activation == "gelu":
         raise quantization.PrecisionError(
             "FP8/FP4 layers need TE's fused MLP, which has only the tanh GELU: set model.activation=gelu_tanh "
@@ -217,38 +232,48 @@ def build_data(cfg: DictConfig, info: DistInfo):
     if d.streaming:
         from recipe.data.streaming import StreamingMLMBatches, open_stream
 
-        train = StreamingMLMBatches(open_stream(d.train_path, d.format), settings, info.rank, info.world_size, d.column, d.streaming_shuffle_buffer)
+        train = StreamingMLMBatches(open_stream(d.train_path, d.format), settings, info.dp_rank, info.dp_size, d.column, d.streaming_shuffle_buffer)
         summary, cluster = f"{d.train_path} (streaming)", False
     else:
         train_store = load_sequences(d.train_path, d.format, d.column)
         cluster = d.cluster_sampling
         if cluster == "auto":
             cluster = "ur50_id" in train_store.clusters
-        train = MLMBatches(train_store, settings, info.rank, info.world_size, train=True, cluster_sampling=bool(cluster))
+        train = MLMBatches(train_store, settings, info.dp_rank, info.dp_size, train=True, cluster_sampling=bool(cluster))
         summary = train_store.summary()
     loader = make_loader(train, d.num_workers, d.pin_memory and info.device.type == "cuda", d.prefetch_factor)
     val = None
     if d.val_path is not None:
-        val = MLMBatches(load_sequences(d.val_path, d.format, d.column, split="validation"), settings, info.rank, info.world_size, train=False)
+        val = MLMBatches(load_sequences(d.val_path, d.format, d.column, split="validation"), settings, info.dp_rank, info.dp_size, train=False)
     log.info("data: %s; cluster sampling %s", summary, "on" if cluster else "off")
     return loader, val, settings
+
+
+def cp_shard(cfg: DictConfig, info: DistInfo):
+    """Batch -> this rank's context-parallel share (identity without CP). Sequences are padded so that every
+    rank's share is a multiple of dataset.pad_to_multiple_of tokens (FP8 needs 16)."""
+    if info.cp.size == 1:
+        return lambda batch: batch
+    chunk = max(1, cfg.dataset.pad_to_multiple_of // 2)
+    return functools.partial(shard_batch, cp_size=info.cp.size, cp_rank=info.cp.rank, chunk_multiple=chunk)
 
 
 def resume_expectations(cfg: DictConfig, info: DistInfo, mcfg: EsmConfig, settings: BatchSettings) -> dict:
     """What must not change between a run and its resumption (it is stored in every checkpoint)."""
     return {
         "world_size": info.world_size,
+        "cp_size": info.cp.size,
         "model_shape": mcfg.shape_dict(),
         "data": dataclasses.asdict(settings) | {"num_workers": cfg.dataset.num_workers, "train_path": str(cfg.dataset.train_path)},
     }
 
 
 # ====================================================================================== the run
-def entrypoint(strategy_name: str):
-    """The hydra `main` of a train_<strategy>.py file: configs from hydra_config/, L0_sanity unless --config-name."""
+def entrypoint(strategy_name: str, config_name: str = "L0_sanity"):
+    """The hydra `main` of a train_*.py file: configs from hydra_config/, `config_name` unless --config-name."""
     import hydra
 
-    @hydra.main(config_path=str(config_lib.CONFIG_DIR), config_name="L0_sanity", version_base="1.3")
+    @hydra.main(config_path=str(config_lib.CONFIG_DIR), config_name=config_name, version_base="1.3")
     def main(cfg: DictConfig) -> None:
         run(cfg, strategy_name)
 
@@ -265,24 +290,30 @@ def run(cfg: DictConfig, strategy_name: str) -> None:
             dist.destroy_process_group()
 
 
-def fit(cfg: DictConfig, strategy: Strategy) -> None:
+def fit(cfg: DictConfig, strategy: Strategy):
+    """Train as `cfg` says; returns the (wrapped) model."""
     info = strategy.info
     config_lib.validate(cfg)
+    check_context_parallel(cfg.cp_size, info.world_size, info.device.type, cfg.model.backend, cfg.dataset.layout)
+    backend = resolve_backend(cfg.model.backend)
+    check_context_parallel(cfg.cp_size, info.world_size, info.device.type, backend, cfg.dataset.layout)  # auto may be torch
+    setup_context_parallel(info, cfg.cp_size)
     out_dir = Path(cfg.output_dir)
     if info.is_main:
         print(f"output_dir: {out_dir.resolve()}", flush=True)
         (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     torch.manual_seed(cfg.seed)
-    model, mcfg, plan = build(cfg, strategy)
-    optimizer = build_optimizer(model, cfg, info.device)
+    model, mcfg, plan = build(cfg, strategy, backend)
+    optimizer = build_optimizer(model, cfg, info.device, master_weights=cfg.quantized_model_init)
     loader, val_data, settings = build_data(cfg, info)
+    shard = cp_shard(cfg, info)
     ckpt = Checkpointer(config_lib.ckpt_dir(cfg), info, cfg.checkpoint.max_checkpoints, cfg.checkpoint.async_save)
     expect = resume_expectations(cfg, info, mcfg, settings) | {"precision": plan.to_dict()}
     log.info("layer precision: %s", plan.describe())
     log.info(
-        "model: ESM-2 %s, backend %s, %s, %.1fM parameters; strategy %s x %d, compute %s",
+        "model: ESM-2 %s, backend %s, %s, %.1fM parameters; strategy %s over %d ranks (dp %d x cp %d), compute %s",
         cfg.model.size, mcfg.backend, mcfg.activation, sum(p.numel() for p in model.parameters()) / 1e6,
-        strategy.name, info.world_size, strategy.compute_dtype,
+        strategy.name, info.world_size, info.dp_size, info.cp.size, strategy.compute_dtype,
     )
 
     step, consumed = 0, 0
@@ -307,7 +338,7 @@ def fit(cfg: DictConfig, strategy: Strategy) -> None:
 
     def validate_now(at_step: int) -> None:
         if val_data is not None:
-            record = {"step": at_step, **evaluate(model, val_data, info.device, amp, cfg.validation.max_batches)}
+            record = {"step": at_step, **evaluate(model, val_data, info.device, amp, cfg.validation.max_batches, shard)}
             metrics.log(record)
             log.info("validation at step %d: loss %.4f, perplexity %.3f, accuracy %.4f", at_step, record["val_loss"], record["val_perplexity"], record["val_accuracy"])
 
@@ -319,9 +350,9 @@ def fit(cfg: DictConfig, strategy: Strategy) -> None:
         torch.cuda.reset_peak_memory_stats(info.device)
     model.train()
     while step < cfg.num_train_steps:
-        batches = [next(train_iter) for _ in range(cfg.grad_acc_steps)]
+        batches = [shard(next(train_iter)) for _ in range(cfg.grad_acc_steps)]
         local = [sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches), sum(b["num_real_tokens"] for b in batches),
-                 sum(batch_flops(mcfg, b["seq_lengths"].tolist()) for b in batches), float(preempt.requested)]
+                 sum(batch_flops(mcfg, b["seq_lengths"].tolist()) for b in batches) / info.cp.size, float(preempt.requested)]
         counts = all_reduce(torch.tensor(local, device=info.device, dtype=torch.float64))
         global_labels = counts[0].clamp(min=1).float()
         set_lr(optimizer, lr := lr_at(step, cfg.optimizer.lr, cfg.lr_scheduler.warmup_steps, cfg.num_train_steps,
@@ -358,6 +389,7 @@ def fit(cfg: DictConfig, strategy: Strategy) -> None:
         finish(cfg, model, mcfg, step, save, validate_now, plan)
     ckpt.wait()
     metrics.close()
+    return model
 
 
 def finish(cfg: DictConfig, model, mcfg: EsmConfig, step: int, save, validate_now, plan) -> None:

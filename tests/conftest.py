@@ -49,6 +49,16 @@ def torchrun(script, nproc, *overrides, timeout=300):
     return run_cmd(args + list(overrides), timeout=timeout)
 
 
+def te_available() -> bool:
+    """TransformerEngine imports and the GPU is Hopper or newer."""
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+
+        return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
+    except Exception:
+        return False
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (run on the device machine)")
     config.addinivalue_line("markers", "slow: multi-process or end-to-end training runs")

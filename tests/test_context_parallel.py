@@ -1,8 +1,11 @@
 """Dual-chunk-swap CP sharding (CPU): shards re-assemble to the batch, every token exactly once, positions global."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
+from conftest import TINY, torchrun
 
 from recipe.data.context_parallel import padded_lengths, shard_batch, unshard
 from recipe.data.dataset import BatchSettings, MLMBatches
@@ -60,3 +63,82 @@ def test_real_batch_every_token_once():
 def test_bad_rank():
     with pytest.raises(ValueError, match="cp_rank 2 is not in 0..1"):
         shard_batch(odd_batch([4]), 2, 2)
+
+
+def test_pad_segment_is_not_sharded_and_real_tokens_counted():
+    """A packer batch (with its trailing pad segment): only real sequences are split, every real token lands once."""
+    ds = MLMBatches(load_sequences("data/uniprot_sample/validation"), BatchSettings(max_seq_length=1024, token_micro_batch_size=8192), train=False)
+    batch = next(iter(ds))
+    assert batch["input_ids"].numel() > batch["num_real_tokens"]  # has a pad segment
+    for cp in (2, 4):
+        shards = [shard_batch(batch, cp, r, chunk_multiple=8) for r in range(cp)]
+        assert len(shards[0]["cu_seqlens"]) == len(batch["seq_lengths"]) + 1
+        assert sum(s["num_real_tokens"] for s in shards) == batch["num_real_tokens"]
+        assert all(len(s["input_ids"]) % 16 == 0 for s in shards)  # FP8-ready shares with chunk_multiple 8
+
+
+# ------------------------------------------------------------------ refusals and the (dp, cp) layout
+@pytest.mark.parametrize(
+    "cp_size, world, device, backend, layout, message",
+    [
+        (3, 4, "cuda", "te", "thd", "cp_size=3 does not divide the world size 4"),
+        (2, 2, "cpu", "te", "thd", "context parallelism (cp_size=2) needs CUDA GPUs"),
+        (2, 2, "cuda", "torch", "thd", "needs model.backend=te"),
+        (2, 2, "cuda", "te", "bshd", "needs packed batches: dataset.layout=thd"),
+        (0, 2, "cuda", "te", "thd", "cp_size=0 must be a positive integer"),
+    ],
+)
+def test_context_parallel_refusals(cp_size, world, device, backend, layout, message):
+    from recipe.parallel import ContextParallelError, check_context_parallel
+
+    with pytest.raises(ContextParallelError, match=re.escape(message)):
+        check_context_parallel(cp_size, world, device, backend, layout)
+
+
+def test_context_parallel_accepted():
+    from recipe.parallel import check_context_parallel
+
+    check_context_parallel(1, 3, "cpu", "torch", "bshd")  # cp_size 1 is plain data parallelism
+    check_context_parallel(2, 4, "cuda", "auto", "thd")  # auto is checked again once resolved
+
+
+@pytest.mark.slow
+def test_train_cp_refused_on_cpu(tmp_path):
+    r = torchrun("train_cp.py", 2, *TINY, "model.backend=torch", f"output_dir={tmp_path}")
+    assert r.returncode != 0
+    assert "context parallelism (cp_size=2) needs CUDA GPUs" in r.stderr
+
+
+def test_cu_seqlens_padded_refused_on_torch_backend():
+    from recipe.model import EsmConfig, build_model
+
+    model = build_model(EsmConfig.from_size("tiny", backend="torch"), seed=0)
+    shard = shard_batch(odd_batch([7, 9]), 1, 0, chunk_multiple=8)
+    with pytest.raises(ValueError, match="needs the te backend"):
+        model(shard["input_ids"], cu_seqlens=shard["cu_seqlens"], max_seqlen=shard["max_seqlen"], cu_seqlens_padded=shard["cu_seqlens_padded"])
+
+
+def test_each_dp_rank_reads_its_own_data_and_cp_peers_the_same(tmp_path):
+    """World 4 as dp 2 x cp 2: ranks 0,1 read one share, ranks 2,3 the other; together every sequence once."""
+    from hydra import compose, initialize_config_dir
+
+    from recipe.config import CONFIG_DIR
+    from recipe.parallel import ContextParallel, DistInfo
+    from recipe.train import build_data
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("L0_sanity_cp", overrides=[f"output_dir={tmp_path}", "dataset.num_workers=0"])
+    seen = {}
+    for rank in range(4):
+        info = DistInfo(rank, 4, rank, torch.device("cpu"), ContextParallel(2, rank % 2))
+        loader, val, _ = build_data(cfg, info)
+        train_it = iter(loader)
+        seen[rank] = {
+            "val": np.concatenate([b["sample_index"].numpy() for b in val]),
+            "train": np.concatenate([next(train_it)["sample_index"].numpy() for _ in range(3)]),
+        }
+    for split in ("val", "train"):
+        assert np.array_equal(seen[0][split], seen[1][split]) and np.array_equal(seen[2][split], seen[3][split])
+        assert not set(seen[0][split]) & set(seen[2][split])
+    val_all = np.concatenate([seen[0]["val"], seen[2]["val"]])
+    assert sorted(val_all.tolist()) == list(range(len(load_sequences(cfg.dataset.val_path))))

@@ -11,22 +11,13 @@ import time
 
 import pytest
 import torch
-from conftest import BUNDLED_VAL, torchrun
+from conftest import BUNDLED_VAL, ROOT, te_available, torchrun
 
 from recipe.data.dataset import BatchSettings, MLMBatches
 from recipe.data.sources import load_sequences
 from recipe.model import EsmConfig, build_model
 
 pytestmark = pytest.mark.gpu
-
-
-def te_available() -> bool:
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-
-        return torch.cuda.get_device_capability() >= (9, 0)
-    except Exception:
-        return False
 
 
 needs_te = pytest.mark.skipif(not torch.cuda.is_available() or not te_available(), reason="TransformerEngine on Hopper+ needed")
@@ -186,3 +177,48 @@ def test_fp8_checkpoint_resumes_with_identical_next_step_loss(tmp_path):
           f"step 8: {a[8]:.6f} vs {b[8]:.6f}")
     assert b[5] == a[5]  # the forward of the first resumed step is deterministic: weights and FP8 scales restored
     assert abs(b[8] - a[8]) < 1e-2
+
+
+@needs_te
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_quantized_model_init_trains(tmp_path, strategy):
+    """FP8 weights in the model (te.quantized_model_init), FP32 master weights in TE's FusedAdam."""
+    r = torchrun(f"train_{strategy}.py", 1, "--config-name", "L0_sanity", *FP8_ARGS, "quantized_model_init=true",
+                 "fp8_config.fp8_recipe=transformer_engine.common.recipe.Float8CurrentScaling", "num_train_steps=60",
+                 "checkpoint.save_every_n_steps=30", f"output_dir={tmp_path}")
+    assert r.returncode == 0, r.stderr[-4000:]
+    held = next(x for x in r.stderr.splitlines() if "quantized model init:" in x)
+    train = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    print(f"\n  quantized_model_init ({strategy}, Float8CurrentScaling): {held.split(': ', 2)[-1]}; loss {train[0]['loss']:.3f} -> "
+          f"{train[-1]['loss']:.3f}, peak memory {train[-1]['max_memory_gb']:.2f} GB")
+    assert "16 weights held quantized" in held  # tiny: 4 layers x (qkv, proj, fc1, fc2)
+    assert train[-1]["loss"] < train[0]["loss"] - 0.2
+
+
+SWISSPROT = ROOT / ".device" / "data"
+
+
+@needs_te
+@pytest.mark.skipif(not (SWISSPROT / "swissprot14_val.fasta.gz").exists(), reason="Swiss-Prot from the device kit (prepare.sh --data)")
+def test_l1_8m_fp8_block_scaling_within_2_percent_of_bf16(tmp_path):
+    """300 steps of L1_8M on Swiss-Prot, BF16 against FP8 block scaling on every layer (same data, seed, schedule).
+    One 131k-token micro-batch per step (grad_acc_steps=1) and a 30-step warmup, so that 300 steps go somewhere."""
+    common = ["--config-name", "L1_8M", "num_train_steps=300", "grad_acc_steps=1", "lr_scheduler.warmup_steps=30",
+              f"dataset.train_path={SWISSPROT / 'swissprot14_train_100k.fasta.xz'}", f"dataset.val_path={SWISSPROT / 'swissprot14_val.fasta.gz'}",
+              "validation.every_n_steps=0", "checkpoint.save_every_n_steps=0", "checkpoint.save_final_checkpoint=false",
+              "checkpoint.save_final_model=false", "log_every_n_steps=50", "dataset.num_workers=2",
+              "model.backend=te", "model.activation=gelu_tanh"]
+    val = {}
+    for name, extra in (("bf16", []), ("fp8 block", ["fp8_config.enabled=true", "fp8_config.fp8_recipe=transformer_engine.common.recipe.Float8BlockScaling"])):
+        out = tmp_path / name.replace(" ", "_")
+        start = time.time()
+        r = torchrun("train_ddp.py", 1, *common, *extra, f"output_dir={out}", timeout=900)
+        assert r.returncode == 0, r.stderr[-4000:]
+        rec = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        val[name] = next(x["val_loss"] for x in rec if "val_loss" in x)
+        last = [x for x in rec if "loss" in x][-1]
+        print(f"\n  L1_8M 300 steps, {name}: train loss {last['loss']:.4f}, validation loss {val[name]:.4f}, "
+              f"{last['tokens_per_second_per_gpu']:.3g} tokens/s, {time.time() - start:.0f} s")
+    rel = abs(val["fp8 block"] - val["bf16"]) / val["bf16"]
+    print(f"  FP8 block scaling vs BF16 validation loss: relative difference {rel:.2%}")
+    assert rel <= 0.02

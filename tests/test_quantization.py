@@ -89,3 +89,12 @@ def test_fp8_on_cpu_fails_at_start(tmp_path):
     r = torchrun("train_fsdp2.py", 1, "fp8_config.enabled=true", f"output_dir={tmp_path}")
     assert r.returncode != 0
     assert "DelayedScaling needs a CUDA GPU with TransformerEngine; this run is on cpu" in r.stderr
+
+
+def test_quantized_model_init_needs_quantized_layers():
+    from recipe.quantization import check_quantized_init
+
+    check_quantized_init(resolve(2, {"enabled": True, "fp8_recipe": "DelayedScaling"}, None), True)
+    check_quantized_init(resolve(2, OFF8, None), False)
+    with pytest.raises(PrecisionError, match="quantized_model_init=true needs FP8 or FP4 layers"):
+        check_quantized_init(resolve(2, OFF8, None), True)

@@ -1,13 +1,15 @@
 """Dual-chunk-swap sharding of packed THD batches for context parallelism (cp_size ranks share each sequence).
 
-Each sequence is padded to a multiple of 2·cp_size (times `chunk_multiple`, e.g. so that shards suit FP8) and cut
-into 2·cp_size equal chunks; rank r keeps chunks r and 2·cp_size−1−r. With causal or bidirectional attention this
-balances work across ranks, and it is the layout TransformerEngine's THD context-parallel attention expects. Every
-rank can compute its shard from the same full batch, deterministically, so a CP group needs no scatter.
+Each sequence is padded to a multiple of 2·cp_size (times `chunk_multiple`, so that every rank's share suits FP8)
+and cut into 2·cp_size equal chunks; rank r keeps chunks r and 2·cp_size−1−r. With bidirectional (or causal)
+attention this balances work across ranks, and it is the layout TransformerEngine's THD context-parallel attention
+and its fused rope expect. Every rank computes its shard from the same full batch, deterministically, so a CP group
+needs no scatter: its ranks load the same batch (they share a data-parallel rank) and each keeps its part.
 
-What a rank gets: its tokens (`input_ids`, `labels`), `position_ids` that are positions in the *full* sequence (for
-rotary embeddings), and the full-batch `cu_seqlens` (real lengths) and `cu_seqlens_padded` that TE's CP attention
-takes, with `max_seqlen` of the padded sequences.
+What a rank gets: its tokens (`input_ids`, `labels`), `position_ids` that are positions in the *full* sequence, the
+full-batch `cu_seqlens` (real lengths) and `cu_seqlens_padded` that TE's CP attention takes, `max_seqlen` of the
+padded sequences, and `num_real_tokens` (its share of real tokens, for throughput). The packer's trailing pad
+segment is dropped: only real sequences are sharded.
 """
 
 from __future__ import annotations
@@ -24,41 +26,47 @@ def padded_lengths(lengths: np.ndarray, cp_size: int, chunk_multiple: int = 1) -
     return -(-lengths // unit) * unit
 
 
-def _chunk_index(lengths: np.ndarray, padded: np.ndarray, cp_size: int, cp_rank: int):
-    """For rank `cp_rank`: the source index (into the padded full batch) of every token it keeps."""
+def rank_token_index(padded: np.ndarray, cp_size: int, cp_rank: int) -> np.ndarray:
+    """For rank `cp_rank`: where each of its tokens sits in the padded full batch (its two chunks per sequence)."""
+    chunk = padded // (2 * cp_size)
     starts = np.concatenate([[0], np.cumsum(padded)[:-1]])
-    pieces = []
-    for start, plen in zip(starts, padded):
-        c = plen // (2 * cp_size)
-        for chunk in (cp_rank, 2 * cp_size - 1 - cp_rank):
-            pieces.append(np.arange(start + chunk * c, start + (chunk + 1) * c))
-    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+    firsts = np.stack([starts + cp_rank * chunk, starts + (2 * cp_size - 1 - cp_rank) * chunk], axis=1).reshape(-1)
+    sizes = np.repeat(chunk, 2)
+    if not len(sizes):
+        return np.zeros(0, dtype=np.int64)
+    return np.repeat(firsts - np.cumsum(sizes) + sizes, sizes) + np.arange(int(sizes.sum()))
 
 
-def pad_batch(input_ids: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor, cp_size: int, chunk_multiple: int = 1):
-    """The full batch with every sequence padded for CP: (ids, labels, positions, cu_seqlens_padded)."""
-    cu = cu_seqlens.cpu().numpy().astype(np.int64)
-    lengths = np.diff(cu)
+def real_lengths(batch: dict) -> np.ndarray:
+    """Lengths of the real sequences of a packed batch (without the packer's pad segment)."""
+    if "seq_lengths" in batch:
+        return np.asarray(batch["seq_lengths"], dtype=np.int64)
+    return np.diff(batch["cu_seqlens"].cpu().numpy().astype(np.int64))
+
+
+def pad_batch(input_ids: torch.Tensor, labels: torch.Tensor, lengths: np.ndarray, cp_size: int, chunk_multiple: int = 1):
+    """The full batch with every sequence padded for CP: (ids, labels, positions, cu_seqlens_padded, padded)."""
     padded = padded_lengths(lengths, cp_size, chunk_multiple)
-    total = int(padded.sum())
-    ids = np.full(total, PAD_ID, dtype=np.int64)
-    lab = np.full(total, IGNORE_INDEX, dtype=np.int64)
-    pos = np.zeros(total, dtype=np.int64)
+    cu = np.concatenate([[0], np.cumsum(lengths)])
     cu_pad = np.concatenate([[0], np.cumsum(padded)])
-    src_ids, src_lab = input_ids.cpu().numpy(), labels.cpu().numpy()
-    for i, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
-        ids[cu_pad[i] : cu_pad[i] + (b - a)] = src_ids[a:b]
-        lab[cu_pad[i] : cu_pad[i] + (b - a)] = src_lab[a:b]
-        pos[cu_pad[i] : cu_pad[i + 1]] = np.arange(padded[i])
-    return ids, lab, pos, cu_pad, lengths, padded
+    seq = np.repeat(np.arange(len(lengths)), lengths)
+    dest = np.arange(int(cu[-1])) - cu[seq] + cu_pad[seq]  # each real token's slot in the padded batch
+    ids = np.full(int(cu_pad[-1]), PAD_ID, dtype=np.int64)
+    lab = np.full(int(cu_pad[-1]), IGNORE_INDEX, dtype=np.int64)
+    ids[dest] = input_ids[: cu[-1]].cpu().numpy()
+    lab[dest] = labels[: cu[-1]].cpu().numpy()
+    pos = np.arange(int(cu_pad[-1])) - np.repeat(cu_pad[:-1], padded)
+    return ids, lab, pos, cu_pad, padded
 
 
 def shard_batch(batch: dict, cp_size: int, cp_rank: int, chunk_multiple: int = 1) -> dict:
-    """This rank's share of a packed batch (dict with input_ids, labels, cu_seqlens)."""
+    """This rank's share of a packed batch (a dict with input_ids, labels, cu_seqlens and optionally seq_lengths)."""
     if not 0 <= cp_rank < cp_size:
         raise ValueError(f"cp_rank {cp_rank} is not in 0..{cp_size - 1}")
-    ids, lab, pos, cu_pad, lengths, padded = pad_batch(batch["input_ids"], batch["labels"], batch["cu_seqlens"], cp_size, chunk_multiple)
-    keep = _chunk_index(lengths, padded, cp_size, cp_rank)
+    lengths = real_lengths(batch)
+    ids, lab, pos, cu_pad, padded = pad_batch(batch["input_ids"], batch["labels"], lengths, cp_size, chunk_multiple)
+    keep = rank_token_index(padded, cp_size, cp_rank)
+    real = pos[keep] < np.repeat(lengths, padded // cp_size)  # position inside the real part of its sequence
     return {
         "input_ids": torch.from_numpy(ids[keep]),
         "labels": torch.from_numpy(lab[keep]),
@@ -66,20 +74,23 @@ def shard_batch(batch: dict, cp_size: int, cp_rank: int, chunk_multiple: int = 1
         "cu_seqlens": torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)),
         "cu_seqlens_padded": torch.from_numpy(cu_pad.astype(np.int32)),
         "max_seqlen": int(padded.max()),
+        "num_real_tokens": int(real.sum()),
+        "seq_lengths": torch.from_numpy(lengths),
         "cp_size": cp_size,
         "cp_rank": cp_rank,
     }
 
 
-def unshard(shards: list[dict]) -> dict:
-    """Inverse of shard_batch over all ranks of a CP group: the padded full batch (for tests and logit checks)."""
+def unshard(shards: list[dict], keys=("input_ids", "labels", "position_ids")) -> dict:
+    """Inverse of shard_batch over all ranks of a CP group: the padded full batch (tests, logit checks)."""
     cp_size = len(shards)
     cu_pad = shards[0]["cu_seqlens_padded"].numpy().astype(np.int64)
     padded = np.diff(cu_pad)
-    lengths = np.diff(shards[0]["cu_seqlens"].numpy().astype(np.int64))
-    out = {k: np.full(int(cu_pad[-1]), -1, dtype=np.int64) for k in ("input_ids", "labels", "position_ids")}
-    for rank, shard in enumerate(shards):
-        idx = _chunk_index(lengths, padded, cp_size, rank)
-        for k in out:
-            out[k][idx] = shard[k].numpy()
-    return {k: torch.from_numpy(v) for k, v in out.items()} | {"cu_seqlens_padded": shards[0]["cu_seqlens_padded"]}
+    out = {}
+    for k in keys:
+        first = shards[0][k]
+        full = first.new_full((int(cu_pad[-1]), *first.shape[1:]), -1)
+        for rank, shard in enumerate(shards):
+            full[torch.from_numpy(rank_token_index(padded, cp_size, rank)).to(full.device)] = shard[k]
+        out[k] = full
+    return out | {"cu_seqlens_padded": shards[0]["cu_seqlens_padded"]}

@@ -46,10 +46,10 @@ def resolve_backend(requested: str) -> str:
     return choice
 
 
-def build_model(config: EsmConfig, device: torch.device | str = "cpu", seed: int | None = 0, dtype=None) -> EsmForMaskedLM:
+def build_model(config: EsmConfig, device: torch.device | str = "cpu", seed: int | None = 0, dtype=None, layer_init_contexts=None) -> EsmForMaskedLM:
     """Resolve the backend, build on `device` ('meta' builds without memory) and, unless meta, initialise."""
     config = dataclasses.replace(config, backend=resolve_backend(config.backend))
-    model = EsmForMaskedLM(config, device=device, dtype=dtype)
+    model = EsmForMaskedLM(config, device=device, dtype=dtype, layer_init_contexts=layer_init_contexts)
     if str(device) != "meta" and seed is not None:
         init_weights(model, seed)
     return model

@@ -60,18 +60,25 @@ def _layer_class(backend: str):
 
 
 class EsmForMaskedLM(nn.Module):
-    def __init__(self, config: EsmConfig, device=None, dtype=None):
+    def __init__(self, config: EsmConfig, device=None, dtype=None, layer_init_contexts=None):
+        """`layer_init_contexts`: one context manager per layer to build it in (TE's quantized_model_init)."""
         super().__init__()
         self.config = config
         h = config.hidden_size
         self.embed_tokens = nn.Embedding(config.vocab_size, h, padding_idx=config.pad_token_id, device=device, dtype=dtype)
         layer_cls = _layer_class(config.backend)
-        self.layers = nn.ModuleList(layer_cls(config, device=device, dtype=dtype) for _ in range(config.num_layers))
+        contexts = layer_init_contexts or [nullcontext() for _ in range(config.num_layers)]
+        layers = []
+        for ctx in contexts:
+            with ctx:
+                layers.append(layer_cls(config, device=device, dtype=dtype))
+        self.layers = nn.ModuleList(layers)
         self.final_layer_norm = nn.LayerNorm(h, eps=config.layer_norm_eps, device=device, dtype=dtype)
         self.lm_head = LMHead(config, device=device, dtype=dtype)
         self.check_inputs = True  # the trainer turns this off: its packer guarantees what these checks test
         self.layer_recipes: list | None = None  # te backend: one TE recipe (or None for BF16) per layer
         self.amax_group = None
+        self.cp_size, self.cp_rank, self.cp_group = 1, 0, None  # context parallelism (set_context_parallel)
 
     def set_layer_precision(self, recipes: list, amax_group=None) -> None:
         """Per-layer TE recipes (None = BF16). Embeddings, head and loss always stay in BF16/FP32."""
@@ -81,6 +88,16 @@ class EsmForMaskedLM(nn.Module):
             raise ValueError(f"{len(recipes)} layer recipes for {len(self.layers)} layers")
         self.layer_recipes = None if all(r is None for r in recipes) else list(recipes)
         self.amax_group = amax_group
+
+    def set_context_parallel(self, group, ranks: list[int], rank: int, comm_type: str = "p2p") -> None:
+        """Split every sequence over the ranks of `group` (TE's context-parallel attention; te backend only).
+        Batches then come from recipe.data.context_parallel.shard_batch, with cu_seqlens_padded."""
+        if self.config.backend != "te":
+            raise ValueError("context parallelism needs the te backend (TransformerEngine's context-parallel attention)")
+        stream = torch.cuda.Stream()
+        for layer in self.layers:
+            layer.core_attention.set_context_parallel_group(group, ranks, stream, comm_type)
+        self.cp_size, self.cp_rank, self.cp_group = len(ranks), rank, group
 
     def _layer_contexts(self):
         """One outer TE autocast around the stack (amax reduction once per step, at its exit) and a per-layer
@@ -95,7 +112,8 @@ class EsmForMaskedLM(nn.Module):
 
     # ---------------------------------------------------------------- embeddings
     def embed(self, input_ids: torch.Tensor, seq_of_token: torch.Tensor | None, lengths: torch.Tensor) -> torch.Tensor:
-        """Word embeddings with ESM token dropout: zero `<mask>` rows, rescale each sequence by its own mask ratio."""
+        """Word embeddings with ESM token dropout: zero `<mask>` rows, rescale each sequence by its own mask ratio
+        (with context parallelism: the ratio over the whole sequence, summed over the ranks that share it)."""
         x = self.embed_tokens(input_ids)
         cfg = self.config
         if cfg.token_dropout:
@@ -107,6 +125,8 @@ class EsmForMaskedLM(nn.Module):
                 x = (x * scale[:, None, None]).to(x.dtype)
             else:
                 masked = torch.zeros(len(lengths), device=x.device).index_add_(0, seq_of_token, is_mask.float())
+                if self.cp_size > 1:
+                    torch.distributed.all_reduce(masked, group=self.cp_group)
                 scale = (1 - MASK_RATIO_TRAIN) / (1 - masked / lengths.clamp(min=1))
                 x = (x * scale[seq_of_token][:, None]).to(x.dtype)
         return x.masked_fill((input_ids == cfg.pad_token_id).unsqueeze(-1), 0.0)
@@ -121,11 +141,18 @@ class EsmForMaskedLM(nn.Module):
         labels: torch.Tensor | None = None,
         return_logits: bool = False,
         position_ids: torch.Tensor | None = None,
+        cu_seqlens_padded: torch.Tensor | None = None,
     ) -> EsmOutput:
+        """`cu_seqlens_padded`: with context parallelism, the full padded sequences' offsets (this rank holds
+        1/cp_size of each; see recipe/data/context_parallel.py); cu_seqlens then has their real lengths."""
         if self.check_inputs:
-            check_inputs(self.config, input_ids, cu_seqlens, max_seqlen, attention_mask, labels)
+            check_inputs(self.config, input_ids, cu_seqlens, max_seqlen, attention_mask, labels, cu_seqlens_padded, self.cp_size)
+        if cu_seqlens_padded is not None and self.config.backend != "te":
+            raise ValueError("cu_seqlens_padded (context-parallel batches) needs the te backend")
         if input_ids.dim() == 1:
-            hidden = self._forward_packed(input_ids, PackedInfo(cu_seqlens, int(max_seqlen), input_ids.numel()), position_ids)
+            cp = (self.cp_size, self.cp_rank) if cu_seqlens_padded is not None else (1, 0)
+            packed = PackedInfo(cu_seqlens, int(max_seqlen), input_ids.numel(), cu_seqlens_padded, *cp)
+            hidden = self._forward_packed(input_ids, packed, position_ids)
         else:
             hidden = self._forward_padded(input_ids, attention_mask)
         return self.head_and_loss(hidden, labels, return_logits)
@@ -196,7 +223,7 @@ class EsmForMaskedLM(nn.Module):
         )
 
 
-def check_inputs(config: EsmConfig, input_ids, cu_seqlens, max_seqlen, attention_mask, labels) -> None:
+def check_inputs(config: EsmConfig, input_ids, cu_seqlens, max_seqlen, attention_mask, labels, cu_seqlens_padded=None, cp_size=1) -> None:
     """Clear errors for malformed batches, instead of an index error deep inside a kernel."""
     if input_ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
@@ -212,7 +239,9 @@ def check_inputs(config: EsmConfig, input_ids, cu_seqlens, max_seqlen, attention
         if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or len(cu_seqlens) < 2:
             raise ValueError(f"cu_seqlens must be a 1-D int32 tensor of N+1 >= 2 offsets, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
         cu = cu_seqlens.cpu()
-        if int(cu[0]) != 0 or int(cu[-1]) != input_ids.numel():
+        if cu_seqlens_padded is not None:
+            _check_cp_offsets(cu, cu_seqlens_padded.cpu(), input_ids.numel(), cp_size)
+        elif int(cu[0]) != 0 or int(cu[-1]) != input_ids.numel():
             raise ValueError(f"cu_seqlens must start at 0 and end at T={input_ids.numel()}, got {int(cu[0])} ... {int(cu[-1])}")
         lengths = cu[1:] - cu[:-1]
         if bool((lengths <= 0).any()):
@@ -228,6 +257,17 @@ def check_inputs(config: EsmConfig, input_ids, cu_seqlens, max_seqlen, attention
             raise ValueError("attention_mask has a row with no tokens")
     else:
         raise ValueError(f"input_ids must be [T] (packed) or [B, S] (padded), got shape {tuple(input_ids.shape)}")
+
+
+def _check_cp_offsets(cu: torch.Tensor, cu_pad: torch.Tensor, num_tokens: int, cp_size: int) -> None:
+    padded = cu_pad[1:] - cu_pad[:-1]
+    if len(cu_pad) != len(cu) or int(cu_pad[0]) != 0 or int(cu_pad[-1]) != num_tokens * cp_size:
+        raise ValueError(
+            f"cu_seqlens_padded must have one offset per cu_seqlens offset and end at T x cp_size = {num_tokens} x {cp_size}, "
+            f"got {len(cu_pad)} offsets ending at {int(cu_pad[-1])}"
+        )
+    if bool((padded < cu[1:] - cu[:-1]).any()) or bool((padded % (2 * cp_size)).any()):
+        raise ValueError(f"every padded sequence must hold its real tokens and be a multiple of 2 x cp_size = {2 * cp_size}")
 
 
 # -------------------------------------------------------------------- initialisation

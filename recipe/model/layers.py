@@ -21,20 +21,31 @@ from recipe.model.config import EsmConfig
 class PackedInfo:
     """Where the sequences are in a packed [T] batch. The derived index tensors are built once per forward."""
 
-    cu_seqlens: torch.Tensor  # int32 [N+1], 0 ... T
+    cu_seqlens: torch.Tensor  # int32 [N+1], 0 ... T (with context parallelism: the full sequences' real lengths)
     max_seqlen: int
-    num_tokens: int  # T
+    num_tokens: int  # T (this rank's tokens)
+    # Context parallelism (recipe/data/context_parallel.py): each sequence padded to a multiple of 2*cp_size and
+    # split over cp_size ranks; cu_seqlens_padded covers the full padded sequences, this rank holds 1/cp_size of each.
+    cu_seqlens_padded: torch.Tensor | None = None
+    cp_size: int = 1
+    cp_rank: int = 0
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def lengths(self) -> torch.Tensor:
+        """Real lengths of the (full) sequences."""
         return self.cu_seqlens[1:] - self.cu_seqlens[:-1]
+
+    @property
+    def local_cu_seqlens(self) -> torch.Tensor:
+        """Where each sequence's tokens sit in this rank's [T] tensor."""
+        return self.cu_seqlens if self.cu_seqlens_padded is None else self.cu_seqlens_padded // self.cp_size
 
     @property
     def seq_index(self) -> torch.Tensor:
         """For every token, the index of its sequence (a search, not repeat_interleave: no host sync on GPU)."""
         if "seq" not in self._cache:
-            cu = self.cu_seqlens
+            cu = self.local_cu_seqlens
             tokens = torch.arange(self.num_tokens, device=cu.device, dtype=cu.dtype)
             self._cache["seq"] = torch.searchsorted(cu[1:], tokens, right=True)
         return self._cache["seq"]
@@ -44,7 +55,7 @@ class PackedInfo:
         """For every token, its position inside its own sequence (restarts at each sequence start)."""
         if "off" not in self._cache:
             seq = self.seq_index
-            self._cache["off"] = torch.arange(len(seq), device=seq.device) - self.cu_seqlens[:-1].long()[seq]
+            self._cache["off"] = torch.arange(len(seq), device=seq.device) - self.local_cu_seqlens[:-1].long()[seq]
         return self._cache["off"]
 
 

@@ -52,15 +52,20 @@ class TEEsmLayer(EsmLayerBase):
 
         if packed is None:
             raise ValueError("the te backend runs packed (THD) input only")
-        cu = packed.cu_seqlens
-        q = apply_rotary_pos_emb(q.contiguous(), rope, tensor_format="thd", fused=True, cu_seqlens=cu)
-        k = apply_rotary_pos_emb(k.contiguous(), rope, tensor_format="thd", fused=True, cu_seqlens=cu)
+        cu, cu_pad = packed.cu_seqlens, packed.cu_seqlens_padded
+        # With context parallelism the fused rope finds each token's position in the full sequence from the padded
+        # offsets and this rank's place in the dual-chunk-swap layout.
+        rope_kw = dict(tensor_format="thd", fused=True, cu_seqlens=cu if cu_pad is None else cu_pad, cp_size=packed.cp_size, cp_rank=packed.cp_rank)
+        q = apply_rotary_pos_emb(q.contiguous(), rope, **rope_kw)
+        k = apply_rotary_pos_emb(k.contiguous(), rope, **rope_kw)
         out = self.core_attention(
             q,
             k,
             v.contiguous(),
             cu_seqlens_q=cu,
             cu_seqlens_kv=cu,
+            cu_seqlens_q_padded=cu_pad,
+            cu_seqlens_kv_padded=cu_pad,
             max_seqlen_q=packed.max_seqlen,
             max_seqlen_kv=packed.max_seqlen,
         )
