@@ -83,8 +83,12 @@ def extra_state_to_bytes(model_sd: dict) -> dict:
 
 
 def extra_state_from_bytes(model_sd: dict) -> dict:
-    return {k: torch.frombuffer(bytearray(v), dtype=torch.uint8) if k.endswith("_extra_state") and isinstance(v, bytes) else v
-            for k, v in model_sd.items()}
+    return {k: _bytes_to_tensor(v) if k.endswith("_extra_state") and isinstance(v, bytes) else v for k, v in model_sd.items()}
+
+
+def _bytes_to_tensor(b: bytes) -> torch.Tensor:
+    # torch.frombuffer refuses an empty buffer; a BF16 TE module's extra state is empty.
+    return torch.frombuffer(bytearray(b), dtype=torch.uint8) if b else torch.empty(0, dtype=torch.uint8)
 
 
 class Checkpointer:

@@ -67,6 +67,8 @@ def validate(cfg: DictConfig) -> None:
     for key, value in positive.items():
         if not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{key}={value} must be a positive integer")
+    if cfg.max_train_minutes is not None and not cfg.max_train_minutes > 0:
+        raise ConfigError(f"max_train_minutes={cfg.max_train_minutes} must be positive (or null)")
     if cfg.dataset.num_workers < 0:
         raise ConfigError(f"dataset.num_workers={cfg.dataset.num_workers} must be >= 0")
     d = cfg.dataset

@@ -8,6 +8,7 @@ non-finite values, and update.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -100,22 +101,42 @@ def evaluate(model, dataset: MLMBatches, device, amp, max_batches: int | None, s
 
 
 # ====================================================================================== set-up
-class Throughput:
-    """Unpadded tokens and model FLOPs since the last log line, turned into per-GPU rates."""
+class TrainClock:
+    """Wall-clock seconds spent training since this process started the loop; validation and checkpoint writes
+    are left out (they pause it), so rates and time-to-quality curves measure training alone."""
 
-    def __init__(self, world_size: int, peak_tflops: float | None, device: torch.device):
-        self.world_size, self.peak, self.device = world_size, peak_tflops, device
+    def __init__(self):
+        self.start, self.paused = time.perf_counter(), 0.0
+
+    @contextlib.contextmanager
+    def pause(self):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused += time.perf_counter() - t
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start - self.paused
+
+
+class Throughput:
+    """Unpadded tokens and model FLOPs since the last log line, turned into per-GPU rates (training time only)."""
+
+    def __init__(self, world_size: int, peak_tflops: float | None, device: torch.device, clock: TrainClock):
+        self.world_size, self.peak, self.device, self.clock = world_size, peak_tflops, device, clock
         self.reset()
 
     def reset(self) -> None:
-        self.tokens, self.flops, self.t0 = 0.0, 0.0, time.perf_counter()
+        self.tokens, self.flops, self.t0 = 0.0, 0.0, self.clock.seconds
 
     def add(self, tokens: float, flops: float) -> None:
         self.tokens += tokens
         self.flops += flops
 
     def record(self) -> dict:
-        elapsed = time.perf_counter() - self.t0
+        elapsed = self.clock.seconds - self.t0
         tflops = self.flops / self.world_size / elapsed / 1e12
         rates = {
             "tokens_per_second_per_gpu": self.tokens / self.world_size / elapsed,
@@ -329,16 +350,22 @@ def fit(cfg: DictConfig, strategy: Strategy):
 
     metrics = MetricsWriter(out_dir, cfg, info.is_main, resume_step=step if latest is not None else None)
     amp = torch.autocast(info.device.type, dtype=strategy.compute_dtype) if strategy.compute_dtype != torch.float32 else nullcontext()
-    throughput = Throughput(info.world_size, peak_tflops(cfg.peak_tflops_per_gpu, info.device), info.device)
+    clock = TrainClock()
+    throughput = Throughput(info.world_size, peak_tflops(cfg.peak_tflops_per_gpu, info.device), info.device, clock)
     preempt = Preemption()
+    time_limit = cfg.max_train_minutes * 60 if cfg.max_train_minutes is not None else math.inf
 
     def save(at_step: int) -> None:
         meta = {"step": at_step, "consumed_tokens": consumed, **expect, "config": OmegaConf.to_container(cfg, resolve=True)}
-        ckpt.save(at_step, model, optimizer, meta, {"loader": loader.state_dict(), "rng": rng_state()})
+        with clock.pause():
+            ckpt.save(at_step, model, optimizer, meta, {"loader": loader.state_dict(), "rng": rng_state()})
 
     def validate_now(at_step: int) -> None:
         if val_data is not None:
-            record = {"step": at_step, **evaluate(model, val_data, info.device, amp, cfg.validation.max_batches, shard)}
+            seconds = clock.seconds
+            with clock.pause():
+                result = evaluate(model, val_data, info.device, amp, cfg.validation.max_batches, shard)
+            record = {"step": at_step, "train_seconds": seconds, **result}
             metrics.log(record)
             log.info("validation at step %d: loss %.4f, perplexity %.3f, accuracy %.4f", at_step, record["val_loss"], record["val_perplexity"], record["val_accuracy"])
 
@@ -349,10 +376,12 @@ def fit(cfg: DictConfig, strategy: Strategy):
     if info.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(info.device)
     model.train()
+    time_up = False
     while step < cfg.num_train_steps:
         batches = [shard(next(train_iter)) for _ in range(cfg.grad_acc_steps)]
         local = [sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches), sum(b["num_real_tokens"] for b in batches),
-                 sum(batch_flops(mcfg, b["seq_lengths"].tolist()) for b in batches) / info.cp.size, float(preempt.requested)]
+                 sum(batch_flops(mcfg, b["seq_lengths"].tolist()) for b in batches) / info.cp.size, float(preempt.requested),
+                 float(clock.seconds >= time_limit)]
         counts = all_reduce(torch.tensor(local, device=info.device, dtype=torch.float64))
         global_labels = counts[0].clamp(min=1).float()
         set_lr(optimizer, lr := lr_at(step, cfg.optimizer.lr, cfg.lr_scheduler.warmup_steps, cfg.num_train_steps,
@@ -365,17 +394,21 @@ def fit(cfg: DictConfig, strategy: Strategy):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        tokens, flops, stop = counts[1].item(), counts[2].item(), counts[3].item() > 0
+        tokens, flops, stop, time_up = counts[1].item(), counts[2].item(), counts[3].item() > 0, counts[4].item() > 0
         consumed += int(tokens)
         throughput.add(tokens, flops)
         bar.update(1)
-        if step % cfg.log_every_n_steps == 0 or step == cfg.num_train_steps or stop:
-            record = {"step": step, "loss": loss_v, "lr": lr, "grad_norm": norm_v, **throughput.record(), "consumed_tokens": consumed}
+        if step % cfg.log_every_n_steps == 0 or step == cfg.num_train_steps or stop or time_up:
+            record = {"step": step, "loss": loss_v, "lr": lr, "grad_norm": norm_v, **throughput.record(), "consumed_tokens": consumed,
+                      "train_seconds": clock.seconds}
             metrics.log(record)
             bar.set_postfix(loss=f"{loss_v:.4f}", tok_s=f"{record['tokens_per_second_per_gpu']:.3g}", refresh=False)
         every = cfg.validation.every_n_steps
-        if every and step % every == 0 and step < cfg.num_train_steps:
+        if every and step % every == 0 and step < cfg.num_train_steps and not time_up:
             validate_now(step)
+        if time_up:
+            log.info("max_train_minutes=%s reached at step %d: finishing", cfg.max_train_minutes, step)
+            break
         if stop:
             save(step)
             ckpt.wait()
@@ -385,7 +418,7 @@ def fit(cfg: DictConfig, strategy: Strategy):
         if every and step % every == 0 and step < cfg.num_train_steps:
             save(step)
     bar.close()
-    if step == cfg.num_train_steps:
+    if step == cfg.num_train_steps or time_up:
         finish(cfg, model, mcfg, step, save, validate_now, plan)
     ckpt.wait()
     metrics.close()

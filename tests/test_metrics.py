@@ -30,3 +30,4 @@ def test_wandb_offline_run(tmp_path, monkeypatch):
     w.log({"step": 1, "loss": 2.0, "mfu": None})
     w.close()
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+

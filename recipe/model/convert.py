@@ -136,13 +136,19 @@ def hf_config_dict(config: EsmConfig, extra: dict | None = None) -> dict:
     return d
 
 
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor of the value: TE's quantized weights (quantized_model_init) are dequantized; for an ordinary
+    tensor `dequantize` is the identity (or a float cast)."""
+    return t.detach().dequantize()
+
+
 def export_hf(state_dict: dict[str, torch.Tensor], config: EsmConfig, directory: str | Path, extra: dict | None = None) -> Path:
     """Write a transformers-loadable directory: config.json, model.safetensors, vocab.txt and tokenizer config."""
     from safetensors.torch import save_file
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    hf = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in ours_to_hf(state_dict, config.num_layers).items()}
+    hf = {k: _plain(v).to("cpu", torch.float32).contiguous() for k, v in ours_to_hf(state_dict, config.num_layers).items()}
     # What EsmForMaskedLM also holds, so that it loads with nothing reported missing: the rotary buffer, and the
     # contact head (which we do not train) as zeros.
     d = config.head_dim

@@ -108,7 +108,10 @@ class EsmForMaskedLM(nn.Module):
 
         first = next(r for r in self.layer_recipes if r is not None)
         outer = te.autocast(enabled=True, recipe=first, amax_reduction_group=self.amax_group)
-        return outer, [te.autocast(enabled=r is not None, recipe=r) for r in self.layer_recipes]
+        # The inner contexts name the same amax group: TE keys its amax buffers by (recipe, group), and a layer run
+        # under a group-less context would be reduced on its own rank only.
+        group = self.amax_group
+        return outer, [te.autocast(enabled=r is not None, recipe=r, amax_reduction_group=group) for r in self.layer_recipes]
 
     # ---------------------------------------------------------------- embeddings
     def embed(self, input_ids: torch.Tensor, seq_of_token: torch.Tensor | None, lengths: torch.Tensor) -> torch.Tensor:
