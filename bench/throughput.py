@@ -1,7 +1,11 @@
 """Training throughput side by side, in one process on one GPU: transformers' EsmForMaskedLM (padded batches, SDPA,
-BF16 autocast, fused AdamW) against our torch backend, our te backend in BF16 and with FP8 block scaling.
+BF16 autocast, fused AdamW) against our torch backend (eager and torch.compile), our te backend in BF16 and with FP8
+block scaling; for the large sizes also each Hopper FP8 recipe and FP8 on only some layers.
 
-    python bench/throughput.py --data .device/data/swissprot14_train_100k.fasta.xz --sizes 8M 150M 650M
+    python bench/throughput.py --data .device/data/swissprot14_train_100k.fasta.xz --docs docs/benchmarks.md
+
+With --docs the table, with date, GPU and command, replaces this GPU's section of that file (or is appended).
+A row that runs out of memory is retried once with half the batch; the batch column says what ran.
 
 Same sequences and masking for every implementation (our loader, BSHD batches for the baseline). Each row: warm-up
 steps, then timed steps between CUDA events. Prints a markdown table: unpadded tokens/s, TFLOP/s and MFU per GPU
@@ -28,6 +32,20 @@ from recipe.model import EsmConfig, build_model  # noqa: E402
 from recipe.model.flops import batch_flops  # noqa: E402
 
 DATASHEET_TFLOPS = 989.0
+# FP8 rows: the TE recipe on every layer, or on the middle layers only (first and last two layers in BF16).
+FP8_ROWS = {
+    "te_fp8": ("Float8BlockScaling", "all"),
+    "te_fp8_delayed": ("DelayedScaling", "all"),
+    "te_fp8_current": ("Float8CurrentScaling", "all"),
+    "te_fp8_partial": ("Float8BlockScaling", "middle"),
+}
+LABELS = {
+    "hf": "transformers EsmForMaskedLM (padded, SDPA)", "torch": "ours, torch (THD, varlen)",
+    "torch_compile": "ours, torch + torch.compile (fixed-size THD)", "te": "ours, te BF16 (THD)",
+    "te_fp8": "ours, te FP8 block scaling, all layers", "te_fp8_delayed": "ours, te FP8 delayed scaling, all layers",
+    "te_fp8_current": "ours, te FP8 current scaling, all layers",
+    "te_fp8_partial": "ours, te FP8 block scaling, layers 3..L-2 (first/last two BF16)",
+}
 # Sequences per padded baseline batch (the reference point in issue 7) and our THD token budget per micro-batch.
 BASELINE_SEQS = {"8M": 64, "35M": 64, "150M": 32, "650M": 16, "3B": 8}
 TOKEN_BUDGET = {"8M": 65536, "35M": 65536, "150M": 32768, "650M": 16384, "3B": 8192}
@@ -56,11 +74,11 @@ def hf_model(cfg: EsmConfig):
     return EsmForMaskedLM(HFConfig(**d, attn_implementation="sdpa")).cuda()
 
 
-def batches_for(store, impl: str, size: str, n: int):
+def batches_for(store, impl: str, batch: int, n: int):
     if impl == "hf":
-        s = BatchSettings(max_seq_length=1024, layout="bshd", micro_batch_size=BASELINE_SEQS[size], seed=0)
+        s = BatchSettings(max_seq_length=1024, layout="bshd", micro_batch_size=batch, seed=0)
     else:  # compiled rows get fixed-size batches: static shapes
-        s = BatchSettings(max_seq_length=1024, token_micro_batch_size=TOKEN_BUDGET[size], seed=0, pad_to_fixed=impl.endswith("compile"))
+        s = BatchSettings(max_seq_length=1024, token_micro_batch_size=batch, seed=0, pad_to_fixed=impl.endswith("compile"))
     it = iter(MLMBatches(store, s, train=True))
     return [next(it) for _ in range(n)]
 
@@ -76,16 +94,22 @@ def step_fn(model, impl: str):
     return step
 
 
-def run_row(store, size: str, impl: str, warmup: int, steps: int, peak_measured: float) -> dict:
+def fp8_layer_recipes(impl: str, num_layers: int) -> list:
+    import transformer_engine.common.recipe as te_recipe
+
+    name, which = FP8_ROWS[impl]
+    recipe = getattr(te_recipe, name)()
+    return [recipe if which == "all" or 2 <= i < num_layers - 2 else None for i in range(num_layers)]
+
+
+def run_row(store, size: str, impl: str, warmup: int, steps: int, peak_measured: float, batch: int) -> dict:
     cfg = EsmConfig.from_size(size, backend="te" if impl.startswith("te") else "torch")
     warmup = warmup + 3 if impl.endswith("compile") else warmup  # compilation happens in the first steps
-    if impl == "te_fp8":
+    if impl in FP8_ROWS:
         cfg = dataclasses.replace(cfg, activation="gelu_tanh")
     model = hf_model(cfg) if impl == "hf" else build_model(cfg, device="cuda", seed=0)
-    if impl == "te_fp8":
-        from transformer_engine.common.recipe import Float8BlockScaling
-
-        model.set_layer_precision([Float8BlockScaling()] * cfg.num_layers)
+    if impl in FP8_ROWS:
+        model.set_layer_precision(fp8_layer_recipes(impl, cfg.num_layers))
     if impl != "hf":
         model.check_inputs = False
     if impl.endswith("compile"):
@@ -93,7 +117,7 @@ def run_row(store, size: str, impl: str, warmup: int, steps: int, peak_measured:
             layer.compile(dynamic=True)  # max_seqlen varies per batch
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), weight_decay=0.01, fused=True)
     data = [{k: v.cuda(non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
-            for b in batches_for(store, impl, size, warmup + steps)]
+            for b in batches_for(store, impl, batch, warmup + steps)]
     step = step_fn(model, impl)
     torch.cuda.reset_peak_memory_stats()
     for b in data[:warmup]:
@@ -116,7 +140,8 @@ def run_row(store, size: str, impl: str, warmup: int, steps: int, peak_measured:
     tokens = sum(b["num_real_tokens"] for b in timed)
     flops = sum(batch_flops(cfg, b["seq_lengths"].tolist()) for b in timed)
     row = {
-        "size": size, "impl": impl, "tokens_per_s": tokens / seconds, "tflops": flops / seconds / 1e12,
+        "size": size, "impl": impl, "batch": f"{batch} seqs" if impl == "hf" else f"{batch:,} tokens",
+        "tokens_per_s": tokens / seconds, "tflops": flops / seconds / 1e12,
         "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
     }
     row["mfu"] = row["tflops"] / DATASHEET_TFLOPS
@@ -127,13 +152,56 @@ def run_row(store, size: str, impl: str, warmup: int, steps: int, peak_measured:
     return row
 
 
+def measure(store, size: str, impl: str, a, peak: float) -> dict | None:
+    """One row; on out-of-memory, once more with half the batch."""
+    batch = BASELINE_SEQS[size] if impl == "hf" else TOKEN_BUDGET[size]
+    for attempt in range(2):
+        t0 = time.time()
+        try:
+            r = run_row(store, size, impl, a.warmup, a.steps, peak, batch)
+            print(f"{size:>5} {impl:15} {r['tokens_per_s']:>12,.0f} tok/s {r['tflops']:7.1f} TFLOP/s mfu {r['mfu']:.1%} "
+                  f"peak {r['peak_gb']:.1f} GB, batch {r['batch']} ({time.time() - t0:.0f} s)", flush=True)
+            return r
+        except Exception as exc:  # a failed row (OOM, missing TE) is reported; the others still run
+            print(f"{size:>5} {impl:15} failed with batch {batch}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}", flush=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+            if not isinstance(exc, torch.OutOfMemoryError) or attempt:
+                return None
+            batch //= 2
+    return None
+
+
+def table(rows: list[dict], header: str) -> str:
+    lines = [header, "", "| size | implementation | batch | unpadded tokens/s | TFLOP/s | MFU (989) | MFU (measured peak) | peak memory |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['size']} | {LABELS[r['impl']]} | {r['batch']} | {r['tokens_per_s']:,.0f} | {r['tflops']:.1f} | "
+                     f"{r['mfu']:.1%} | {r['mfu_measured']:.1%} | {r['peak_gb']:.1f} GB |")
+    return "\n".join(lines) + "\n"
+
+
+def write_docs(path: Path, gpu: str, text: str) -> None:
+    """Replace this GPU's generated section of the benchmarks document (between its markers), or append it."""
+    begin, end = f"<!-- throughput.py: {gpu} -->", f"<!-- end throughput.py: {gpu} -->"
+    doc = path.read_text() if path.exists() else ""
+    block = f"{begin}\n{text}{end}\n"
+    if begin in doc and end in doc:
+        doc = doc[: doc.index(begin)] + block + doc[doc.index(end) + len(end) + 1 :]
+    else:
+        doc = doc.rstrip("\n") + "\n\n" + block
+    path.write_text(doc)
+
+
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True)
     p.add_argument("--sizes", nargs="+", default=["8M", "35M", "150M", "650M", "3B"])
-    p.add_argument("--impls", nargs="+", default=["hf", "torch", "te", "te_fp8"])
+    p.add_argument("--impls", nargs="+", default=["hf", "torch", "torch_compile", "te", "te_fp8"], choices=list(LABELS))
+    p.add_argument("--fp8-sizes", nargs="*", default=["650M", "3B"], help="sizes that also get every FP8 recipe row")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--docs", type=Path, help="write the table into this markdown file")
     a = p.parse_args()
     try:  # before any CUDA work: TE loads the system cuDNN, which fails once torch has loaded its own
         import transformer_engine.pytorch  # noqa: F401
@@ -143,29 +211,18 @@ def main() -> None:
     peak = matmul_peak()
     name = torch.cuda.get_device_name()
     print(f"{name}: bf16 8192^3 matmul {peak:.0f} TFLOP/s measured here", flush=True)
+    command = "python bench/throughput.py " + " ".join(sys.argv[1:])
+    header = (f"**{name}**, {datetime.date.today()}, torch {torch.__version__}: `{command}`. Matmul peak measured here: "
+              f"{peak:.0f} TFLOP/s. {a.warmup} warm-up (+3 for compiled rows) and {a.steps} timed steps per row.")
     rows = []
     for size in a.sizes:
-        for impl in a.impls:
-            t0 = time.time()
-            try:
-                rows.append(run_row(store, size, impl, a.warmup, a.steps, peak))
-                r = rows[-1]
-                print(f"{size:>5} {impl:7} {r['tokens_per_s']:>12,.0f} tok/s {r['tflops']:7.1f} TFLOP/s mfu {r['mfu']:.1%} "
-                      f"peak {r['peak_gb']:.1f} GB ({time.time() - t0:.0f} s)", flush=True)
-            except Exception as exc:  # a row that fails (OOM, missing TE) is reported, the others still run
-                print(f"{size:>5} {impl:7} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}", flush=True)
-                gc.collect()
-                torch.cuda.empty_cache()
-    print(f"\n{name}, {datetime.date.today()}, `python bench/throughput.py --data {a.data} --sizes {' '.join(a.sizes)} "
-          f"--warmup {a.warmup} --steps {a.steps}`; matmul peak measured {peak:.0f} TFLOP/s\n")
-    print("| size | implementation | unpadded tokens/s | TFLOP/s | MFU (989) | MFU (measured peak) | peak memory |")
-    print("|---|---|---|---|---|---|---|")
-    labels = {"hf": "transformers EsmForMaskedLM (padded, SDPA)", "torch": "ours, torch (THD, varlen)",
-              "te": "ours, te BF16 (THD)", "te_fp8": "ours, te FP8 block scaling",
-              "torch_compile": "ours, torch + torch.compile (fixed-size THD)"}
-    for r in rows:
-        print(f"| {r['size']} | {labels[r['impl']]} | {r['tokens_per_s']:,.0f} | {r['tflops']:.1f} | {r['mfu']:.1%} | "
-              f"{r['mfu_measured']:.1%} | {r['peak_gb']:.1f} GB |")
+        impls = a.impls + ([i for i in FP8_ROWS if i not in a.impls] if size in a.fp8_sizes else [])
+        rows += [r for impl in impls if (r := measure(store, size, impl, a, peak)) is not None]
+        if a.docs:  # after every size, so that an interrupted run keeps what it measured
+            write_docs(a.docs, name, table(rows, header))
+    print("\n" + table(rows, header))
+    if a.docs:
+        print(f"wrote {a.docs}")
 
 
 if __name__ == "__main__":

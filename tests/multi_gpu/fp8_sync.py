@@ -2,6 +2,10 @@
 scaling under DDP or FSDP2 through the trainer, then compare every TE module's scales and amax histories rank
 against rank. They must be identical: the amax reduction group is the whole world.
 
+No validation runs: TE records amaxes in a no-grad (evaluation) forward but reduces them only at the next training
+step's autocast exit, so right after a validation pass the newest history slot is still per-rank (the next training
+step makes it common again, and a checkpoint restores one copy on every rank).
+
     torchrun --standalone --nproc_per_node=2 tests/multi_gpu/fp8_sync.py ddp|fsdp2 OUTPUT_DIR [overrides...]
 """
 
@@ -35,7 +39,7 @@ def recipe_state(model) -> list[tuple[str, torch.Tensor]]:
 def main(strategy: str, output_dir: str, overrides: list[str]) -> None:
     info = init_distributed("cuda")
     args = ["model.backend=te", "model.activation=gelu_tanh", "fp8_config.enabled=true", "num_train_steps=30",
-            "validation.every_n_steps=0", "checkpoint.save_every_n_steps=0", "checkpoint.save_final_checkpoint=false",
+            "dataset.val_path=null", "checkpoint.save_every_n_steps=0", "checkpoint.save_final_checkpoint=false",
             "checkpoint.save_final_model=false", f"output_dir={output_dir}", *overrides]
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("L0_sanity", overrides=args)

@@ -1,0 +1,111 @@
+"""Where the time of one training step goes: torch.profiler over a few steps of one model size, our torch backend
+against our te backend (BF16), kernels grouped by kind. Prints per-step CUDA time by group and the top kernels.
+
+    python bench/profile_step.py --data .device/data/swissprot14_train_100k.fasta.xz --size 650M --trace-dir $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import re
+import shutil
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+try:  # before any CUDA work (TE loads its cuDNN first)
+    import transformer_engine.pytorch  # noqa: F401
+except ImportError:
+    pass
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from bench.throughput import TOKEN_BUDGET, batches_for  # noqa: E402
+from recipe.data.sources import load_sequences  # noqa: E402
+from recipe.model import EsmConfig, build_model  # noqa: E402
+
+GROUPS = [  # first match wins
+    ("attention", r"flash|fmha|attn|cudnn|sdpa"),
+    ("matmul", r"gemm|xmma|cutlass|nvjet|sm90|wgmma|matmul"),
+    ("layernorm", r"layer_?norm|ln_"),
+    ("optimizer", r"adam|multi_tensor|foreach"),
+    ("rope", r"rope|rotary"),
+    ("copy/cast", r"copy|cast|convert|fill|transpose"),
+]
+
+
+def group_of(name: str) -> str:
+    low = name.lower()
+    return next((g for g, pat in GROUPS if re.search(pat, low)), "elementwise/other")
+
+
+def profile_impl(store, size: str, impl: str, steps: int, trace_dir: Path | None) -> None:
+    cfg = EsmConfig.from_size(size, backend=impl)
+    model = build_model(cfg, device="cuda", seed=0)
+    model.check_inputs = False
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    data = [{k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in batches_for(store, impl, TOKEN_BUDGET[size], 3 + steps)]
+
+    def step(b):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(b["input_ids"], cu_seqlens=b["cu_seqlens"], max_seqlen=b["max_seqlen"], labels=b["labels"])
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for b in data[:3]:
+        step(b)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for b in data[3:]:
+            step(b)
+        torch.cuda.synchronize()
+
+    by_group, total = defaultdict(float), 0.0
+    kernels = []
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", 0.0)
+        if t <= 0 or e.key.startswith("ProfilerStep"):
+            continue
+        if e.device_type != torch.autograd.DeviceType.CUDA:  # CPU ops carry their kernels' time too: count kernels only
+            continue
+        by_group[group_of(e.key)] += t
+        total += t
+        kernels.append((t, e.count, e.key))
+    tokens = sum(b["num_real_tokens"] for b in data[3:]) / steps
+    print(f"\n{size} {impl}: {total / steps / 1e3:.1f} ms of GPU kernels per step ({tokens:,.0f} tokens/step)")
+    for g, t in sorted(by_group.items(), key=lambda x: -x[1]):
+        print(f"  {g:18} {t / steps / 1e3:8.2f} ms  {t / total:6.1%}")
+    print("  top kernels:")
+    for t, n, key in sorted(kernels, reverse=True)[:10]:
+        print(f"    {t / steps / 1e3:7.2f} ms  x{n // steps:<4} {key[:110]}")
+
+    if trace_dir is not None:
+        raw = trace_dir / f"trace_{size}_{impl}.json"
+        prof.export_chrome_trace(str(raw))
+        with open(raw, "rb") as src, gzip.open(f"{raw}.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        raw.unlink()
+    del model, opt, data
+    torch.cuda.empty_cache()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True)
+    p.add_argument("--size", default="650M")
+    p.add_argument("--impls", nargs="+", default=["torch", "te"])
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--trace-dir", type=Path)
+    a = p.parse_args()
+    store = load_sequences(a.data)
+    print(torch.cuda.get_device_name())
+    for impl in a.impls:
+        profile_impl(store, a.size, impl, a.steps, a.trace_dir)
+
+
+if __name__ == "__main__":
+    main()
