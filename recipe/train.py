@@ -316,7 +316,8 @@ def fit(cfg: DictConfig, strategy: Strategy):
     info = strategy.info
     config_lib.validate(cfg)
     check_context_parallel(cfg.cp_size, info.world_size, info.device.type, cfg.model.backend, cfg.dataset.layout)
-    backend = resolve_backend(cfg.model.backend)
+    quantized = bool(cfg.fp8_config.enabled or cfg.fp4_config.enabled)
+    backend = resolve_backend(cfg.model.backend, model_config(cfg), cfg.use_torch_compile, quantized)
     check_context_parallel(cfg.cp_size, info.world_size, info.device.type, backend, cfg.dataset.layout)  # auto may be torch
     setup_context_parallel(info, cfg.cp_size)
     out_dir = Path(cfg.output_dir)

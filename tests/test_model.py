@@ -252,3 +252,15 @@ def test_flops_formula():
     assert batch_flops(cfg, [100, 300]) == pytest.approx(400 * flops_per_token(cfg, 250.0))
     # a 650M model does roughly 6 x 0.65 G FLOPs per token
     assert 3.5e9 < flops_per_token(cfg, 0) < 4.2e9
+
+
+@pytest.mark.parametrize(
+    "size, compiled, quantized, expected",
+    [("8M", False, False, "torch"), ("150M", False, False, "torch"), ("650M", False, False, "te"), ("3B", False, False, "te"),
+     ("650M", True, False, "torch"), ("8M", False, True, "te"), ("8M", True, True, "te")],
+)
+def test_auto_backend_follows_measurements(size, compiled, quantized, expected):
+    from recipe.model import auto_backend
+
+    backend, reason = auto_backend(EsmConfig.from_size(size).hidden_size, compiled, quantized)
+    assert backend == expected and reason
