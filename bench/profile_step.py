@@ -97,8 +97,6 @@ def profile_impl(store, size: str, impl: str, steps: int, trace_dir: Path | None
         with open(raw, "rb") as src, gzip.open(f"{raw}.gz", "wb") as dst:
             shutil.copyfileobj(src, dst)
         raw.unlink()
-    del model, opt, data
-    torch.cuda.empty_cache()
 
 
 def main() -> None:

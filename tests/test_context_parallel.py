@@ -142,3 +142,18 @@ def test_each_dp_rank_reads_its_own_data_and_cp_peers_the_same(tmp_path):
         assert not set(seen[0][split]) & set(seen[2][split])
     val_all = np.concatenate([seen[0]["val"], seen[2]["val"]])
     assert sorted(val_all.tolist()) == list(range(len(load_sequences(cfg.dataset.val_path))))
+
+
+@pytest.mark.slow
+def test_dp_cp_grid_and_fsdp2_shards_over_all_ranks():
+    """World 4, cp_size 2: CP groups are neighbouring ranks, dp rank = rank // 2, and FSDP2 shards every parameter
+    over all 4 ranks (the dp x cp grid flattened, not only the dp ranks)."""
+    import json
+
+    r = torchrun("tests/scripts/cp_layout.py", 4, "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = json.loads(r.stdout.strip().splitlines()[-1])
+    for x in ranks:
+        assert x["cp_ranks"] == [x["rank"] // 2 * 2, x["rank"] // 2 * 2 + 1] and x["cp_rank"] == x["rank"] % 2
+        assert x["dp_rank"] == x["rank"] // 2 and x["dp_size"] == 2
+        assert x["shard_mesh_size"] == 4 and "Shard(dim=0)" in x["placements"]

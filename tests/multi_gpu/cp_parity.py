@@ -29,7 +29,7 @@ DATA = Path(__file__).resolve().parents[2] / "data" / "uniprot_sample" / "valida
 
 
 def run(model, batch: dict, cp: bool):
-    kw = {k: batch[k].cuda() for k in ("cu_seqlens", "labels") }
+    kw = {k: batch[k].cuda() for k in ("cu_seqlens", "labels")}
     if cp:
         kw["cu_seqlens_padded"] = batch["cu_seqlens_padded"].cuda()
     with torch.autocast("cuda", dtype=torch.bfloat16):
