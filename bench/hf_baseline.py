@@ -15,7 +15,6 @@ import argparse
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -26,7 +25,8 @@ from bench.throughput import hf_model  # noqa: E402
 from recipe.data.dataset import BatchSettings, MLMBatches, make_loader  # noqa: E402
 from recipe.data.sources import load_sequences  # noqa: E402
 from recipe.model import EsmConfig  # noqa: E402
-from recipe.optim import lr_at  # noqa: E402
+from recipe.optim import lr_at, set_lr  # noqa: E402
+from recipe.train import TrainClock  # noqa: E402
 
 
 @torch.no_grad()
@@ -66,16 +66,15 @@ def main() -> None:
     model = hf_model(EsmConfig.from_size(a.size))
     opt = torch.optim.AdamW(model.parameters(), lr=0.0, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01, fused=True)
     out = open(a.out, "w")
-    clock, paused, step, tokens = time.perf_counter(), 0.0, 0, 0
+    clock, step, tokens = TrainClock(), 0, 0  # training time; validation pauses it, as in our trainer
 
     def log(record: dict) -> None:
         out.write(json.dumps(record) + "\n")
         out.flush()
 
-    while (time.perf_counter() - clock - paused) < a.minutes * 60:
+    while clock.seconds < a.minutes * 60:
         b = next(train)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, a.lr, a.warmup, a.schedule_steps)
+        set_lr(opt, lr_at(step, a.lr, a.warmup, a.schedule_steps))
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(input_ids=b["input_ids"].cuda(non_blocking=True), attention_mask=b["attention_mask"].cuda(non_blocking=True),
                          labels=b["labels"].cuda(non_blocking=True)).loss
@@ -85,13 +84,13 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
         step, tokens = step + 1, tokens + b["num_real_tokens"]
         if step % 50 == 0:
-            seconds = time.perf_counter() - clock - paused
+            seconds = clock.seconds
             log({"step": step, "loss": loss.item(), "train_seconds": seconds, "tokens_per_second_per_gpu": tokens / seconds})
         if step % a.eval_every == 0:
-            seconds, t = time.perf_counter() - clock - paused, time.perf_counter()
-            log({"step": step, "train_seconds": seconds, "val_loss": validate(model, val)})
-            paused += time.perf_counter() - t
-    seconds = time.perf_counter() - clock - paused
+            seconds = clock.seconds
+            with clock.pause():
+                log({"step": step, "train_seconds": seconds, "val_loss": validate(model, val)})
+    seconds = clock.seconds
     val_loss = validate(model, val)
     log({"step": step, "train_seconds": seconds, "val_loss": val_loss, "final": True})
     print(f"EsmForMaskedLM {a.size}: {step} steps, {tokens:,} tokens in {seconds:.0f} s ({tokens / seconds:,.0f} tokens/s), "

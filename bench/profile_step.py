@@ -23,7 +23,7 @@ except ImportError:
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from bench.throughput import TOKEN_BUDGET, batches_for  # noqa: E402
+from bench.throughput import TOKEN_BUDGET, batches_for, step_fn, timed_seconds  # noqa: E402
 from recipe.data.sources import load_sequences  # noqa: E402
 from recipe.model import EsmConfig, build_model  # noqa: E402
 
@@ -49,23 +49,10 @@ def profile_impl(store, size: str, impl: str, steps: int, trace_dir: Path | None
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     data = [{k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in batches_for(store, impl, TOKEN_BUDGET[size], 3 + steps)]
 
-    def step(b):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(b["input_ids"], cu_seqlens=b["cu_seqlens"], max_seqlen=b["max_seqlen"], labels=b["labels"])
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    step = step_fn(model, impl, opt)
     for b in data[:3]:
         step(b)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for b in data[3:]:
-        step(b)
-    end.record()
-    torch.cuda.synchronize()
-    wall_ms = start.elapsed_time(end) / steps
+    wall_ms = timed_seconds(step, data[3:]) * 1e3 / steps
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for b in data[3:]:
             step(b)

@@ -83,15 +83,32 @@ def batches_for(store, impl: str, batch: int, n: int):
     return [next(it) for _ in range(n)]
 
 
-def step_fn(model, impl: str):
+def step_fn(model, impl: str, opt):
+    """One training step on a batch already on the GPU: BF16 autocast forward, backward, optimizer update."""
+
     def step(b):
-        if impl == "hf":
-            out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
-        else:
-            out = model(b["input_ids"], cu_seqlens=b["cu_seqlens"], max_seqlen=b["max_seqlen"], labels=b["labels"])
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            if impl == "hf":
+                out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
+            else:
+                out = model(b["input_ids"], cu_seqlens=b["cu_seqlens"], max_seqlen=b["max_seqlen"], labels=b["labels"])
         out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
     return step
+
+
+def timed_seconds(step, batches: list[dict]) -> float:
+    """GPU time of running `step` over `batches`, between CUDA events."""
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for b in batches:
+        step(b)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3
 
 
 def fp8_layer_recipes(impl: str, num_layers: int) -> list:
@@ -118,24 +135,11 @@ def run_row(store, size: str, impl: str, warmup: int, steps: int, peak_measured:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), weight_decay=0.01, fused=True)
     data = [{k: v.cuda(non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
             for b in batches_for(store, impl, batch, warmup + steps)]
-    step = step_fn(model, impl)
+    step = step_fn(model, impl, opt)
     torch.cuda.reset_peak_memory_stats()
     for b in data[:warmup]:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            step(b)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for b in data[warmup:]:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            step(b)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    end.record()
-    torch.cuda.synchronize()
-    seconds = start.elapsed_time(end) / 1e3
+        step(b)
+    seconds = timed_seconds(step, data[warmup:])
     timed = data[warmup:]
     tokens = sum(b["num_real_tokens"] for b in timed)
     flops = sum(batch_flops(cfg, b["seq_lengths"].tolist()) for b in timed)

@@ -180,10 +180,9 @@ def model_config(cfg: DictConfig) -> EsmConfig:
     return EsmConfig.from_size(m.size, **shape, **overrides)
 
 
-def build(cfg: DictConfig, strategy: Strategy, backend: str):
-    """The wrapped, initialised model, its resolved config and its per-layer precision plan."""
+def build(cfg: DictConfig, strategy: Strategy, mcfg: EsmConfig):
+    """The wrapped, initialised model and its per-layer precision plan (`mcfg` has its backend resolved)."""
     info = strategy.info
-    mcfg = dataclasses.replace(model_config(cfg), backend=backend)
     plan, recipes = precision_plan(cfg, mcfg, info)  # refuses before any memory is spent on the model
     contexts = [quantization.init_context(recipes.get(p)) for p in plan.layers] if cfg.quantized_model_init else None
     if strategy.meta_init and contexts is None:
@@ -211,7 +210,7 @@ def build(cfg: DictConfig, strategy: Strategy, backend: str):
         load_hf_into(raw, cfg.model.init_from)
         log.info("initialised from %s", cfg.model.init_from)
     raw.check_inputs = False  # our packer guarantees the invariants; skipping saves a GPU sync per micro-batch
-    return model, mcfg, plan
+    return model, plan
 
 
 def precision_plan(cfg: DictConfig, mcfg: EsmConfig, info: DistInfo) -> tuple[quantization.PrecisionPlan, dict]:
@@ -317,15 +316,16 @@ def fit(cfg: DictConfig, strategy: Strategy):
     config_lib.validate(cfg)
     check_context_parallel(cfg.cp_size, info.world_size, info.device.type, cfg.model.backend, cfg.dataset.layout)
     quantized = bool(cfg.fp8_config.enabled or cfg.fp4_config.enabled)
-    backend = resolve_backend(cfg.model.backend, model_config(cfg), cfg.use_torch_compile, quantized)
-    check_context_parallel(cfg.cp_size, info.world_size, info.device.type, backend, cfg.dataset.layout)  # auto may be torch
+    mcfg = model_config(cfg)
+    mcfg = dataclasses.replace(mcfg, backend=resolve_backend(cfg.model.backend, mcfg, cfg.use_torch_compile, quantized))
+    check_context_parallel(cfg.cp_size, info.world_size, info.device.type, mcfg.backend, cfg.dataset.layout)  # auto may be torch
     setup_context_parallel(info, cfg.cp_size)
     out_dir = Path(cfg.output_dir)
     if info.is_main:
         print(f"output_dir: {out_dir.resolve()}", flush=True)
         (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     torch.manual_seed(cfg.seed)
-    model, mcfg, plan = build(cfg, strategy, backend)
+    model, plan = build(cfg, strategy, mcfg)
     optimizer = build_optimizer(model, cfg, info.device, master_weights=cfg.quantized_model_init)
     loader, val_data, settings = build_data(cfg, info)
     shard = cp_shard(cfg, info)

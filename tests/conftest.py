@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -47,6 +48,17 @@ def torchrun(script, nproc, *overrides, timeout=300):
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script] if nproc > 1 \
         else [sys.executable, script]
     return run_cmd(args + list(overrides), timeout=timeout)
+
+
+def read_metrics(out_dir: Path) -> tuple[list[dict], list[dict]]:
+    """A run's metrics.jsonl as (training records, validation records); both empty if it wrote none."""
+    path = Path(out_dir) / "metrics.jsonl"
+    records = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    return [x for x in records if "loss" in x], [x for x in records if "val_loss" in x]
+
+
+def losses(out_dir: Path) -> dict[int, float]:
+    return {x["step"]: x["loss"] for x in read_metrics(out_dir)[0]}
 
 
 def te_available() -> bool:

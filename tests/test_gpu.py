@@ -4,14 +4,13 @@ Run on the device machine with the kit: `source .device/setup.sh && python -m py
 Numbers are printed (-s) for the notes in docs/numerics.md.
 """
 
-import json
 import math
 import shutil
 import time
 
 import pytest
 import torch
-from conftest import BUNDLED_VAL, ROOT, te_available, torchrun
+from conftest import BUNDLED_VAL, ROOT, read_metrics, te_available, torchrun
 
 from recipe.data.dataset import BatchSettings, MLMBatches
 from recipe.data.sources import load_sequences
@@ -116,9 +115,7 @@ def test_l0_sanity_on_one_gpu(tmp_path, strategy, backend):
     r = torchrun(f"train_{strategy}.py", 1, "--config-name", "L0_sanity", f"model.backend={backend}", f"output_dir={tmp_path}")
     elapsed = time.time() - start
     assert r.returncode == 0, r.stderr[-4000:]
-    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    train = [x for x in records if "loss" in x]
-    val = [x for x in records if "val_loss" in x]
+    train, val = read_metrics(tmp_path)
     print(f"\n  L0_sanity on {torch.cuda.get_device_name()} ({strategy}, {backend}): {elapsed:.1f} s wall, loss {train[0]['loss']:.3f} -> "
           f"{train[-1]['loss']:.3f}, val loss {val[-1]['val_loss']:.3f}, {train[-1]['tokens_per_second_per_gpu']:.3g} tokens/s")
     assert train[-1]["loss"] < train[0]["loss"] - 0.3
@@ -130,8 +127,7 @@ FP8_ARGS = ["model.backend=te", "model.activation=gelu_tanh", "fp8_config.enable
 
 def run_l0(tmp_path, *overrides):
     r = torchrun("train_fsdp2.py", 1, "--config-name", "L0_sanity", *overrides, f"output_dir={tmp_path}")
-    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] if (tmp_path / "metrics.jsonl").exists() else []
-    return r, [x for x in records if "loss" in x], [x for x in records if "val_loss" in x]
+    return (r, *read_metrics(tmp_path))
 
 
 @needs_te
@@ -188,7 +184,7 @@ def test_quantized_model_init_trains(tmp_path, strategy):
                  "checkpoint.save_every_n_steps=30", f"output_dir={tmp_path}")
     assert r.returncode == 0, r.stderr[-4000:]
     held = next(x for x in r.stderr.splitlines() if "quantized model init:" in x)
-    train = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    train, _ = read_metrics(tmp_path)
     print(f"\n  quantized_model_init ({strategy}, Float8CurrentScaling): {held.split(': ', 2)[-1]}; loss {train[0]['loss']:.3f} -> "
           f"{train[-1]['loss']:.3f}, peak memory {train[-1]['max_memory_gb']:.2f} GB")
     assert "16 weights held quantized" in held  # tiny: 4 layers x (qkv, proj, fc1, fc2)
@@ -214,9 +210,8 @@ def test_l1_8m_fp8_block_scaling_within_2_percent_of_bf16(tmp_path):
         start = time.time()
         r = torchrun("train_ddp.py", 1, *common, *extra, f"output_dir={out}", timeout=900)
         assert r.returncode == 0, r.stderr[-4000:]
-        rec = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-        val[name] = next(x["val_loss"] for x in rec if "val_loss" in x)
-        last = [x for x in rec if "loss" in x][-1]
+        train, validation = read_metrics(out)
+        val[name], last = validation[0]["val_loss"], train[-1]
         print(f"\n  L1_8M 300 steps, {name}: train loss {last['loss']:.4f}, validation loss {val[name]:.4f}, "
               f"{last['tokens_per_second_per_gpu']:.3g} tokens/s, {time.time() - start:.0f} s")
     rel = abs(val["fp8 block"] - val["bf16"]) / val["bf16"]

@@ -1,12 +1,11 @@
 """Multi-GPU checks (pytest -m gpu -s, on a machine with 2 or 4 GPUs): context parallelism against none, CP training
 with DP, exact CP resume, and FP8 recipe state in sync across data-parallel ranks. Numbers are printed (-s)."""
 
-import json
 import shutil
 
 import pytest
 import torch
-from conftest import te_available, torchrun
+from conftest import losses, read_metrics, te_available, torchrun
 
 pytestmark = pytest.mark.gpu
 
@@ -14,15 +13,6 @@ pytestmark = pytest.mark.gpu
 def needs_gpus(n: int):
     ok = torch.cuda.is_available() and torch.cuda.device_count() >= n and te_available()
     return pytest.mark.skipif(not ok, reason=f"{n} Hopper+ GPUs with TransformerEngine needed")
-
-
-def losses(out_dir) -> dict[int, float]:
-    records = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return {x["step"]: x["loss"] for x in records if "loss" in x}
-
-
-def records(out_dir) -> list[dict]:
-    return [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @needs_gpus(2)
@@ -40,9 +30,7 @@ def test_l0_sanity_cp_trains(tmp_path, nproc, cp):
         pytest.skip(f"{nproc} GPUs needed")
     r = torchrun("train_cp.py", nproc, "--config-name", "L0_sanity_cp", f"cp_size={cp}", f"output_dir={tmp_path}")
     assert r.returncode == 0, r.stderr[-4000:]
-    rec = records(tmp_path)
-    train = [x for x in rec if "loss" in x]
-    val = [x for x in rec if "val_loss" in x]
+    train, val = read_metrics(tmp_path)
     print(f"\n  L0_sanity_cp, {nproc} GPUs as dp {nproc // cp} x cp {cp}: loss {train[0]['loss']:.3f} -> {train[-1]['loss']:.3f}, "
           f"val loss {val[-1]['val_loss']:.3f}, {train[-1]['tokens_per_second_per_gpu']:.3g} tokens/s/GPU")
     assert train[-1]["loss"] < train[0]["loss"] - 0.3

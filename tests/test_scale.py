@@ -12,7 +12,7 @@ import time
 
 import pytest
 import yaml
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +37,7 @@ def sbatch_env(tmp_path, nodes=2):
 
 
 def steps(run):
-    return [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    return [r["step"] for r in read_metrics(run)[0]]
 
 
 def test_slurm_two_nodes_preempt_requeue_resume(tmp_path):

@@ -1,7 +1,6 @@
 """End-to-end training on CPU: L0_sanity, DDP vs FSDP2 with 2 gloo processes, exact resume, torn checkpoints,
 preemption, non-finite stops, and config errors."""
 
-import json
 import os
 import re
 import shutil
@@ -11,14 +10,10 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, TINY, torchrun
+from conftest import ROOT, TINY, losses, read_metrics, torchrun
 
 pytestmark = pytest.mark.slow
 
-
-
-def losses(out_dir):
-    return {r["step"]: r["loss"] for r in map(json.loads, (out_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
 
 
 def check(result):
@@ -133,9 +128,7 @@ def test_l0_sanity_from_the_readme_command(tmp_path):
     r = check(torchrun("train_fsdp2.py", 1, "--config-name", "L0_sanity", f"output_dir={out}"))
     elapsed = time.time() - start
     assert f"output_dir: {out}" in r.stdout
-    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    train = [x for x in records if "loss" in x]
-    val = [x for x in records if "val_loss" in x]
+    train, val = read_metrics(out)
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_second_per_gpu", "tflops_per_gpu", "mfu", "max_memory_gb", "consumed_tokens"} <= set(train[0])
     assert {"step", "val_loss", "val_perplexity", "val_accuracy"} <= set(val[0])
     assert len(val) == 2 and val[0]["val_tokens"] == val[1]["val_tokens"] > 0  # two full, identical passes

@@ -44,17 +44,23 @@ def real_lengths(batch: dict) -> np.ndarray:
     return np.diff(batch["cu_seqlens"].cpu().numpy().astype(np.int64))
 
 
-def pad_batch(input_ids: torch.Tensor, labels: torch.Tensor, lengths: np.ndarray, cp_size: int, chunk_multiple: int = 1):
-    """The full batch with every sequence padded for CP: (ids, labels, positions, cu_seqlens_padded, padded)."""
-    padded = padded_lengths(lengths, cp_size, chunk_multiple)
+def real_token_slots(lengths: np.ndarray, padded: np.ndarray) -> np.ndarray:
+    """For each real token of the unpadded batch, in order: its slot in the padded full batch."""
     cu = np.concatenate([[0], np.cumsum(lengths)])
     cu_pad = np.concatenate([[0], np.cumsum(padded)])
     seq = np.repeat(np.arange(len(lengths)), lengths)
-    dest = np.arange(int(cu[-1])) - cu[seq] + cu_pad[seq]  # each real token's slot in the padded batch
+    return np.arange(int(cu[-1])) - cu[seq] + cu_pad[seq]
+
+
+def pad_batch(input_ids: torch.Tensor, labels: torch.Tensor, lengths: np.ndarray, cp_size: int, chunk_multiple: int = 1):
+    """The full batch with every sequence padded for CP: (ids, labels, positions, cu_seqlens_padded, padded)."""
+    padded = padded_lengths(lengths, cp_size, chunk_multiple)
+    cu_pad = np.concatenate([[0], np.cumsum(padded)])
+    dest, real = real_token_slots(lengths, padded), int(lengths.sum())
     ids = np.full(int(cu_pad[-1]), PAD_ID, dtype=np.int64)
     lab = np.full(int(cu_pad[-1]), IGNORE_INDEX, dtype=np.int64)
-    ids[dest] = input_ids[: cu[-1]].cpu().numpy()
-    lab[dest] = labels[: cu[-1]].cpu().numpy()
+    ids[dest] = input_ids[:real].cpu().numpy()
+    lab[dest] = labels[:real].cpu().numpy()
     pos = np.arange(int(cu_pad[-1])) - np.repeat(cu_pad[:-1], padded)
     return ids, lab, pos, cu_pad, padded
 
@@ -76,8 +82,6 @@ def shard_batch(batch: dict, cp_size: int, cp_rank: int, chunk_multiple: int = 1
         "max_seqlen": int(padded.max()),
         "num_real_tokens": int(real.sum()),
         "seq_lengths": torch.from_numpy(lengths),
-        "cp_size": cp_size,
-        "cp_rank": cp_rank,
     }
 
 

@@ -13,13 +13,12 @@ import transformer_engine.pytorch  # noqa: F401  (before any CUDA work: TE loads
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from recipe.data.context_parallel import padded_lengths, rank_token_index, real_lengths, shard_batch  # noqa: E402
+from recipe.data.context_parallel import padded_lengths, real_lengths, real_token_slots, shard_batch, unshard  # noqa: E402
 from recipe.data.dataset import BatchSettings, MLMBatches  # noqa: E402
 from recipe.data.sources import load_sequences  # noqa: E402
 from recipe.model import EsmConfig, build_model  # noqa: E402
@@ -62,14 +61,10 @@ def main(size: str) -> None:
     # Re-assemble the logits in full-batch order, then keep each sequence's real tokens.
     parts = [torch.empty_like(out.logits) for _ in range(cp)]
     dist.all_gather(parts, out.logits.contiguous())
+    full = unshard([{"logits": p, "cu_seqlens_padded": shard["cu_seqlens_padded"]} for p in parts], keys=("logits",))["logits"]
     lengths = real_lengths(batch)
-    padded = padded_lengths(lengths, cp, 8)
-    full = out.logits.new_empty(int(padded.sum()), out.logits.shape[-1])
-    for r, part in enumerate(parts):
-        full[torch.from_numpy(rank_token_index(padded, cp, r)).cuda()] = part
-    cu_pad = np.concatenate([[0], np.cumsum(padded)])
-    rows = np.concatenate([np.arange(a, a + n) for a, n in zip(cu_pad[:-1], lengths)])
-    cp_logits, ref_logits = full[torch.from_numpy(rows).cuda()].float(), out_ref.logits[: int(lengths.sum())].float()
+    rows = torch.from_numpy(real_token_slots(lengths, padded_lengths(lengths, cp, 8))).cuda()
+    cp_logits, ref_logits = full[rows].float(), out_ref.logits[: int(lengths.sum())].float()
     cosine = F.cosine_similarity(cp_logits.flatten(), ref_logits.flatten(), dim=0).item()
     per_token = F.cosine_similarity(cp_logits, ref_logits, dim=-1).min().item()
 
