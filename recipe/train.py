@@ -271,7 +271,8 @@ def build_data(cfg: DictConfig, info: DistInfo):
 
 def cp_shard(cfg: DictConfig, info: DistInfo):
     """Batch -> this rank's context-parallel share (identity without CP). Sequences are padded so that every
-    rank's share is a multiple of dataset.pad_to_multiple_of tokens (FP8 needs 16)."""
+    rank's share is a multiple of 2 x (dataset.pad_to_multiple_of // 2) tokens: of pad_to_multiple_of itself when
+    that is even (16 by default, what FP8 needs)."""
     if info.cp.size == 1:
         return lambda batch: batch
     chunk = max(1, cfg.dataset.pad_to_multiple_of // 2)
