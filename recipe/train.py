@@ -189,9 +189,8 @@ def build(cfg: DictConfig, strategy: Strategy, mcfg: EsmConfig):
         model = build_model(mcfg, device="meta", dtype=strategy.param_dtype)
     else:  # quantized weights are made on the device (TE quantizes as they are initialised), then sharded
         model = build_model(mcfg, device=info.device, seed=cfg.seed, dtype=strategy.param_dtype, layer_init_contexts=contexts)
-    if cfg.use_torch_compile:  # per layer; dynamic shapes, since packed lengths and max_seqlen vary per batch
-        for layer in model.layers:
-            layer.compile(dynamic=True)
+    if cfg.use_torch_compile:
+        model.compile_layers()
     model = strategy.wrap(model)
     if strategy.meta_init and contexts is None:
         model.to_empty(device=info.device)

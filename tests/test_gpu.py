@@ -107,19 +107,24 @@ def test_te_backend_trains_and_matches_gradients(batch):
     assert worst > 0.98
 
 
-@pytest.mark.parametrize("strategy, backend", [("fsdp2", "torch"), ("ddp", "torch"), ("fsdp2", "te"), ("ddp", "te")])
-def test_l0_sanity_on_one_gpu(tmp_path, strategy, backend):
+@pytest.mark.parametrize(
+    "strategy, backend, compiled",
+    [("fsdp2", "torch", False), ("ddp", "torch", False), ("fsdp2", "te", False), ("ddp", "te", False), ("fsdp2", "torch", True), ("ddp", "te", True)],
+)
+def test_l0_sanity_on_one_gpu(tmp_path, strategy, backend, compiled):
     if backend == "te" and not te_available():
         pytest.skip("TransformerEngine on Hopper+ needed")
     start = time.time()
-    r = torchrun(f"train_{strategy}.py", 1, "--config-name", "L0_sanity", f"model.backend={backend}", f"output_dir={tmp_path}")
+    r = torchrun(f"train_{strategy}.py", 1, "--config-name", "L0_sanity", f"model.backend={backend}", f"output_dir={tmp_path}",
+                 f"use_torch_compile={str(compiled).lower()}")
     elapsed = time.time() - start
     assert r.returncode == 0, r.stderr[-4000:]
     train, val = read_metrics(tmp_path)
-    print(f"\n  L0_sanity on {torch.cuda.get_device_name()} ({strategy}, {backend}): {elapsed:.1f} s wall, loss {train[0]['loss']:.3f} -> "
-          f"{train[-1]['loss']:.3f}, val loss {val[-1]['val_loss']:.3f}, {train[-1]['tokens_per_second_per_gpu']:.3g} tokens/s")
+    print(f"\n  L0_sanity on {torch.cuda.get_device_name()} ({strategy}, {backend}{', compiled' if compiled else ''}): {elapsed:.1f} s wall, "
+          f"loss {train[0]['loss']:.3f} -> {train[-1]['loss']:.3f}, val loss {val[-1]['val_loss']:.3f}, "
+          f"{train[-1]['tokens_per_second_per_gpu']:.3g} tokens/s")
     assert train[-1]["loss"] < train[0]["loss"] - 0.3
-    assert elapsed < 60
+    assert compiled or elapsed < 60, "L0_sanity is the one-minute check"
 
 
 FP8_ARGS = ["model.backend=te", "model.activation=gelu_tanh", "fp8_config.enabled=true"]

@@ -31,9 +31,11 @@ def te_status() -> tuple[bool, str]:
 
 
 # `backend: auto` follows measurements, not habit (docs/benchmarks.md, bench/throughput.py on an H100 and an H200,
-# 2026-11-21, BF16 training steps): the plain PyTorch layer is faster below hidden size 1280 (8M: 1.20 M vs 0.81 M
-# tokens/s on the H100; 150M: 158 k vs 155 k), TE from 650M up (78.8 k vs 62.6 k; 3B 22.9 k vs 17.2 k), and the
-# torch layer under torch.compile beats TE at every size (650M 87.7 k, 3B 24.3 k). FP8/FP4 layers need TE.
+# 2026-11-21, BF16 training steps). On the H100, second round:
+# - the plain PyTorch layer is faster below hidden size 1280 (8M: 1.39 M vs 0.57 M tokens/s; 150M: 169 k vs 133 k);
+# - TE is faster from 650M up (86.8 k vs 68.6 k; 3B 23.3 k vs 17.7 k, where eager torch fits only half the micro-batch);
+# - the torch layer under torch.compile beats TE at every size (650M 95.3 k, 3B 24.7 k).
+# FP8/FP4 layers need TE.
 TE_FASTER_FROM_HIDDEN = 1280
 
 

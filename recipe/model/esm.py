@@ -99,6 +99,16 @@ class EsmForMaskedLM(nn.Module):
             layer.core_attention.set_context_parallel_group(group, ranks, stream, comm_type)
         self.cp_size, self.cp_rank, self.cp_group = len(ranks), rank, group
 
+    def compile_layers(self) -> None:
+        """torch.compile per layer, with dynamic shapes (packed lengths, the number of sequences and max_seqlen vary
+        per batch). A te layer compiles only its plain-PyTorch part, the exact-GELU MLP: TE's modules run their own
+        fused kernels and stay eager (measured: 650M te 78.8 k -> 83.2 k tokens/s on an H100, docs/benchmarks.md)."""
+        for layer in self.layers:
+            if self.config.backend == "te":
+                layer.feed_forward = torch.compile(layer.feed_forward, dynamic=True)
+            else:
+                layer.compile(dynamic=True)
+
     def _layer_contexts(self):
         """One outer TE autocast around the stack (amax reduction once per step, at its exit) and a per-layer
         context inside it that switches each layer to its own recipe or to BF16."""

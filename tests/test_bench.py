@@ -1,0 +1,52 @@
+"""The benchmark harness's own logic on CPU: gradient accumulation, out-of-memory fallbacks, the docs section."""
+
+import torch
+
+from bench.throughput import attempts, per_size, step_fn, write_docs
+from recipe.model import EsmConfig, build_model
+
+
+class CountingOptimizer:
+    def __init__(self, model):
+        self.model, self.steps = model, 0
+
+    def step(self):
+        self.steps += 1
+
+    def zero_grad(self, set_to_none=True):
+        self.model.zero_grad(set_to_none=set_to_none)
+
+
+def test_step_fn_accumulates_then_steps():
+    model = build_model(EsmConfig.from_size("tiny", backend="torch"), seed=0)
+    opt = CountingOptimizer(model)
+    ids = torch.randint(4, 24, (30,))
+    batch = {"input_ids": ids, "cu_seqlens": torch.tensor([0, 12, 30], dtype=torch.int32), "max_seqlen": 18, "labels": ids}
+    step = step_fn(model, "torch", opt, accum=3)
+    for calls in range(1, 7):
+        step(batch)
+        assert opt.steps == calls // 3
+        grads_kept = model.embed_tokens.weight.grad is not None
+        assert grads_kept == (calls % 3 != 0), "gradients accumulate between optimizer steps and are cleared after"
+
+
+def test_out_of_memory_fallbacks():
+    assert attempts(32768, 4) == [(32768, 4), (32768, 1), (16384, 1)]
+    assert attempts(8192, 1) == [(8192, 1), (4096, 1)]
+
+
+def test_accumulation_per_size():
+    assert per_size(["4", "3B=1"], ["8M", "3B"]) == {"8M": 4, "3B": 1}
+    assert per_size(["2"], ["650M"]) == {"650M": 2}
+
+
+def test_docs_section_is_replaced_in_place(tmp_path):
+    doc = tmp_path / "bench.md"
+    doc.write_text("# intro\n\nkept\n")
+    write_docs(doc, "GPU A", "table 1\n")
+    write_docs(doc, "GPU B", "table B\n")
+    write_docs(doc, "GPU A", "table 2\n")
+    text = doc.read_text()
+    assert text.startswith("# intro\n\nkept\n")
+    assert "table 1" not in text and text.count("table 2") == 1 and text.count("table B") == 1
+    assert text.index("table 2") < text.index("table B"), "a re-run keeps its section where it was"
