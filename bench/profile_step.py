@@ -47,7 +47,7 @@ def profile_impl(store, size: str, impl: str, steps: int, trace_dir: Path | None
     _, model = make_model(size, impl)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     warmup = 6 if impl.endswith("compile") else 3
-    data = [{k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in batches_for(store, impl, budget, warmup + steps)]
+    data = batches_for(store, impl, budget, warmup + steps)
 
     step = step_fn(model, impl, opt)
     for b in data[:warmup]:

@@ -215,13 +215,12 @@ def build(cfg: DictConfig, strategy: Strategy, mcfg: EsmConfig):
 def precision_plan(cfg: DictConfig, mcfg: EsmConfig, info: DistInfo) -> tuple[quantization.PrecisionPlan, dict]:
     """Resolve the per-layer precision plan, refuse what this run cannot do, and build the TE recipes."""
     plan = quantization.resolve(mcfg.num_layers, cfg.fp8_config, cfg.fp8_layers, cfg.fp4_config, cfg.fp4_layers)
+    quantization.check_quantized_init(plan, cfg.quantized_model_init)
     if not plan.quantized:
-        quantization.check_quantized_init(plan, cfg.quantized_model_init)
         return plan, {}
     gpu = torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else None
     cap = torch.cuda.get_device_capability(info.device) if info.device.type == "cuda" else None
     quantization.check_hardware(plan, mcfg.backend, info.device.type, gpu, cap)
-    quantization.check_quantized_init(plan, cfg.quantized_model_init)
     if mcfg.activation == "gelu":
         raise quantization.PrecisionError(
             "FP8/FP4 layers need TE's fused MLP, which has only the tanh GELU: set model.activation=gelu_tanh "

@@ -20,7 +20,6 @@ from torch import nn
 from recipe.model.config import EsmConfig
 from recipe.model.layers import PackedInfo, TorchEsmLayer, init_scale, rotary_cos_sin
 
-
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
