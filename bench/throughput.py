@@ -2,7 +2,8 @@
 BF16 autocast, fused AdamW) against our torch backend (eager and torch.compile), our te backend in BF16 (eager, and
 with its exact-GELU MLP compiled) and with FP8 block scaling; for the large sizes also each Hopper FP8 recipe and FP8
 on only some layers. Every row accumulates gradients over 4 micro-batches per optimizer step, as training does
-(--accum; 3B: 1, whose fp32 gradients would not stay resident in 80 GB).
+(--accum; 3B: 1, whose fp32 gradients would not stay resident in 80 GB). Lever rows outside the default table: the
+residual stream in fp32 (`*_fp32res_compile`) and bf16 parameters (`torch_bf16params_compile`).
 
     python bench/throughput.py --data .device/data/swissprot14_train_100k.fasta.xz --docs docs/benchmarks.md
 
@@ -49,6 +50,12 @@ LABELS = {
     "te_fp8": "ours, te FP8 block scaling, all layers", "te_fp8_delayed": "ours, te FP8 delayed scaling, all layers",
     "te_fp8_current": "ours, te FP8 current scaling, all layers",
     "te_fp8_partial": "ours, te FP8 block scaling, layers 3..L-2 (first/last two BF16)",
+    # Precision levers (not in the default table): the residual stream in fp32 as transformers keeps it
+    # (model.fp32_residual), and bf16 parameters with AdamW stepping them directly, an upper bound on what bf16
+    # parameters with fp32 master weights could give (those add a gradient and a weight copy per optimizer step).
+    "torch_fp32res_compile": "ours, torch + torch.compile, fp32 residual stream",
+    "te_fp32res_compile": "ours, te BF16, exact-GELU MLP under torch.compile, fp32 residual stream",
+    "torch_bf16params_compile": "ours, torch + torch.compile, bf16 parameters (speed bound, no master weights)",
 }
 # Sequences per padded baseline batch (the reference point in issue 7) and our THD token budget per micro-batch.
 BASELINE_SEQS = {"8M": 64, "35M": 64, "150M": 32, "650M": 16, "3B": 8}
@@ -131,7 +138,7 @@ def fp8_layer_recipes(impl: str, num_layers: int) -> list:
 
 def make_model(size: str, impl: str):
     """(config, model) for one implementation, on the GPU, ready to train."""
-    cfg = EsmConfig.from_size(size, backend="te" if impl.startswith("te") else "torch")
+    cfg = EsmConfig.from_size(size, backend="te" if impl.startswith("te") else "torch", fp32_residual="_fp32res" in impl)
     if impl in FP8_ROWS:
         cfg = dataclasses.replace(cfg, activation="gelu_tanh")
     model = hf_model(cfg) if impl == "hf" else build_model(cfg, device="cuda", seed=0)
@@ -139,6 +146,8 @@ def make_model(size: str, impl: str):
         model.set_layer_precision(fp8_layer_recipes(impl, cfg.num_layers))
     if impl != "hf":
         model.check_inputs = False
+    if "_bf16params" in impl:
+        model.to(torch.bfloat16)
     if impl.endswith("compile"):
         model.compile_layers()
     return cfg, model

@@ -173,6 +173,7 @@ def model_config(cfg: DictConfig) -> EsmConfig:
         activation=m.activation,
         layer_norm_eps=m.layer_norm_eps,
         token_dropout=m.token_dropout,
+        fp32_residual=m.fp32_residual,
     )
     if m.init_from is not None:
         return config_from_hf(m.init_from, **overrides)

@@ -103,6 +103,28 @@ def test_positions_restart_per_sequence():
     torch.testing.assert_close(ab[: len(a)], ba[len(b) :], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("fp32_residual", [False, True])
+@pytest.mark.parametrize("layout", ["thd", "bshd"])
+def test_residual_stream_dtype_under_autocast(fp32_residual, layout):
+    """Under bf16 autocast the layers add into a bf16 stream unless fp32_residual; without autocast it stays fp32
+    (the transformers parity above). The loss stays close to fp32 either way."""
+    model = build_model(EsmConfig(**SHAPES["tiny"], backend="torch", fp32_residual=fp32_residual)).eval()
+    seen = []
+    model.layers[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
+    ids, attn, labels = random_batch(seed=7)
+    if layout == "thd":
+        flat, cu, max_len, flat_labels = to_thd(ids, attn, labels)
+        inputs = dict(input_ids=flat, cu_seqlens=cu, max_seqlen=max_len, labels=flat_labels)
+    else:
+        inputs = dict(input_ids=ids, attention_mask=attn, labels=labels)
+    with torch.no_grad():
+        ref = model(**inputs).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(**inputs).loss
+    assert seen == [torch.float32, torch.float32 if fp32_residual else torch.bfloat16]
+    assert abs(low.item() - ref.item()) / ref.item() < 2e-2
+
+
 def test_compiled_layers_match_eager():
     """`compile_layers` (what use_torch_compile runs) gives eager's loss and gradients, on batches of two shapes
     (dynamic shapes: packed lengths and the number of sequences change between batches)."""

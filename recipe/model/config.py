@@ -43,6 +43,10 @@ class EsmConfig:
     initializer_range: float = 0.02
     backend: str = "auto"
     activation: str = "gelu"
+    # Under bf16/fp16 autocast the residual stream runs in the autocast dtype, as under FSDP2's mixed precision and in
+    # Megatron; True keeps it in fp32 as transformers' EsmForMaskedLM does (slower: docs/benchmarks.md). No effect
+    # without autocast.
+    fp32_residual: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:

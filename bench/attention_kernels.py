@@ -1,0 +1,131 @@
+"""Packed (THD) attention kernels side by side at each ESM-2 size's head count and head dim, on real Swiss-Prot
+packings: FlashAttention-2 (`torch.nn.attention.varlen.varlen_attn`, what the torch backend runs),
+TransformerEngine's `DotProductAttention` (cuDNN, what the te backend runs), and cuDNN's ragged attention through
+PyTorch's private ATen ops (`aten._cudnn_attention_forward/backward` with cumulative sequence lengths, the path of
+nested-tensor SDPA; `varlen_attn` has it switched off). Forward plus backward of one layer's attention, and the
+largest difference of each kernel's output and gradients from FA2's.
+
+    python bench/attention_kernels.py --data .device/data/swissprot14_train_100k.fasta.xz
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+try:  # before any CUDA work (TE loads its cuDNN first)
+    import transformer_engine.pytorch as te
+except ImportError:
+    te = None
+import torch  # noqa: E402
+
+from bench.throughput import TOKEN_BUDGET  # noqa: E402
+from recipe.data.dataset import BatchSettings, MLMBatches  # noqa: E402
+from recipe.data.sources import load_sequences  # noqa: E402
+from recipe.model import EsmConfig  # noqa: E402
+
+
+class CudnnVarlen(torch.autograd.Function):
+    """cuDNN ragged attention on [T, H, D] through the ATen ops that nested-tensor SDPA calls (scale 1/sqrt(D))."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen: int):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        out, lse = torch.ops.aten._cudnn_attention_forward(q, k, v, None, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                                           True, 0.0, False, False)[:2]
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+        ctx.max_seqlen = max_seqlen
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse, cu = ctx.saved_tensors
+        no_dropout = torch.zeros((), dtype=torch.int64, device=q.device)  # philox seed and offset, unused
+        m = ctx.max_seqlen
+        dq, dk, dv = torch.ops.aten._cudnn_attention_backward(grad.contiguous(), q, k, v, out, lse, no_dropout, no_dropout,
+                                                              None, cu, cu, m, m, 0.0, False)
+        return dq, dk, dv, None, None
+
+
+def kernels(cfg: EsmConfig) -> dict:
+    from torch.nn.attention.varlen import varlen_attn
+
+    out = {
+        "flash2": lambda q, k, v, cu, m: varlen_attn(q, k, v, cu, cu, m, m),
+        "cudnn_aten": lambda q, k, v, cu, m: CudnnVarlen.apply(q, k, v, cu, m),
+    }
+    if te is not None:
+        dpa = te.DotProductAttention(cfg.num_heads, cfg.head_dim, attention_dropout=0.0, qkv_format="thd",
+                                     attn_mask_type="padding", softmax_scale=cfg.head_dim**-0.5)
+        out["te"] = lambda q, k, v, cu, m: dpa(q, k, v, cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=m,
+                                               max_seqlen_kv=m).view(q.shape)
+    return out
+
+
+def run(fn, q, k, v, cu, m, grad):
+    for t in (q, k, v):
+        t.grad = None
+    o = fn(q, k, v, cu, m)
+    o.backward(grad)
+    return o, q.grad, k.grad, v.grad
+
+
+def time_ms(fn, args, iters: int) -> float:
+    for _ in range(3):
+        run(fn, *args)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        run(fn, *args)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def compare(fns: dict, args: tuple, iters: int) -> dict[str, str]:
+    """Per kernel: 'ms (max |difference| from FA2 of out, dq, dk, dv)', or why it failed."""
+    ref = [x.float() for x in run(fns["flash2"], *args)]
+    cells = {}
+    for name, fn in fns.items():
+        try:
+            ms = time_ms(fn, args, iters)
+            diffs = [(r - x.float()).abs().max().item() for r, x in zip(ref, run(fn, *args))]
+            cells[name] = f"{ms:.2f}" + ("" if name == "flash2" else " (" + ", ".join(f"{d:.1e}" for d in diffs) + ")")
+        except Exception as exc:  # a kernel that fails at this shape is reported, the others still run
+            cells[name] = f"fails: {type(exc).__name__}: {str(exc).splitlines()[0][:60]}"
+            torch.cuda.empty_cache()
+    return cells
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True)
+    p.add_argument("--sizes", nargs="+", default=["8M", "35M", "150M", "650M", "3B"])
+    p.add_argument("--iters", type=int, default=20)
+    a = p.parse_args()
+    store = load_sequences(a.data)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; ms per forward + backward, and in brackets the "
+          "largest difference from FA2 of out, dq, dk, dv (random bf16 inputs)")
+    names = ["flash2", "te", "cudnn_aten"]
+    print("| size | heads × head dim | tokens | " + " | ".join(names) + " |\n|---|---|---|" + "---|" * len(names))
+    for size in a.sizes:
+        cfg = EsmConfig.from_size(size)
+        s = BatchSettings(max_seq_length=1024, token_micro_batch_size=TOKEN_BUDGET[size], seed=0)
+        b = next(iter(MLMBatches(store, s, train=True)))
+        cu, m = b["cu_seqlens"].cuda(), int(b["max_seqlen"])
+        t = int(cu[-1])
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v, grad = (torch.randn(t, cfg.num_heads, cfg.head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+                         for _ in range(4))
+        for x in (q, k, v):
+            x.requires_grad_(True)
+        cells = compare(kernels(cfg), (q, k, v, cu, m, grad), a.iters)
+        print(f"| {size} | {cfg.num_heads} × {cfg.head_dim} | {t:,} | " + " | ".join(cells.get(n, "—") for n in names) + " |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
