@@ -22,8 +22,7 @@ except ImportError:
     te = None
 import torch  # noqa: E402
 
-from bench.throughput import TOKEN_BUDGET  # noqa: E402
-from recipe.data.dataset import BatchSettings, MLMBatches  # noqa: E402
+from bench.throughput import TOKEN_BUDGET, batches_for, timed_seconds  # noqa: E402
 from recipe.data.sources import load_sequences  # noqa: E402
 from recipe.model import EsmConfig  # noqa: E402
 
@@ -76,13 +75,7 @@ def run(fn, q, k, v, cu, m, grad):
 def time_ms(fn, args, iters: int) -> float:
     for _ in range(3):
         run(fn, *args)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        run(fn, *args)
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
+    return timed_seconds(lambda _: run(fn, *args), list(range(iters))) * 1e3 / iters
 
 
 def compare(fns: dict, args: tuple, iters: int) -> dict[str, str]:
@@ -113,9 +106,8 @@ def main() -> None:
     print("| size | heads × head dim | tokens | " + " | ".join(names) + " |\n|---|---|---|" + "---|" * len(names))
     for size in a.sizes:
         cfg = EsmConfig.from_size(size)
-        s = BatchSettings(max_seq_length=1024, token_micro_batch_size=TOKEN_BUDGET[size], seed=0)
-        b = next(iter(MLMBatches(store, s, train=True)))
-        cu, m = b["cu_seqlens"].cuda(), int(b["max_seqlen"])
+        b = batches_for(store, "torch", TOKEN_BUDGET[size], 1)[0]  # the torch row's first packed micro-batch
+        cu, m = b["cu_seqlens"], int(b["max_seqlen"])
         t = int(cu[-1])
         g = torch.Generator(device="cuda").manual_seed(0)
         q, k, v, grad = (torch.randn(t, cfg.num_heads, cfg.head_dim, device="cuda", dtype=torch.bfloat16, generator=g)

@@ -116,7 +116,7 @@ def step_fn(model, impl: str, opt, accum: int = 1):
     return step
 
 
-def timed_seconds(step, batches: list[dict]) -> float:
+def timed_seconds(step, batches: list) -> float:
     """GPU time of running `step` over `batches`, between CUDA events."""
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
