@@ -222,9 +222,9 @@ def table(rows: list[dict], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_docs(path: Path, gpu: str, text: str) -> None:
-    """Replace this GPU's generated section of the benchmarks document (between its markers), or append it."""
-    begin, end = f"<!-- throughput.py: {gpu} -->", f"<!-- end throughput.py: {gpu} -->"
+def write_docs(path: Path, gpu: str, text: str, tool: str = "throughput.py") -> None:
+    """Replace this tool's and GPU's generated section of the benchmarks document (between its markers), or append it."""
+    begin, end = f"<!-- {tool}: {gpu} -->", f"<!-- end {tool}: {gpu} -->"
     doc = path.read_text() if path.exists() else ""
     block = f"{begin}\n{text}{end}\n"
     if begin in doc and end in doc:

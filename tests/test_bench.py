@@ -50,3 +50,17 @@ def test_docs_section_is_replaced_in_place(tmp_path):
     assert text.startswith("# intro\n\nkept\n")
     assert "table 1" not in text and text.count("table 2") == 1 and text.count("table B") == 1
     assert text.index("table 2") < text.index("table B"), "a re-run keeps its section where it was"
+
+
+def test_vs_reference_measures_the_trainer_itself(tmp_path):
+    """The side-by-side command runs train_fsdp2.py as users do and reads the rate from the trainer's own metrics."""
+    from bench.vs_reference import Row, ours_command, ours_result
+    from tests.conftest import BUNDLED_TRAIN, TINY, run_cmd
+
+    row = Row("tiny", "L0_sanity", "unused", tokens=1024, warmup=2, timed=3, their_workers=1)
+    cmd = ours_command(row, BUNDLED_TRAIN, tmp_path / "run", [*TINY, "device=cpu", "log_every_n_steps=2"])
+    assert cmd[1].endswith("train_fsdp2.py") and "grad_acc_steps=1" in cmd and "num_train_steps=5" in cmd
+    proc = run_cmd(cmd)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = ours_result(tmp_path / "run", row)
+    assert result["timed_steps"] == 3 and result["tokens_per_s"] > 0 and result["peak_gib"] > 0

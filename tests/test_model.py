@@ -125,6 +125,36 @@ def test_residual_stream_dtype_under_autocast(fp32_residual, layout):
     assert abs(low.item() - ref.item()) / ref.item() < 2e-2
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])  # DDP's fp32 parameters, FSDP2's bf16 ones
+def test_layer_norm_under_autocast_keeps_no_fp32_copies(device, param_dtype):
+    """Under bf16 autocast our LayerNorm gives the bf16 matmul input autocast's fp32 LayerNorm would (to bf16
+    rounding) and keeps only bf16 activations for backward (autocast keeps an fp32 copy of the input)."""
+    from recipe.model.layers import layer_norm
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 64, generator=gen).to(device, torch.bfloat16).requires_grad_()
+    w = (1 + 0.1 * torch.randn(64, generator=gen)).to(device, param_dtype).requires_grad_()
+    b = (0.1 * torch.randn(64, generator=gen)).to(device, param_dtype).requires_grad_()
+    saved = []
+
+    def keep(t):
+        saved.append((t.dtype, t.numel()))
+        return t
+
+    with torch.autocast(device, dtype=torch.bfloat16):
+        ref = F.layer_norm(x, (64,), w, b, 1e-5).to(torch.bfloat16)
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            out = layer_norm(x, w, b, 1e-5)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=1e-2)
+    assert not [s for s in saved if s[0] == torch.float32 and s[1] == x.numel()], saved
+    grads = torch.autograd.grad(out.float().square().sum(), (x, w, b))
+    ref_grads = torch.autograd.grad(ref.float().square().sum(), (x, w, b))
+    for g, r in zip(grads, ref_grads):  # bf16 parameters in the backward: differences of bf16 rounding, not more
+        assert ((g.float() - r.float()).norm() / r.float().norm()).item() < 5e-2
+
+
 def test_compiled_layers_match_eager():
     """`compile_layers` (what use_torch_compile runs) gives eager's loss and gradients, on batches of two shapes
     (dynamic shapes: packed lengths and the number of sequences change between batches)."""

@@ -79,9 +79,26 @@ def gelu(x: torch.Tensor, activation: str) -> torch.Tensor:
     return F.gelu(x, approximate="tanh" if activation == "gelu_tanh" else "none")
 
 
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm whose output is in the dtype the next matmul runs in.
+
+    Autocast runs `layer_norm` in fp32: it casts a bf16 input up, keeps that fp32 copy for backward and writes an
+    fp32 output that the following linear casts straight back to bf16. Here the kernel takes the bf16 input and
+    parameters (it accumulates in fp32 either way) and rounds its output to bf16 once: the same matmul input without
+    the fp32 copies, and half the bytes kept for backward. The parameters are cast as FSDP2's mixed precision already
+    does, so DDP and FSDP2 run the same arithmetic. An fp32 input (`fp32_residual`) and runs without autocast (the
+    fp32 CPU reference) take the plain path.
+    """
+    device = x.device.type
+    if not torch.is_autocast_enabled(device) or x.dtype != torch.get_autocast_dtype(device):
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    with torch.autocast(device, enabled=False):
+        return F.layer_norm(x, (x.shape[-1],), weight.to(x.dtype), bias.to(x.dtype), eps)
+
+
 def layer_norm_mlp(x: torch.Tensor, mlp: nn.Module, eps: float, activation: str) -> torch.Tensor:
     """Pre-LN MLP from LayerNormMLP-named parameters, in plain PyTorch (also TE's exact-GELU path)."""
-    h = F.layer_norm(x, (x.shape[-1],), mlp.layer_norm_weight, mlp.layer_norm_bias, eps)
+    h = layer_norm(x, mlp.layer_norm_weight, mlp.layer_norm_bias, eps)
     h = gelu(F.linear(h, mlp.fc1_weight, mlp.fc1_bias), activation)
     return F.linear(h, mlp.fc2_weight, mlp.fc2_bias)
 
@@ -102,8 +119,7 @@ class LayerNormLinear(nn.Module):
         self.bias = _param(out_features, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.layer_norm(x, (x.shape[-1],), self.layer_norm_weight, self.layer_norm_bias, self.eps)
-        return F.linear(h, self.weight, self.bias)
+        return F.linear(layer_norm(x, self.layer_norm_weight, self.layer_norm_bias, self.eps), self.weight, self.bias)
 
 
 class LayerNormMLP(nn.Module):

@@ -55,9 +55,11 @@ class TEEsmLayer(EsmLayerBase):
         cu, cu_pad = packed.cu_seqlens, packed.cu_seqlens_padded
         # With context parallelism the fused rope finds each token's position in the full sequence from the padded
         # offsets and this rank's place in the dual-chunk-swap layout.
+        # q and k stay strided views of the fused QKV output: the fused rope kernel reads any layout and writes
+        # contiguous outputs, so a copy first would only add a pass over both.
         rope_kw = dict(tensor_format="thd", fused=True, cu_seqlens=cu if cu_pad is None else cu_pad, cp_size=packed.cp_size, cp_rank=packed.cp_rank)
-        q = apply_rotary_pos_emb(q.contiguous(), rope, **rope_kw)
-        k = apply_rotary_pos_emb(k.contiguous(), rope, **rope_kw)
+        q = apply_rotary_pos_emb(q, rope, **rope_kw)
+        k = apply_rotary_pos_emb(k, rope, **rope_kw)
         out = self.core_attention(
             q,
             k,

@@ -1,0 +1,259 @@
+"""Our trainer against NVIDIA BioNeMo's esm2_native_te recipe, side by side, at matched settings, in one call.
+
+    source .device/setup.sh && python bench/vs_reference.py --docs docs/benchmarks.md            # one GPU
+    source .device/setup.sh && python bench/vs_reference.py --gpus 0 1 --docs docs/benchmarks.md  # theirs on 0, ours on 1
+
+What runs is what users run. Ours: `train_fsdp2.py --config-name <the shipped L1/L2 config>` as a subprocess, with
+only the settings the comparison must fix (data, tokens per micro-batch, step count, no accumulation, no
+validation or checkpoints); every other setting is the shipped default. Theirs: the recipe's own `train_fsdp2.py`,
+unmodified, under its wrapper `support/bench_wrap.py` from the reference directory (`--reference`), with the
+settings its driver `run.sh` uses plus FP32 master weights (`use_fp32_master_weights=true`), as ours keeps them.
+
+Matched: the same Swiss-Prot file (their side reads it as parquet shards made by their `fasta_to_parquet.py`), packed
+THD batches of the same tokens per micro-batch, the same number of optimizer steps, timed after the same warm-up
+steps, one micro-batch per step. Rate: unpadded tokens per second over the timed steps; for ours from the trainer's
+own metrics.jsonl (consumed tokens and training seconds at the warm-up step and at the end), for theirs from their
+wrapper's per-step clock. Memory: peak `torch.cuda.max_memory_allocated`, GiB, both sides.
+
+Differences that stay, by design: our BF16 rows run ESM-2's exact (erf) GELU, theirs TE's tanh approximation (the
+FP8 rows run the tanh GELU on both sides: TE's fused MLP has no other); theirs runs their own data pipeline with the
+worker counts of their driver, ours the shipped `dataset.num_workers`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.throughput import write_docs  # noqa: E402
+
+FP8_BLOCK_THEIRS = ["fp8_config.enabled=true", "fp8_config.fp8_recipe=transformer_engine.common.recipe.Float8BlockScaling",
+                    "fp8_config.fp8_format=E4M3"]
+FP8_BLOCK_OURS = [*FP8_BLOCK_THEIRS, "model.activation=gelu_tanh"]
+
+
+@dataclass(frozen=True)
+class Row:
+    size: str
+    config: str  # our shipped hydra config
+    their_model: str  # their model config directory (support/model_configs/...)
+    tokens: int  # tokens per micro-batch, both sides
+    warmup: int  # untimed optimizer steps
+    timed: int  # timed optimizer steps
+    their_workers: int  # their driver's dataset.num_workers for this size
+    fp8: bool = False
+
+
+ROWS = {
+    "8M": Row("8M", "L1_8M", "esm2_t6_8M_UR50D", 65536, 40, 80, 12),
+    "150M": Row("150M", "L1_150M", "esm2_t30_150M_UR50D", 65536, 30, 50, 10),
+    "650M": Row("650M", "L1_650M", "esm2_t33_650M_UR50D", 49152, 10, 20, 6),
+    "3B": Row("3B", "L2_3B", "esm2_t36_3B_UR50D", 16384, 10, 20, 4),
+    "650M_fp8": Row("650M", "L1_650M", "esm2_t33_650M_UR50D", 49152, 10, 20, 8, fp8=True),
+    "3B_fp8": Row("3B", "L2_3B", "esm2_t36_3B_UR50D", 16384, 10, 20, 4, fp8=True),
+}
+GIB = 2**30
+
+
+def ours_command(row: Row, data: Path, out_dir: Path, extra: list[str], trainer: Path = ROOT / "train_fsdp2.py") -> list[str]:
+    steps = row.warmup + row.timed
+    return [
+        sys.executable, str(trainer), "--config-name", row.config,
+        f"output_dir={out_dir}", f"dataset.train_path={data}", "dataset.val_path=null",
+        f"dataset.micro_batch_size={row.tokens // 1024}", f"dataset.token_micro_batch_size={row.tokens}",
+        "grad_acc_steps=1", f"num_train_steps={steps}", f"log_every_n_steps={row.warmup}",
+        "checkpoint.save_every_n_steps=0", "checkpoint.save_final_model=false", "checkpoint.save_final_checkpoint=false",
+        *(FP8_BLOCK_OURS if row.fp8 else []), *extra,
+    ]
+
+
+def ours_result(out_dir: Path, row: Row) -> dict:
+    """Rate over the steps after the warm-up, from the trainer's own metrics.jsonl."""
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train = [r for r in records if "consumed_tokens" in r]
+    start = next(r for r in train if r["step"] == row.warmup)
+    end = train[-1]
+    seconds = end["train_seconds"] - start["train_seconds"]
+    return {
+        "tokens_per_s": (end["consumed_tokens"] - start["consumed_tokens"]) / seconds,
+        "timed_steps": end["step"] - start["step"],
+        "peak_gib": max(r["max_memory_gb"] for r in train) * 1e9 / GIB,
+    }
+
+
+class Reference:
+    """NVIDIA's recipe as its driver runs it: its extra wheels, a wandb stand-in, the data as parquet shards."""
+
+    def __init__(self, path: Path, fasta: Path, work: Path):
+        self.path, self.recipe, self.support, self.work = path, path / "recipe", path / "support", work
+        if not (self.recipe / "train_fsdp2.py").exists():
+            raise SystemExit(f"--reference {path}: no recipe/train_fsdp2.py there (bash ../shared/device/prepare.sh --peers)")
+        site = work / "site"
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--target",
+                        str(site), *map(str, sorted((self.support / "wheels").glob("*.whl")))], check=True)
+        paths = [str(site)] + ([] if _has_module("wandb") else [str(self.support / "shims")])
+        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([*paths, os.environ.get("PYTHONPATH", "")]),
+                    "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1", "TRANSFORMERS_OFFLINE": "1"}
+        self.parquet = work / "parquet"
+        subprocess.run([sys.executable, str(self.support / "fasta_to_parquet.py"), str(fasta), str(self.parquet), "--shards", "16"],
+                       check=True, env=self.env)
+
+    def command(self, row: Row, name: str) -> tuple[list[str], Path]:
+        out = self.work / f"{name}.json"
+        model = self.support / "model_configs" / row.their_model
+        overrides = [
+            "--config-name", "L0_sanity", f"config_name_or_path={model}", f"dataset.tokenizer_name={self.recipe}/tokenizers/esm2",
+            "dataset.load_dataset_kwargs.path=parquet", f"dataset.load_dataset_kwargs.data_files={self.parquet}/*.parquet",
+            "dataset.load_dataset_kwargs.split=train", "dataset.load_dataset_kwargs.streaming=true", "use_sequence_packing=true",
+            f"dataset.micro_batch_size={row.tokens // 1024}", f"dataset.num_workers={row.their_workers}", "use_torch_compile=false",
+            f"num_train_steps={row.warmup + row.timed + 1}", "logger.frequency=10", "checkpoint.ckpt_dir=null",
+            "checkpoint.save_final_model=false", "checkpoint.resume_from_checkpoint=false", "wandb_init_args.mode=disabled",
+            f"hydra.run.dir={self.work}/hydra/{name}", "use_fp32_master_weights=true", *(FP8_BLOCK_THEIRS if row.fp8 else []),
+        ]
+        cmd = [sys.executable, str(self.support / "bench_wrap.py"), "--recipe", str(self.recipe), "--script", "train_fsdp2.py",
+               "--out", str(out), "--warmup", str(row.warmup), "--label", name, "--config-json", str(model / "config.json"),
+               "--", *overrides]
+        return cmd, out
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def failure(rc: int, log: Path) -> str:
+    """What a failed run's table cell says: out of memory, a time-out, or where to look."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    if "OutOfMemoryError" in text or "CUDA out of memory" in text:
+        return "out of memory"
+    return "timed out" if rc == 124 else f"failed (rc={rc}, {log.name})"
+
+
+def run_logged(cmd: list[str], log: Path, gpu: str | None, env: dict | None, timeout: float) -> tuple[int, float]:
+    env = dict(env or os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    start = time.perf_counter()
+    with log.open("w") as f:
+        try:
+            rc = subprocess.run(cmd, check=False, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout, cwd=ROOT).returncode
+        except subprocess.TimeoutExpired:
+            rc = 124
+    return rc, time.perf_counter() - start
+
+
+def measure_theirs(ref: Reference, name: str, row: Row, logs: Path, gpu: str | None, timeout: float) -> dict:
+    cmd, out = ref.command(row, name)
+    log = logs / f"theirs_{name}.log"
+    rc, wall = run_logged(cmd, log, gpu, ref.env, timeout)
+    if rc or not out.exists():
+        return {"error": failure(rc, log), "wall_s": wall}
+    r = json.loads(out.read_text())
+    if not r.get("timed_steps"):
+        return {"error": f"no timed steps ({r.get('error')})", "wall_s": wall}
+    return {"tokens_per_s": r["unpadded_tokens_per_s"], "timed_steps": r["timed_steps"], "peak_gib": r["peak_mem_allocated_gib"],
+            "wall_s": wall}
+
+
+def measure_ours(name: str, row: Row, data: Path, work: Path, logs: Path, gpu: str | None, extra: list[str], timeout: float,
+                 trainer: Path) -> dict:
+    out_dir = work / f"ours_{name}"
+    log = logs / f"ours_{name}.log"
+    rc, wall = run_logged(ours_command(row, data, out_dir, extra, trainer), log, gpu, None, timeout)
+    if rc:
+        return {"error": failure(rc, log), "wall_s": wall}
+    return {**ours_result(out_dir, row), "wall_s": wall}
+
+
+def table(results: dict, header: str) -> str:
+    lines = [header, "", "| row | tokens per micro-batch | theirs, tokens/s | ours, tokens/s | ours / theirs | peak GiB theirs / ours |",
+             "|---|---|---|---|---|---|"]
+    for row, theirs, ours in results.values():
+        def rate(r):
+            return f"{r['tokens_per_s']:,.0f}" if "tokens_per_s" in r else r.get("error", "-")
+
+        ratio = f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}" if "tokens_per_s" in ours and "tokens_per_s" in theirs else "-"
+        mem = " / ".join(f"{r['peak_gib']:.1f}" if "peak_gib" in r else "-" for r in (theirs, ours))
+        precision = "FP8 block scaling" if row.fp8 else "BF16"
+        lines.append(f"| {row.size} {precision} | {row.tokens:,} | {rate(theirs)} | {rate(ours)} | {ratio} | {mem} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reference", type=Path, default=ROOT / ".device/peers/bionemo-esm2-native-te")
+    p.add_argument("--data", type=Path, default=ROOT / ".device/data/swissprot14_train_100k.fasta.xz")
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    p.add_argument("--gpus", nargs="+", default=None, metavar="ID",
+                   help="one id: both sides on it, one after the other; two ids: theirs on the first, ours on the second, at once")
+    p.add_argument("--ours-only", action="store_true", help="skip the reference (lever runs)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra overrides for our runs (levers)")
+    p.add_argument("--trainer", type=Path, default=ROOT / "train_fsdp2.py",
+                   help="our entrypoint to run (train_ddp.py, or another checkout's, for an A/B)")
+    p.add_argument("--timeout", type=float, default=300, help="seconds per run")
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", tempfile.gettempdir())) / "vs_reference")
+    p.add_argument("--docs", type=Path, help="write the table into this markdown file")
+    a = p.parse_args()
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/vs_reference.py needs a CUDA GPU")
+    a.out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="vs_reference_"))
+    gpus = a.gpus or [None]
+    their_gpu, our_gpu = gpus[0], gpus[-1]
+    ref = None if a.ours_only else Reference(a.reference.resolve(), a.data.resolve(), work)
+    gpu_name = torch.cuda.get_device_name(int(our_gpu) if our_gpu is not None else 0)
+    results: dict = {}
+
+    def theirs_all():
+        for name in a.rows:
+            results.setdefault(name, [ROWS[name], {}, {}])[1] = (
+                measure_theirs(ref, name, ROWS[name], a.out, their_gpu, a.timeout) if ref else {"error": "not run"})
+            print(f"theirs {name}: {results[name][1]}", flush=True)
+
+    def ours_all():
+        for name in a.rows:
+            results.setdefault(name, [ROWS[name], {}, {}])[2] = measure_ours(
+                name, ROWS[name], a.data.resolve(), work, a.out, our_gpu, a.set, a.timeout, a.trainer.resolve())
+            print(f"ours {name}: {results[name][2]}", flush=True)
+
+    for name in a.rows:
+        results[name] = [ROWS[name], {}, {}]
+    if len(gpus) > 1 and ref is not None:  # one side per GPU, at the same time
+        threads = [threading.Thread(target=theirs_all), threading.Thread(target=ours_all)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    else:
+        theirs_all()
+        ours_all()
+    command = "python bench/vs_reference.py " + " ".join(sys.argv[1:])
+    placement = "theirs on GPU 0, ours on GPU 1, at once" if len(gpus) > 1 else "one after the other on one GPU"
+    header = (f"**{gpu_name}**, {datetime.date.today()}, torch {torch.__version__}, {placement}: `{command}`. Timed steps per row: "
+              + ", ".join(f"{n} {ROWS[n].timed} after {ROWS[n].warmup}" for n in a.rows) + ".")
+    text = table({k: tuple(v) for k, v in results.items()}, header)
+    (a.out / "vs_reference.json").write_text(json.dumps({k: v[1:] for k, v in results.items()}, indent=1))
+    print("\n" + text)
+    if a.docs and not a.set and not a.ours_only and a.trainer.resolve() == ROOT / "train_fsdp2.py":
+        write_docs(a.docs, gpu_name, text, tool="vs_reference.py")
+        print(f"wrote {a.docs}")
+
+
+if __name__ == "__main__":
+    main()
