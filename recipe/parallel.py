@@ -3,7 +3,9 @@ lives here, nowhere else.
 
 - DDP: the model is built and initialised on the device, replicated, gradients all-reduced.
 - FSDP2: the model is built on the meta device, `fully_shard` per transformer layer then the root, materialised
-  shard by shard and initialised in place (init_weights gives the same numbers as an unsharded init).
+  shard by shard and initialised in place (init_weights gives the same numbers as an unsharded init). On a single
+  process there is nothing to shard, and FSDP2's per-layer gather, cast and reduce hooks only cost time, so the model
+  trains unsharded there, under the trainer's autocast as DDP's does (docs/benchmarks.md has the measurement).
 - Context parallelism (cp_size > 1): the world is a (dp, cp) mesh, cp innermost, so a CP group is cp_size
   neighbouring ranks (one NVLink domain). Only attention talks inside a CP group. Parameters are replicated (DDP) or
   sharded (FSDP2) over the *flattened* dp x cp world, and gradients are averaged over all of it: every rank's
@@ -180,7 +182,15 @@ class FSDP2Strategy(Strategy):
     def param_dtype(self) -> torch.dtype:
         return torch.float32 if self.fp32_master_weights else self.compute_dtype
 
+    @property
+    def shards(self) -> bool:
+        """Whether parameters are sharded: only with more than one process (see the module docstring)."""
+        return self.info.world_size > 1
+
     def wrap(self, model: nn.Module) -> nn.Module:
+        if not self.shards:
+            log.info("fsdp2 on one process: nothing to shard, so the model trains unsharded (as DDP on one GPU)")
+            return model
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -198,7 +208,8 @@ class FSDP2Strategy(Strategy):
 
     @contextlib.contextmanager
     def sync_gradients(self, model, enabled: bool):
-        model.set_requires_gradient_sync(enabled)
+        if self.shards:
+            model.set_requires_gradient_sync(enabled)
         yield
 
 

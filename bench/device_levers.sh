@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Lever runs of our trainer through bench/vs_reference.py --ours-only, two queues on GPUs 0 and 1 at once.
+# Each queue is a file of lines "NAME ROW [vs_reference.py options...]" (e.g. "compile 150M --set use_torch_compile=true").
+#   source .device/setup.sh && bash bench/device_levers.sh QUEUE0 QUEUE1
+# With TORCH_LOGS=recompiles set by the caller, each lever's log counts the recompilations. Results: $OUT/levers.txt.
+set -u -o pipefail
+W=/tmp/levers; mkdir -p $W; OUT=${OUT:-/tmp/out}; mkdir -p $OUT; T0=$(date +%s); DEADLINE=${DEADLINE_S:-560}
+queue() {  # queue GPU FILE
+  local gpu=$1 name row
+  while read -r name row rest; do
+    [ -n "$name" ] || continue
+    local left=$(( DEADLINE - ($(date +%s) - T0) ))
+    [ "$left" -gt 60 ] || { echo "$name $row: skipped (time)" >> $W/levers_$gpu.txt; continue; }
+    # shellcheck disable=SC2086
+    timeout $left python bench/vs_reference.py --gpus $gpu --ours-only --rows $row --timeout 240 --out $W/$name $rest \
+      > $W/$name.txt 2>&1
+    echo "$name $row ($rest): $(grep -h "^ours" $W/$name.txt) recompiles=$(grep -c "Recompiling" $W/$name/ours_$row.log 2>/dev/null)" \
+      >> $W/levers_$gpu.txt
+  done < "$2"
+}
+queue 0 "$1" & queue 1 "$2" & wait
+cat $W/levers_0.txt $W/levers_1.txt > $OUT/levers.txt
+tar czf $OUT/levers_logs.tgz -C $W . 2>/dev/null
+cat $OUT/levers.txt
