@@ -336,3 +336,25 @@ def test_auto_backend_follows_measurements(size, compiled, quantized, expected):
 
     backend, reason = auto_backend(EsmConfig.from_size(size).hidden_size, compiled, quantized)
     assert backend == expected and reason
+
+
+def test_packed_attention_keeps_no_view_of_qkv(monkeypatch):
+    """The flash kernel saves its inputs for backward; a v that is still a view of the fused QKV output would keep
+    the whole QKV tensor alive per layer. Every tensor handed to it must own its storage."""
+    import torch.nn.attention.varlen as varlen
+
+    from recipe.model import layers
+
+    seen = []
+
+    def fake_varlen_attn(q, k, v, *args):
+        seen.extend(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in (q, k, v))
+        return q
+
+    monkeypatch.setattr(layers, "_varlen_usable", lambda q: True)
+    monkeypatch.setattr(varlen, "varlen_attn", fake_varlen_attn)
+    layer = layers.TorchEsmLayer(EsmConfig(**SHAPES["tiny"], backend="torch"))
+    packed = layers.PackedInfo(torch.tensor([0, 5, 12], dtype=torch.int32), 7, 12)
+    x = torch.randn(12, SHAPES["tiny"]["hidden_size"])
+    layer(x, layers.rotary_cos_sin(packed.offsets, layer.head_dim, 10000.0), packed=packed)
+    assert seen == [True, True, True]

@@ -215,7 +215,9 @@ def packed_attention(q, k, v, packed: PackedInfo) -> torch.Tensor:
         from torch.nn.attention.varlen import varlen_attn
 
         cu = packed.cu_seqlens
-        return varlen_attn(q, k, v, cu, cu, packed.max_seqlen, packed.max_seqlen)  # default scale 1/sqrt(D)
+        # The kernel keeps its inputs for backward. q and k arrive as fresh tensors from the rotary; v is still a view
+        # of the fused QKV projection, and keeping it would keep all of QKV alive: a copy of v frees two thirds of it.
+        return varlen_attn(q, k, v.contiguous(), cu, cu, packed.max_seqlen, packed.max_seqlen)  # default scale 1/sqrt(D)
     n = len(packed.cu_seqlens) - 1
     seq, off = packed.seq_index, packed.offsets
     shape = (n, packed.max_seqlen, *q.shape[1:])
