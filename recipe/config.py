@@ -7,9 +7,10 @@ command line; keys added by a config *file* slip past it, so we compare against 
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "hydra_config"
 # Nodes whose contents are free-form (passed through to a library).
@@ -40,6 +41,123 @@ def check_known_keys(cfg: DictConfig) -> None:
         raise ConfigError(f"unknown config key(s): {', '.join(unknown)} (every key is listed in hydra_config/defaults.yaml)")
 
 
+@dataclass(frozen=True)
+class Rule:
+    """What one key may hold: a type (float accepts integers; bool is never a number), for numbers an interval
+    such as "[0, inf)" or "(0, 1]", words allowed instead (or beside a number), null or not, and for a list the
+    number of items (each checked as above)."""
+
+    type: type
+    interval: str | None = None
+    words: tuple[str, ...] = ()
+    null: bool = False
+    length: int | None = None
+
+
+# One place that knows each key's type and range (a later refactor turns this into typed dataclasses).
+RULES = {
+    "seed": Rule(int, "[0, inf)"),
+    "num_train_steps": Rule(int, "[1, inf)"),
+    "max_train_minutes": Rule(float, "(0, inf)", null=True),
+    "grad_acc_steps": Rule(int, "[1, inf)"),
+    "max_grad_norm": Rule(float, "(0, inf)", null=True),
+    "log_every_n_steps": Rule(int, "[1, inf)"),
+    "use_torch_compile": Rule(bool),
+    "device": Rule(str, words=("auto", "cuda", "cpu")),
+    "precision": Rule(str, words=("auto", "bf16", "fp32")),
+    "peak_tflops_per_gpu": Rule(float, "(0, inf)", words=("auto",), null=True),
+    "detect_anomaly": Rule(bool),
+    "cp_size": Rule(int, "[1, inf)"),
+    "cp_comm_type": Rule(str, words=("p2p", "all_gather", "a2a")),
+    "quantized_model_init": Rule(bool),
+    "model.backend": Rule(str, words=("auto", "torch", "te")),
+    "model.activation": Rule(str, words=("gelu", "gelu_tanh")),
+    **{f"model.{k}": Rule(int, "[1, inf)", null=True) for k in ("num_layers", "hidden_size", "num_heads", "intermediate_size")},
+    "model.layer_norm_eps": Rule(float, "(0, inf)"),
+    "model.token_dropout": Rule(bool),
+    "model.fp32_residual": Rule(bool),
+    "dataset.streaming": Rule(bool),
+    "dataset.streaming_shuffle_buffer": Rule(int, "[0, inf)"),
+    "dataset.layout": Rule(str, words=("thd", "bshd")),
+    "dataset.max_seq_length": Rule(int, "[3, inf)"),
+    "dataset.micro_batch_size": Rule(int, "[1, inf)"),
+    "dataset.token_micro_batch_size": Rule(int, "[1, inf)", null=True),
+    "dataset.pad_to_multiple_of": Rule(int, "[1, inf)"),
+    "dataset.pad_to_fixed": Rule(bool),
+    "dataset.mask_prob": Rule(float, "(0, 1)"),
+    "dataset.num_workers": Rule(int, "[0, inf)"),
+    "dataset.pin_memory": Rule(bool),
+    "dataset.prefetch_factor": Rule(int, "[1, inf)"),
+    "validation.max_batches": Rule(int, "[1, inf)", null=True),
+    "optimizer.lr": Rule(float, "[0, inf)"),
+    "optimizer.betas": Rule(float, "[0, 1)", length=2),
+    "optimizer.eps": Rule(float, "(0, inf)"),
+    "optimizer.weight_decay": Rule(float, "[0, inf)"),
+    "optimizer.fused": Rule(bool, words=("auto",)),
+    "lr_scheduler.warmup_steps": Rule(int, "[0, inf)"),
+    "lr_scheduler.decay_end_fraction": Rule(float, "(0, 1]"),
+    "lr_scheduler.min_lr_ratio": Rule(float, "[0, 1]"),
+    "fsdp.fp32_master_weights": Rule(bool),
+    "fsdp.reshard_after_forward": Rule(bool),
+}
+
+
+def _fits(value, rule: Rule) -> bool:
+    if rule.type is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+    elif not isinstance(value, rule.type) or (isinstance(value, bool) and rule.type is not bool):
+        return False
+    if rule.interval is None:
+        return rule.type is not str or not rule.words  # a word-only key takes nothing but its words
+    lo, hi = (float(x) for x in rule.interval[1:-1].split(","))
+    return (lo <= value if rule.interval[0] == "[" else lo < value) and (value <= hi if rule.interval[-1] == "]" else value < hi)
+
+
+def describe(rule: Rule) -> str:
+    kind = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[rule.type]
+    if rule.interval:
+        lo, hi = rule.interval[1:-1].split(", ")
+        kind += f" {'>=' if rule.interval[0] == '[' else '>'} {lo}" if hi == "inf" else f" in {rule.interval}"
+    if rule.length is not None:
+        kind = f"a list of {rule.length} items, each {kind}"
+    if rule.words:
+        kind = f"one of {rule.words}" if rule.type is str else f"{kind} or one of {rule.words}"
+    return kind + (" or null" if rule.null else "")
+
+
+def check_types(cfg: DictConfig) -> None:
+    """Every key of RULES holds what its rule allows; else a ConfigError naming the key, the value and the rule."""
+    for key, rule in RULES.items():
+        value = OmegaConf.select(cfg, key)
+        if (value is None and rule.null) or (isinstance(value, str) and value in rule.words):
+            continue
+        if rule.length is None:
+            ok = _fits(value, rule)
+        else:
+            ok = isinstance(value, (list, ListConfig)) and len(value) == rule.length and all(_fits(v, rule) for v in value)
+        if not ok:
+            shown = list(value) if isinstance(value, ListConfig) else value
+            raise ConfigError(f"{key}={shown!r} must be {describe(rule)}")
+
+
+def check_splits_apart(train_path, val_path, fmt: str) -> None:
+    """The validation split must not be read as training data: refuse val_path equal to train_path or inside it
+    (a directory of training shards is read recursively), and train_path inside val_path. The one legitimate
+    sharing is a datasets DatasetDict directory, whose "train" and "validation" splits are apart by name."""
+    if val_path is None:
+        return
+    train, val = Path(train_path).resolve(), Path(val_path).resolve()
+    if train == val and (train / "dataset_dict.json").exists() and fmt in ("auto", "hf"):
+        return
+    if train == val or train in val.parents or val in train.parents:
+        relation = "is the same path as" if train == val else "contains" if train in val.parents else "lies inside"
+        raise ConfigError(
+            f"dataset.train_path={train_path} {relation} dataset.val_path={val_path}: training and validation data "
+            "would overlap; give them separate files or directories"
+        )
+
+
 def check_writable(path: Path, key: str) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -57,23 +175,8 @@ def token_budget(cfg: DictConfig) -> int:
 def validate(cfg: DictConfig) -> None:
     """Every check that can fail before the first step. Raises ConfigError naming the key or path."""
     check_known_keys(cfg)
-    positive = {
-        "num_train_steps": cfg.num_train_steps,
-        "grad_acc_steps": cfg.grad_acc_steps,
-        "log_every_n_steps": cfg.log_every_n_steps,
-        "dataset.max_seq_length": cfg.dataset.max_seq_length,
-        "dataset.micro_batch_size": cfg.dataset.micro_batch_size,
-    }
-    for key, value in positive.items():
-        if not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"{key}={value} must be a positive integer")
-    if cfg.max_train_minutes is not None and not cfg.max_train_minutes > 0:
-        raise ConfigError(f"max_train_minutes={cfg.max_train_minutes} must be positive (or null)")
-    if cfg.dataset.num_workers < 0:
-        raise ConfigError(f"dataset.num_workers={cfg.dataset.num_workers} must be >= 0")
+    check_types(cfg)
     d = cfg.dataset
-    if d.layout not in ("thd", "bshd"):
-        raise ConfigError(f"dataset.layout={d.layout!r} must be thd or bshd")
     if d.token_micro_batch_size is not None and d.micro_batch_size * d.max_seq_length > d.token_micro_batch_size:
         raise ConfigError(
             f"dataset.micro_batch_size={d.micro_batch_size} x dataset.max_seq_length={d.max_seq_length} = "
@@ -84,21 +187,15 @@ def validate(cfg: DictConfig) -> None:
             f"the token budget {token_budget(cfg)} (dataset.token_micro_batch_size) must be a multiple of "
             f"dataset.pad_to_multiple_of={d.pad_to_multiple_of}"
         )
-    for key in ("device", "precision", "cp_comm_type"):
-        allowed = {"device": ("auto", "cuda", "cpu"), "precision": ("auto", "bf16", "fp32"), "cp_comm_type": ("p2p", "all_gather", "a2a")}[key]
-        if cfg[key] not in allowed:
-            raise ConfigError(f"{key}={cfg[key]!r} must be one of {allowed}")
     for key in ("train_path", "val_path"):
         path = d[key]
         if path is None and key == "val_path":
             continue
         if path is None or not Path(path).exists():
             raise ConfigError(f"dataset.{key}={path}: no such file or directory")
+    check_splits_apart(d.train_path, d.val_path, d.format)
     if cfg.model.init_from is not None and not (Path(cfg.model.init_from) / "config.json").exists():
         raise ConfigError(f"model.init_from={cfg.model.init_from}: not a Hugging Face model directory (no config.json)")
-    sched = cfg.lr_scheduler
-    if not 0 < sched.decay_end_fraction <= 1 or not 0 <= sched.min_lr_ratio <= 1:
-        raise ConfigError("lr_scheduler.decay_end_fraction must be in (0, 1] and lr_scheduler.min_lr_ratio in [0, 1]")
     check_writable(Path(cfg.output_dir), "output_dir")
     if cfg.checkpoint.ckpt_dir is not None:
         check_writable(Path(cfg.checkpoint.ckpt_dir), "checkpoint.ckpt_dir")

@@ -22,14 +22,55 @@ def load(name="L0_sanity", *overrides, out="/tmp/esm-config-test"):
         (["dataset.val_path=/nonexistent/v"], r"dataset.val_path=/nonexistent/v: no such file"),
         (["dataset.micro_batch_size=64", "dataset.token_micro_batch_size=4096"], r"dataset.micro_batch_size=64 x dataset.max_seq_length=256 .* does not fit dataset.token_micro_batch_size=4096"),
         (["dataset.token_micro_batch_size=4100", "dataset.micro_batch_size=1"], r"multiple of dataset.pad_to_multiple_of=16"),
-        (["num_train_steps=0"], r"num_train_steps=0 must be a positive integer"),
+        (["num_train_steps=0"], r"num_train_steps=0 must be an integer >= 1"),
         (["precision=fp16"], r"precision='fp16' must be one of"),
         (["model.init_from=/nonexistent/model"], r"model.init_from=/nonexistent/model"),
+        # wrong types and ranges, each of which used to pass silently or end in a bare library exception
+        (["max_grad_norm=-1"], r"max_grad_norm=-1 must be a number > 0 or null"),  # was gradient ascent
+        (["optimizer.lr=fast"], r"optimizer.lr='fast' must be a number >= 0"),
+        (["optimizer.lr=-1e-4"], r"optimizer.lr=-0.0001 must be a number >= 0"),
+        (["optimizer.weight_decay=-0.01"], r"optimizer.weight_decay=-0.01 must be a number >= 0"),
+        (["optimizer.betas=0.9"], r"optimizer.betas=0.9 must be a list of 2 items, each a number in \[0, 1\)"),
+        (["optimizer.betas=[0.9,1.5]"], r"optimizer.betas=\[0.9, 1.5\] must be a list of 2"),
+        (["seed=abc"], r"seed='abc' must be an integer >= 0"),
+        (["peak_tflops_per_gpu=abc"], r"peak_tflops_per_gpu='abc' must be a number > 0 or one of \('auto',\) or null"),
+        (["dataset.pad_to_multiple_of=0"], r"dataset.pad_to_multiple_of=0 must be an integer >= 1"),
+        (["dataset.prefetch_factor=0"], r"dataset.prefetch_factor=0 must be an integer >= 1"),
+        (["dataset.streaming=maybe"], r"dataset.streaming='maybe' must be true or false"),
+        (["validation.max_batches=0"], r"validation.max_batches=0 must be an integer >= 1 or null"),
+        (["use_torch_compile=1"], r"use_torch_compile=1 must be true or false"),
+        # the validation split read as training data
+        (["dataset.train_path=${dataset.val_path}"], r"dataset.train_path=\S+/validation is the same path as dataset.val_path"),
+        (["dataset.train_path=${dataset.val_path}/.."], r"dataset.train_path=\S+ contains dataset.val_path=\S+: training and validation data would overlap"),
+        (["dataset.val_path=${dataset.train_path}/.."], r"dataset.train_path=\S+ lies inside dataset.val_path"),
     ],
 )
 def test_bad_config_names_the_key(overrides, match):
     with pytest.raises(ConfigError, match=match):
         validate(load("L0_sanity", *overrides))
+
+
+@pytest.mark.parametrize("value", ["peak_tflops_per_gpu=989", "peak_tflops_per_gpu=null", "optimizer.lr=0", "max_grad_norm=null",
+                                   "optimizer.fused=true", "dataset.num_workers=0", "dataset.token_micro_batch_size=null"])
+def test_legitimate_values_pass(value):
+    validate(load("L0_sanity", value))
+
+
+def test_a_datasets_directory_may_hold_both_splits(tmp_path):
+    """A DatasetDict directory keeps "train" and "validation" apart by name: the same path is not leakage."""
+    import datasets
+
+    split = datasets.Dataset.from_dict({"sequence": ["MKTAYIAK", "MLLAVLYC"]})
+    datasets.DatasetDict(train=split, validation=split).save_to_disk(str(tmp_path / "hf"))
+    validate(load("L0_sanity", f"dataset.train_path={tmp_path / 'hf'}", f"dataset.val_path={tmp_path / 'hf'}"))
+
+
+def test_init_from_config_that_is_not_json_names_the_file(tmp_path):
+    from recipe.model.convert import config_from_hf
+
+    (tmp_path / "config.json").write_text("model_type: esm\n")
+    with pytest.raises(ValueError, match=rf"{tmp_path}/config.json: not a JSON file"):
+        config_from_hf(tmp_path)
 
 
 def test_unwritable_output_dir():

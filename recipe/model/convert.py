@@ -184,9 +184,12 @@ def config_from_hf(directory: str | Path, **overrides) -> EsmConfig:
     path = Path(directory) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path}: not a Hugging Face model directory (no config.json)")
-    c = json.loads(path.read_text())
-    if c.get("model_type") != "esm":
-        raise ValueError(f"{path}: model_type is {c.get('model_type')!r}, expected 'esm'")
+    try:
+        c = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not a JSON file ({exc})") from exc
+    if not isinstance(c, dict) or c.get("model_type") != "esm":
+        raise ValueError(f"{path}: model_type is {c.get('model_type') if isinstance(c, dict) else None!r}, expected 'esm'")
     if c.get("position_embedding_type", "absolute") != "rotary" or c.get("emb_layer_norm_before"):
         raise ValueError(f"{path}: only ESM-2 (rotary, no emb_layer_norm_before) is supported")
     if c.get("vocab_size") != 33:
