@@ -251,7 +251,8 @@ def build_data(cfg: DictConfig, info: DistInfo):
     if d.streaming:
         from recipe.data.streaming import StreamingMLMBatches, open_stream
 
-        train = StreamingMLMBatches(open_stream(d.train_path, d.format), settings, info.dp_rank, info.dp_size, d.column, d.streaming_shuffle_buffer)
+        train = StreamingMLMBatches(open_stream(d.train_path, d.format), settings, info.dp_rank, info.dp_size, d.column,
+                                    d.streaming_shuffle_buffer, source=str(d.train_path))
         summary, cluster = f"{d.train_path} (streaming)", False
     else:
         train_store = load_sequences(d.train_path, d.format, d.column)

@@ -1,5 +1,7 @@
 """Distribution across ranks and workers, exact resume through StatefulDataLoader, cluster sampling."""
 
+import contextlib
+import signal
 import sys
 
 import numpy as np
@@ -219,3 +221,34 @@ def test_streaming_resume_gives_the_identical_next_batches(parquet_shards, worke
     restored = fresh()
     restored.load_state_dict(state)
     assert _same(_take(restored, 4), expected)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_streaming_a_file_of_empty_rows_fails_naming_it(tmp_path, workers):
+    """Every row empty: once looped forever at step 0 waiting for a first batch; now an error that names the file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from recipe.data.sources import DataError
+    from recipe.data.streaming import StreamingMLMBatches, open_stream
+
+    path = tmp_path / "empty_rows.parquet"
+    pq.write_table(pa.table({"sequence": ["", "", None, ""]}), path)
+    loader = make_loader(StreamingMLMBatches(open_stream(path), SETTINGS, 0, 1, source=str(path)), num_workers=workers)
+    with alarm(60), pytest.raises(DataError, match=rf"{path}: no sequence to train on in a whole pass \(4 rows .* all with an empty"):
+        next(iter(loader))
+
+
+@contextlib.contextmanager
+def alarm(seconds: int):
+    """Fail instead of hanging the suite (the bug this guards against was a hang)."""
+    def timeout(signum, frame):
+        raise TimeoutError(f"still waiting after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)

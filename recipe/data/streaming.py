@@ -47,11 +47,11 @@ def open_stream(path: str | Path, fmt: str = "auto", split: str = "train"):
 
 class StreamingMLMBatches(IterableDataset):
     def __init__(self, stream, settings: BatchSettings, rank: int = 0, world_size: int = 1, column: str = "sequence",
-                 shuffle_buffer: int = 0):
+                 shuffle_buffer: int = 0, source: str = "the stream"):
         super().__init__()
         from datasets.distributed import split_dataset_by_node
 
-        self.settings, self.rank, self.world_size, self.column = settings, rank, world_size, column
+        self.settings, self.rank, self.world_size, self.column, self.source = settings, rank, world_size, column, source
         self.stream = split_dataset_by_node(stream, rank=rank, world_size=world_size)
         if shuffle_buffer > 0:
             self.stream = self.stream.shuffle(seed=settings.seed, buffer_size=shuffle_buffer)
@@ -72,20 +72,32 @@ class StreamingMLMBatches(IterableDataset):
         self.epoch, self.count, self.pending = state["epoch"], state["count"], state["pending"]
 
     def _sequences(self):
-        """(sample key, residue ids) forever, epoch after epoch. Keys are unique per (rank, worker, count)."""
+        """(sample key, residue ids) forever, epoch after epoch. Keys are unique per (rank, worker, count).
+
+        An epoch that yields no sequence at all (every row empty, or no rows for this rank and worker) ends in an
+        error: looping over it again would wait forever for a first batch."""
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         stride = self.world_size * workers
         while True:
             self.stream.set_epoch(self.epoch)
+            rows, used = 0, 0
             for row in self.stream:
+                rows += 1
                 seq = row[self.column]
                 if not seq:
                     self.skipped_empty += 1
                     continue
                 key = self.count * stride + self.rank * workers + worker
                 self.count += 1
+                used += 1
                 yield key, encode_residues(seq)
+            if not used:
+                share = f"rank {self.rank} of {self.world_size}, loader worker {worker} of {workers}"
+                raise DataError(
+                    f"{self.source}: no sequence to train on in a whole pass ({rows} rows for {share}, "
+                    f"{'all with an empty ' + repr(self.column) + ' column' if rows else 'none'})"
+                )
             self.epoch += 1
 
     def __iter__(self):
