@@ -66,6 +66,14 @@ class MetricsWriter:
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
 
+    def has_record(self, step: int, key: str) -> bool:
+        """Whether metrics.jsonl holds a record of `step` with `key` (rank 0; False elsewhere)."""
+        if not self.enabled:
+            return False
+        self.file.flush()
+        records = (json.loads(line) for line in self.path.read_text().splitlines() if line)
+        return any(r.get("step") == step and key in r for r in records)
+
     def close(self) -> None:
         if self.enabled:
             self.file.close()

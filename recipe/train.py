@@ -79,23 +79,28 @@ def evaluate(model, dataset: MLMBatches, device, amp, max_batches: int | None, s
     ignored, so sharded (FSDP2) forwards stay in lock-step.
     """
     model.eval()
-    sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss_sum, tokens, correct
+    sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss_sum, tokens, correct, real batches
     it, spare, count = iter(dataset), None, 0
     while True:
         batch = next(it, None) if max_batches is None or count < max_batches else None
         batch = shard(batch) if batch is not None else None
         if not all_reduce(torch.tensor([batch is not None], device=device, dtype=torch.int32), dist.ReduceOp.MAX).item():
             break
+        real = batch is not None
         if batch is None:
             batch = dict(spare, labels=torch.full_like(spare["labels"], IGNORE_INDEX))
         spare, count = batch, count + 1
         with amp:
             out = model(**model_inputs(batch, device))
-        sums += torch.stack([out.loss_sum.double(), out.num_tokens.double(), out.num_correct.double()])
+        sums += torch.stack([out.loss_sum.double(), out.num_tokens.double(), out.num_correct.double(), sums.new_tensor(float(real))])
     model.train()
-    loss_sum, tokens, correct = all_reduce(sums).tolist()
+    loss_sum, tokens, correct, batches = all_reduce(sums).tolist()
     if tokens == 0:
-        raise RuntimeError("validation produced no masked tokens: the validation split yielded no batches")
+        source = getattr(getattr(dataset, "store", None), "source", "the validation split")
+        why = "it yielded no batches" if batches == 0 else (
+            f"its {int(batches)} micro-batch(es) hold no masked residue (no standard residue selected at "
+            f"dataset.mask_prob={dataset.settings.mask_prob}: sequences too short or of unknown characters only)")
+        raise RuntimeError(f"validation on {source} gave no masked token to score: {why}")
     val_loss = loss_sum / tokens
     return {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50)), "val_accuracy": correct / tokens, "val_tokens": int(tokens)}
 
@@ -149,15 +154,29 @@ class Throughput:
 
 
 class Preemption:
-    """SIGTERM / SIGUSR1 (Slurm's warning signal) ask for a checkpoint at the next step boundary."""
+    """SIGTERM (Kubernetes, schedulers, torchrun passing one on), SIGINT (Ctrl-C) and SIGUSR1 (Slurm's warning
+    signal) ask for a checkpoint at the next step boundary; the request is all-reduced with the step's counts, so
+    every rank stops after the same step. A second SIGINT aborts at once, without a checkpoint. Loader workers
+    ignore all of these (`ignore_stop_signals`), so a signal sent to the whole process group stops only the loop.
+    `close()` puts the previous handlers back."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
     def __init__(self):
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt("second Ctrl-C: aborted without a checkpoint")
+        if not self.requested:
+            log.warning("%s: stopping with a checkpoint after this step (a second Ctrl-C aborts without one)", signal.Signals(signum).name)
         self.requested = True
+
+    def close(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def resolve_precision(cfg: DictConfig, device: torch.device) -> torch.dtype:
@@ -344,9 +363,14 @@ def fit(cfg: DictConfig, strategy: Strategy):
     if latest is not None:
         meta, rank_state = ckpt.load(latest, model, optimizer, expect)
         step, consumed = meta["step"], meta["consumed_tokens"]
+        if step > cfg.num_train_steps:
+            raise config_lib.ConfigError(f"num_train_steps={cfg.num_train_steps} is below the step of the checkpoint to resume, "
+                                         f"{latest} (step {step}): raise num_train_steps to train on from it")
         loader.load_state_dict(rank_state["loader"])
         set_rng_state(rank_state["rng"])
         log.info("resumed from %s at step %d", latest, step)
+        if step == cfg.num_train_steps:
+            log.info("that checkpoint ends this run (num_train_steps=%d): nothing left to train", step)
     elif cfg.checkpoint.resume_from_checkpoint:
         log.info("checkpoint.resume_from_checkpoint=true but no complete checkpoint under %s: starting fresh", ckpt.root)
 
@@ -355,6 +379,7 @@ def fit(cfg: DictConfig, strategy: Strategy):
     clock = TrainClock()
     throughput = Throughput(info.world_size, peak_tflops(cfg.peak_tflops_per_gpu, info.device), info.device, clock)
     preempt = Preemption()
+    fit_step = step  # the step this process started from
     time_limit = cfg.max_train_minutes * 60 if cfg.max_train_minutes is not None else math.inf
 
     def save(at_step: int) -> None:
@@ -420,17 +445,24 @@ def fit(cfg: DictConfig, strategy: Strategy):
         if every and step % every == 0 and step < cfg.num_train_steps:
             save(step)
     bar.close()
+    loader.shutdown()  # its workers ignore stop signals: they end when told to
     if step == cfg.num_train_steps or time_up:
-        finish(cfg, model, mcfg, step, save, validate_now, plan)
+        resumed_finished = latest is not None and step == fit_step  # a finished run, resumed: saved, maybe validated
+        validated = resumed_finished and bool(
+            all_reduce(torch.tensor([float(metrics.has_record(step, "val_loss"))], device=info.device), dist.ReduceOp.MAX).item()
+        )
+        finish(cfg, model, mcfg, step, save if not resumed_finished else None, validate_now if not validated else None, plan)
     ckpt.wait()
     metrics.close()
+    preempt.close()
     return model
 
 
 def finish(cfg: DictConfig, model, mcfg: EsmConfig, step: int, save, validate_now, plan) -> None:
-    """End of training: final validation, final checkpoint, Hugging Face export."""
-    validate_now(step)
-    if cfg.checkpoint.save_final_checkpoint:
+    """End of training: final checkpoint, Hugging Face export, then final validation, so that nothing that fails
+    after the last step (a validation split without a maskable residue, say) can lose the first two. `save` or
+    `validate_now` is None where that part is already done (a finished run resumed)."""
+    if cfg.checkpoint.save_final_checkpoint and save is not None:
         save(step)
     if cfg.checkpoint.save_final_model:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -441,3 +473,5 @@ def finish(cfg: DictConfig, model, mcfg: EsmConfig, step: int, save, validate_no
             path = export_hf(full, mcfg, Path(cfg.output_dir) / "final_model", extra=extra)
             log.info("final model (Hugging Face format): %s", path)
         barrier()
+    if validate_now is not None:
+        validate_now(step)

@@ -163,3 +163,81 @@ def test_continued_pretraining_from_a_hugging_face_directory(tmp_path):
     shared = [k for k in after if k in before and "contact_head" not in k and "inv_freq" not in k]
     assert len(shared) == len(after) - 3
     assert all(torch.equal(before[k], after[k]) for k in shared)
+
+
+# ====================================================================================== stops that must be clean
+STOP_ARGS = [*TINY, "num_train_steps=400", "checkpoint.save_every_n_steps=0", "checkpoint.save_final_checkpoint=false"]
+
+
+def stop_run(out, launcher, sig, target):
+    """Start a run (2 gloo processes under `launcher`, or one plain process), send `sig` to the launcher or to its
+    whole process group once a step is logged, and return (exit status, stderr)."""
+    cmd = [sys.executable, "train_ddp.py"] if launcher is None else \
+        [sys.executable, "-m", launcher, "--standalone", "--nproc_per_node=2", "train_ddp.py"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([*cmd, *STOP_ARGS, f"output_dir={out}"], cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics, deadline = out / "metrics.jsonl", time.time() + 180
+    while proc.poll() is None and time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+        time.sleep(0.05)
+    (os.killpg if target == "group" else os.kill)(proc.pid, sig)
+    _, err = proc.communicate(timeout=180)
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize(
+    "launcher, sig, target",
+    [
+        ("recipe.launch", signal.SIGTERM, "launcher"),  # Kubernetes, docker stop, a scheduler
+        ("recipe.launch", signal.SIGTERM, "group"),  # the launcher, and with torchrun's own forwarding the loader workers
+        ("recipe.launch", signal.SIGINT, "launcher"),  # Ctrl-C
+        ("torch.distributed.run", signal.SIGTERM, "launcher"),  # stock torchrun: checkpoint, but its own status is 1
+        (None, signal.SIGINT, "group"),  # Ctrl-C in a terminal to `python train_ddp.py`: loader workers get it too
+    ],
+    ids=["launch-sigterm", "launch-sigterm-group", "launch-sigint", "torchrun-sigterm", "python-sigint-group"],
+)
+def test_stop_signal_ends_in_a_checkpoint_that_resumes(tmp_path, launcher, sig, target):
+    """With loader workers on (dataset.num_workers=1, the default): a checkpoint at the step boundary after the
+    signal, on every rank, exit 0, and a resumed run carries on from it. (These runs once crashed with 'DataLoader
+    worker killed by signal: Terminated', or a KeyboardInterrupt traceback, and no checkpoint.)"""
+    out = tmp_path / "run"
+    rc, err = stop_run(out, launcher, sig, target)
+    if launcher != "torch.distributed.run":  # torchrun raises SignalException after its trainers stopped (recipe/launch.py)
+        assert rc == 0, err[-3000:]
+    assert err.count("preemption signal: checkpoint saved at step") == (1 if launcher is None else 2), err[-3000:]
+    saved = sorted((out / "checkpoints").glob("step_*"))
+    assert len(saved) == 1 and (saved[0] / "COMPLETE").exists(), err[-3000:]
+    stopped = int(saved[0].name.split("_")[1])
+    assert 1 <= stopped < 400 and max(losses(out)) == stopped  # the step boundary the metrics last logged
+    nproc = 1 if launcher is None else 2
+    r = check(torchrun("train_ddp.py", nproc, *STOP_ARGS[:-3], f"num_train_steps={stopped + 2}", "checkpoint.save_final_checkpoint=false",
+                       "checkpoint.resume_from_checkpoint=true", f"output_dir={out}"))
+    assert f"at step {stopped}" in r.stderr and sorted(losses(out)) == list(range(1, stopped + 3))
+
+
+# ====================================================================================== after the last step
+def test_validation_failure_after_the_last_step_keeps_checkpoint_and_export(tmp_path):
+    """A validation split with no maskable residue: once it lost the whole run (validation came first) with the
+    message 'yielded no batches'. Now the final checkpoint and export are written first and the error says why."""
+    val = tmp_path / "val.fasta"
+    val.write_text(">a\n****\n>b\n**\n")
+    out = tmp_path / "run"
+    r = torchrun("train_ddp.py", 1, *TINY, "num_train_steps=2", "checkpoint.save_final_model=true", f"dataset.val_path={val}",
+                 f"output_dir={out}")
+    assert r.returncode != 0
+    assert re.search(rf"validation on {val} gave no masked token to score: its 1 micro-batch\(es\) hold no masked residue", r.stderr), \
+        r.stderr[-3000:]
+    assert (out / "checkpoints" / "step_2" / "COMPLETE").exists() and (out / "final_model" / "model.safetensors").exists()
+
+
+def test_resuming_a_finished_run(tmp_path):
+    """Resumed at its last step, a finished run trains nothing and logs no second validation record; resumed with
+    num_train_steps below the checkpoint's step, it is refused, naming the key (it once did nothing, silently)."""
+    out = tmp_path / "run"
+    check(torchrun("train_ddp.py", 1, *TINY, "num_train_steps=3", f"output_dir={out}"))
+    before = (out / "metrics.jsonl").read_text()
+    r = check(torchrun("train_ddp.py", 1, *TINY, "num_train_steps=3", "checkpoint.resume_from_checkpoint=true", f"output_dir={out}"))
+    assert "nothing left to train" in r.stderr
+    assert (out / "metrics.jsonl").read_text() == before and len(read_metrics(out)[1]) == 1
+    r = torchrun("train_ddp.py", 1, *TINY, "num_train_steps=2", "checkpoint.resume_from_checkpoint=true", f"output_dir={out}")
+    assert r.returncode != 0 and "num_train_steps=2 is below the step of the checkpoint to resume" in r.stderr

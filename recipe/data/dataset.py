@@ -9,7 +9,10 @@ sequence would overflow the token budget; that sequence is not consumed, which m
 
 from __future__ import annotations
 
+import atexit
 import logging
+import signal
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -214,6 +217,14 @@ def collate(samples: list[Sample], s: BatchSettings) -> dict:
     return collate_thd(samples, s.pad_to_multiple_of, s.token_micro_batch_size if s.pad_to_fixed else None)
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers ignore SIGTERM and SIGINT: a signal sent to the whole process group (torchrun's shutdown,
+    a scheduler, Ctrl-C in a terminal) is for the trainer, which checkpoints at the next step boundary and then
+    shuts its loader down. Killed first, the workers would take the trainer down with them."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_loader(dataset: IterableDataset, num_workers: int = 0, pin_memory: bool = False, prefetch_factor: int = 4):
     """A `StatefulDataLoader` over already-batched items (batch_size=None), whose state refuses a restore into
     another worker count with a message that says so."""
@@ -233,6 +244,17 @@ def make_loader(dataset: IterableDataset, num_workers: int = 0, pin_memory: bool
                     )
             super().load_state_dict(state["loader"])
 
-    kwargs = dict(prefetch_factor=prefetch_factor, persistent_workers=False) if num_workers > 0 else {}
-    return MLMLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **kwargs)
+        def shutdown(self) -> None:
+            """Stop the worker processes now. They ignore SIGTERM, so this must happen before multiprocessing's
+            exit handler, which would terminate() them with a SIGTERM and then wait for them forever."""
+            it = getattr(self, "_iterator", None)
+            if it is not None and hasattr(it, "_shutdown_workers"):
+                it._shutdown_workers()
+
+    kwargs = dict(prefetch_factor=prefetch_factor, persistent_workers=False, worker_init_fn=ignore_stop_signals) if num_workers > 0 else {}
+    loader = MLMLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **kwargs)
+    if num_workers > 0:  # runs before multiprocessing's handler (atexit is last in, first out), on every way out
+        ref = weakref.ref(loader)
+        atexit.register(lambda: ref() is not None and ref().shutdown())
+    return loader
 
