@@ -92,7 +92,8 @@ def evaluate(model, dataset: MLMBatches, device, amp, max_batches: int | None, s
         spare, count = batch, count + 1
         with amp:
             out = model(**model_inputs(batch, device))
-        sums += torch.stack([out.loss_sum.double(), out.num_tokens.double(), out.num_correct.double(), sums.new_tensor(float(real))])
+        scored = [out.loss_sum.double(), out.num_tokens.double(), out.num_correct.double(), sums.new_tensor(float(real))]
+        sums += torch.stack(scored)
     model.train()
     loss_sum, tokens, correct, batches = all_reduce(sums).tolist()
     if tokens == 0:
@@ -171,7 +172,8 @@ class Preemption:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt("second Ctrl-C: aborted without a checkpoint")
         if not self.requested:
-            log.warning("%s: stopping with a checkpoint after this step (a second Ctrl-C aborts without one)", signal.Signals(signum).name)
+            name = signal.Signals(signum).name
+            log.warning("%s: stopping with a checkpoint after this step (a second Ctrl-C aborts without one)", name)
         self.requested = True
 
     def close(self) -> None:

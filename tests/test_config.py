@@ -41,7 +41,8 @@ def load(name="L0_sanity", *overrides, out="/tmp/esm-config-test"):
         (["use_torch_compile=1"], r"use_torch_compile=1 must be true or false"),
         # the validation split read as training data
         (["dataset.train_path=${dataset.val_path}"], r"dataset.train_path=\S+/validation is the same path as dataset.val_path"),
-        (["dataset.train_path=${dataset.val_path}/.."], r"dataset.train_path=\S+ contains dataset.val_path=\S+: training and validation data would overlap"),
+        (["dataset.train_path=${dataset.val_path}/.."],
+         r"dataset.train_path=\S+ contains dataset.val_path=\S+: training and validation data would overlap"),
         (["dataset.val_path=${dataset.train_path}/.."], r"dataset.train_path=\S+ lies inside dataset.val_path"),
     ],
 )

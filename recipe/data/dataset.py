@@ -251,7 +251,9 @@ def make_loader(dataset: IterableDataset, num_workers: int = 0, pin_memory: bool
             if it is not None and hasattr(it, "_shutdown_workers"):
                 it._shutdown_workers()
 
-    kwargs = dict(prefetch_factor=prefetch_factor, persistent_workers=False, worker_init_fn=ignore_stop_signals) if num_workers > 0 else {}
+    kwargs = {}
+    if num_workers > 0:
+        kwargs = {"prefetch_factor": prefetch_factor, "persistent_workers": False, "worker_init_fn": ignore_stop_signals}
     loader = MLMLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **kwargs)
     if num_workers > 0:  # runs before multiprocessing's handler (atexit is last in, first out), on every way out
         ref = weakref.ref(loader)
