@@ -28,6 +28,8 @@ def make_pair(shape: str, token_dropout: bool, seed: int = 0):
         for name, p in hf.named_parameters():
             if "bias" in name or "LayerNorm" in name or "layer_norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
+        # a trained-looking <pad> row: training moves it (the decoder is tied), init leaves it zero
+        hf.esm.embeddings.word_embeddings.weight[hf.config.pad_token_id].normal_(0.0, 0.02)
     ours = build_model(EsmConfig(**SHAPES[shape], token_dropout=token_dropout, backend="torch")).eval()
     ours.load_state_dict(hf_to_ours(hf.state_dict(), ours.config.num_layers))
     return hf, ours
@@ -76,6 +78,38 @@ def test_parity_with_transformers(shape, token_dropout):
     for out in (bshd, thd, thd_head_only):
         assert abs(out.loss.item() - ref.loss.item()) <= 1e-5
     assert int(thd_head_only.num_tokens) == int((labels != -100).sum())
+
+
+PAD_ROWS = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7], [0, 5, 1, 32, 1, 9, 2, 1], [0, 1, 1, 6, 32, 2, 1, 1]])
+PAD_MASKS = {
+    "none": None,
+    "right": torch.tensor([[1] * 8, [1] * 7 + [0], [1] * 6 + [0] * 2]),
+    "holes": torch.tensor([[0] + [1] * 7, [1] * 7 + [0], [1, 0, 1, 1, 1, 0, 1, 1]]),  # left padding, gaps
+}
+
+
+@pytest.mark.parametrize("token_dropout", [True, False])
+@pytest.mark.parametrize("mask", list(PAD_MASKS))
+def test_attended_pad_matches_transformers(token_dropout, mask):
+    """`<pad>` among the attended tokens, with a trained (non-zero) `<pad>` row: transformers' own integration input
+    [[0, 1, 2, 3, 4, 5]] with no mask, and rows whose mask covers `<pad>` (and a `<mask>`, for token dropout).
+    transformers zeroes only what the attention mask excludes, so must we: BSHD at every position, THD (the attended
+    tokens of right-padded rows, packed) at every token."""
+    hf, ours = make_pair("tiny", token_dropout)
+    ids, attn = PAD_ROWS, PAD_MASKS[mask]
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=attn).logits
+        bshd = ours(ids, attention_mask=attn).logits
+        single = ours(ids[:1, :6]).logits  # the integration input exactly
+        single_ref = hf(input_ids=ids[:1, :6]).logits
+    assert (bshd - ref).abs().max() <= 1e-5
+    assert (single - single_ref).abs().max() <= 1e-5
+    if mask != "holes":  # a packed sequence is contiguous: it has no holes to mirror
+        keep = attn if attn is not None else torch.ones_like(ids)
+        flat, cu, max_len, _ = to_thd(ids, keep, ids)
+        with torch.no_grad():
+            thd = ours(flat, cu_seqlens=cu, max_seqlen=max_len).logits
+        assert (thd - ref[keep.bool()]).abs().max() <= 1e-5
 
 
 def test_thd_equals_bshd_and_is_independent_of_neighbours():
@@ -250,6 +284,16 @@ def test_bad_input_is_a_clear_error(kwargs, match):
     cu = kwargs.get("cu", torch.tensor([0, 2, 4], dtype=torch.int32))
     with pytest.raises((ValueError, TypeError), match=match):
         model(ids, cu_seqlens=cu, max_seqlen=kwargs.get("max_len", 4))
+
+
+def test_te_backend_refuses_masks_it_cannot_mirror():
+    """TE runs BSHD as packed rows: a left-padded or gapped mask would shift rotary positions against transformers."""
+    from recipe.model.esm import check_inputs
+
+    config = EsmConfig(**SHAPES["tiny"], backend="te")
+    check_inputs(config, PAD_ROWS, None, None, PAD_MASKS["right"], None)
+    with pytest.raises(ValueError, match="right-padded attention_mask"):
+        check_inputs(config, PAD_ROWS, None, None, PAD_MASKS["holes"], None)
 
 
 @pytest.mark.parametrize(

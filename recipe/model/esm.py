@@ -132,7 +132,11 @@ class EsmForMaskedLM(nn.Module):
     # ---------------------------------------------------------------- embeddings
     def embed(self, input_ids: torch.Tensor, seq_of_token: torch.Tensor | None, lengths: torch.Tensor) -> torch.Tensor:
         """Word embeddings with ESM token dropout: zero `<mask>` rows, rescale each sequence by its own mask ratio
-        (with context parallelism: the ratio over the whole sequence, summed over the ranks that share it)."""
+        (with context parallelism: the ratio over the whole sequence, summed over the ranks that share it).
+
+        A `<pad>` token is embedded like any other: as in transformers, only an attention mask (BSHD) zeroes
+        positions, and a packed sequence attends to every token it holds. Training moves the `<pad>` row (the decoder
+        is tied to it), so zeroing `<pad>` here would break parity on inputs that attend to one."""
         x = self.embed_tokens(input_ids)
         cfg = self.config
         if cfg.token_dropout:
@@ -148,7 +152,7 @@ class EsmForMaskedLM(nn.Module):
                     torch.distributed.all_reduce(masked, group=self.cp_group)
                 scale = (1 - MASK_RATIO_TRAIN) / (1 - masked / lengths.clamp(min=1))
                 x = (x * scale[seq_of_token][:, None]).to(x.dtype)
-        return self.to_residual_dtype(x.masked_fill((input_ids == cfg.pad_token_id).unsqueeze(-1), 0.0))
+        return self.to_residual_dtype(x)
 
     def to_residual_dtype(self, x: torch.Tensor) -> torch.Tensor:
         """The dtype the layers add into. Under autocast that is the autocast dtype unless `fp32_residual`: a bf16
@@ -285,6 +289,11 @@ def check_inputs(config: EsmConfig, input_ids, cu_seqlens, max_seqlen, attention
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
         if attention_mask is not None and bool((attention_mask.sum(-1) == 0).any()):
             raise ValueError("attention_mask has a row with no tokens")
+        if config.backend == "te" and attention_mask is not None and bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
+            raise ValueError(
+                "the te backend needs a right-padded attention_mask (ones, then zeros): it runs padded rows as packed "
+                "sequences, whose rotary positions start at their first attended token; model.backend=torch takes any mask"
+            )
     else:
         raise ValueError(f"input_ids must be [T] (packed) or [B, S] (padded), got shape {tuple(input_ids.shape)}")
 
