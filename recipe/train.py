@@ -30,6 +30,7 @@ from recipe.data.dataset import BatchSettings, MLMBatches, make_loader
 from recipe.data.sources import load_sequences
 from recipe.metrics import MetricsWriter, max_memory_gb, peak_tflops
 from recipe.model import EsmConfig, build_model, init_weights, resolve_backend
+from recipe.model.config import SIZES
 from recipe.model.convert import config_from_hf, export_hf, load_hf_into
 from recipe.model.esm import IGNORE_INDEX
 from recipe.model.flops import batch_flops
@@ -187,19 +188,40 @@ def resolve_precision(cfg: DictConfig, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+# Model settings that a checkpoint carries in its config.json; null in the config means "the model's own".
+OWN_SETTINGS = ("activation", "layer_norm_eps", "token_dropout")
+SHAPE_KEYS = ("num_layers", "hidden_size", "num_heads", "intermediate_size")
+
+
 def model_config(cfg: DictConfig) -> EsmConfig:
+    """The model's config: the size preset (and shape keys), or with `model.init_from` the checkpoint's own config.
+    Continued training keeps the checkpoint's settings; one given explicitly replaces it, and the log says so."""
     m = cfg.model
-    overrides = dict(
-        backend=m.backend,
-        activation=m.activation,
-        layer_norm_eps=m.layer_norm_eps,
-        token_dropout=m.token_dropout,
-        fp32_residual=m.fp32_residual,
-    )
-    if m.init_from is not None:
-        return config_from_hf(m.init_from, **overrides)
-    shape = {k: m[k] for k in ("num_layers", "hidden_size", "num_heads", "intermediate_size")}
-    return EsmConfig.from_size(m.size, **shape, **overrides)
+    settings = {k: m[k] for k in OWN_SETTINGS}
+    overrides = dict(backend=m.backend, fp32_residual=m.fp32_residual, **settings)
+    shape = {k: m[k] for k in SHAPE_KEYS}
+    if m.init_from is None:
+        return EsmConfig.from_size(m.size, **shape, **overrides)
+    given = {f"model.{k}={v}" for k, v in shape.items() if v is not None}
+    if given:
+        raise config_lib.ConfigError(f"{', '.join(sorted(given))}: model.init_from={m.init_from} fixes the shape; drop the shape keys")
+    own = config_from_hf(m.init_from)
+    for key, value in settings.items():
+        if value is not None and value != getattr(own, key):
+            log.info("model.%s=%s replaces %s's own %s=%s", key, value, m.init_from, key, getattr(own, key))
+    return config_from_hf(m.init_from, **overrides)
+
+
+def model_name(cfg: DictConfig, mcfg: EsmConfig) -> str:
+    """What the start-up log calls the model: the size preset, or what model.init_from holds (whose shape wins over
+    model.size, so a size that disagrees is named as ignored rather than reported as the model)."""
+    if cfg.model.init_from is None:
+        return f"ESM-2 {cfg.model.size}"
+    preset = next((size for size, shape in SIZES.items() if shape == {k: getattr(mcfg, k) for k in SHAPE_KEYS}), None)
+    name = f"ESM-2 {preset}" if preset else "ESM-2 ({num_layers} layers, hidden {hidden_size})".format(**mcfg.shape_dict())
+    if preset != cfg.model.size:
+        name += f" (model.size={cfg.model.size} ignored: the shape comes from model.init_from)"
+    return f"{name} from {cfg.model.init_from}"
 
 
 def build(cfg: DictConfig, strategy: Strategy, mcfg: EsmConfig):
@@ -355,8 +377,8 @@ def fit(cfg: DictConfig, strategy: Strategy):
     expect = resume_expectations(cfg, info, mcfg, settings) | {"precision": plan.to_dict()}
     log.info("layer precision: %s", plan.describe())
     log.info(
-        "model: ESM-2 %s, backend %s, %s, %.1fM parameters; strategy %s over %d ranks (dp %d x cp %d), compute %s",
-        cfg.model.size, mcfg.backend, mcfg.activation, sum(p.numel() for p in model.parameters()) / 1e6,
+        "model: %s, backend %s, %s, %.1fM parameters; strategy %s over %d ranks (dp %d x cp %d), compute %s",
+        model_name(cfg, mcfg), mcfg.backend, mcfg.activation, sum(p.numel() for p in model.parameters()) / 1e6,
         strategy.name, info.world_size, info.dp_size, info.cp.size, strategy.compute_dtype,
     )
 

@@ -121,3 +121,47 @@ def test_weight_decay_exclusions():
     with pytest.raises(ValueError, match="optimizer.no_decay has unknown entries"):
         param_groups(model, 0.01, ["LayerNorm"])
     assert plain["weight_decay"] == 0.0 and decay["weight_decay"] == 0.01
+
+
+# ------------------------------------------------------------------ model.init_from keeps the checkpoint's own settings
+@pytest.fixture
+def own_settings_export(tmp_path):
+    """A tiny model exported with settings unlike ESM-2's: no token dropout, LayerNorm eps 1e-6, tanh GELU."""
+    from recipe.model import EsmConfig, build_model
+    from recipe.model.convert import export_hf
+
+    mcfg = EsmConfig.from_size("tiny", token_dropout=False, layer_norm_eps=1e-6, activation="gelu_tanh", backend="torch")
+    return export_hf(build_model(mcfg).state_dict(), mcfg, tmp_path / "hf")
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ([], dict(token_dropout=False, layer_norm_eps=1e-6, activation="gelu_tanh")),
+        (["model.token_dropout=true", "model.layer_norm_eps=1e-5"], dict(token_dropout=True, layer_norm_eps=1e-5, activation="gelu_tanh")),
+        (["model.activation=gelu"], dict(token_dropout=False, layer_norm_eps=1e-6, activation="gelu")),
+    ],
+)
+def test_init_from_keeps_the_checkpoint_settings_unless_overridden(own_settings_export, tmp_path, caplog, overrides, expected):
+    from recipe.train import model_config
+
+    with caplog.at_level("INFO", logger="recipe"):
+        mcfg = model_config(load("L0_sanity", f"model.init_from={own_settings_export}", *overrides, out=str(tmp_path)))
+    assert {k: getattr(mcfg, k) for k in expected} == expected
+    replaced = [line for line in caplog.messages if "replaces" in line]
+    assert len(replaced) == len(overrides)  # each explicit override is named in the log, nothing else
+    for override in overrides:
+        key = override.split("=")[0]
+        assert any(line.startswith(key) and str(own_settings_export) in line for line in replaced), (key, replaced)
+
+
+def test_init_from_names_the_model_it_loads(own_settings_export, tmp_path):
+    """The shape comes from the checkpoint: model.size is named only when it agrees, shape keys are refused."""
+    from recipe.train import model_config, model_name
+
+    cfg = load("L0_sanity", f"model.init_from={own_settings_export}", out=str(tmp_path))
+    assert model_name(cfg, model_config(cfg)) == f"ESM-2 tiny from {own_settings_export}"
+    cfg = load("L0_sanity", f"model.init_from={own_settings_export}", "model.size=8M", out=str(tmp_path))
+    assert model_name(cfg, model_config(cfg)).startswith("ESM-2 tiny (model.size=8M ignored: the shape comes from model.init_from)")
+    with pytest.raises(ConfigError, match="model.num_layers=3: model.init_from=.* fixes the shape"):
+        model_config(load("L0_sanity", f"model.init_from={own_settings_export}", "model.num_layers=3", out=str(tmp_path)))
