@@ -274,9 +274,15 @@ def precision_plan(cfg: DictConfig, mcfg: EsmConfig, info: DistInfo) -> tuple[qu
     return plan, {fmt: quantization.build_recipe(sections[fmt], fmt) for fmt in plan.recipes}
 
 
+def cp_chunk(cfg: DictConfig) -> int:
+    """Context parallelism pads every sequence to a multiple of 2 x cp_size x this (see `cp_shard`)."""
+    return max(1, cfg.dataset.pad_to_multiple_of // 2)
+
+
 def batch_settings(cfg: DictConfig) -> BatchSettings:
     d = cfg.dataset
     return BatchSettings(
+        sequence_multiple=2 * cfg.cp_size * cp_chunk(cfg) if cfg.cp_size > 1 else 1,
         max_seq_length=d.max_seq_length,
         layout=d.layout,
         token_micro_batch_size=config_lib.token_budget(cfg),
@@ -315,11 +321,12 @@ def build_data(cfg: DictConfig, info: DistInfo):
 def cp_shard(cfg: DictConfig, info: DistInfo):
     """Batch -> this rank's context-parallel share (identity without CP). Sequences are padded so that every
     rank's share is a multiple of 2 x (dataset.pad_to_multiple_of // 2) tokens: of pad_to_multiple_of itself when
-    that is even (16 by default, what FP8 needs)."""
+    that is even (16 by default, what FP8 needs). The packer counted them padded (`batch_settings`), so the padded
+    batch fits the token budget; with dataset.pad_to_fixed it is filled to exactly the budget."""
     if info.cp.size == 1:
         return lambda batch: batch
-    chunk = max(1, cfg.dataset.pad_to_multiple_of // 2)
-    return functools.partial(shard_batch, cp_size=info.cp.size, cp_rank=info.cp.rank, chunk_multiple=chunk)
+    pad_to = config_lib.token_budget(cfg) if cfg.dataset.pad_to_fixed else None
+    return functools.partial(shard_batch, cp_size=info.cp.size, cp_rank=info.cp.rank, chunk_multiple=cp_chunk(cfg), pad_to=pad_to)
 
 
 def resume_expectations(cfg: DictConfig, info: DistInfo, mcfg: EsmConfig, settings: BatchSettings) -> dict:
@@ -328,7 +335,9 @@ def resume_expectations(cfg: DictConfig, info: DistInfo, mcfg: EsmConfig, settin
         "world_size": info.world_size,
         "cp_size": info.cp.size,
         "model_shape": mcfg.shape_dict(),
-        "data": dataclasses.asdict(settings) | {"num_workers": cfg.dataset.num_workers, "train_path": str(cfg.dataset.train_path)},
+        # sequence_multiple follows from cp_size and pad_to_multiple_of, both checked: left out, older checkpoints resume
+        "data": {k: v for k, v in dataclasses.asdict(settings).items() if k != "sequence_multiple"}
+        | {"num_workers": cfg.dataset.num_workers, "train_path": str(cfg.dataset.train_path)},
     }
 
 

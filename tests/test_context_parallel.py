@@ -144,6 +144,51 @@ def test_each_dp_rank_reads_its_own_data_and_cp_peers_the_same(tmp_path):
     assert sorted(val_all.tolist()) == list(range(len(load_sequences(cfg.dataset.val_path))))
 
 
+@pytest.mark.parametrize("cp_size", [2, 4])
+@pytest.mark.parametrize("pad_to_fixed", [False, True])
+def test_cp_batches_keep_the_token_budget_and_fixed_shapes(tmp_path, cp_size, pad_to_fixed):
+    """L0_sanity_cp's settings (4,096-token budget) as the trainer wires them: the padded batch the CP ranks compute
+    on never exceeds the budget, and with pad_to_fixed every rank's share is exactly budget / cp_size; every real
+    token still lands on exactly one rank."""
+    from hydra import compose, initialize_config_dir
+
+    from recipe.config import CONFIG_DIR, token_budget
+    from recipe.parallel import ContextParallel, DistInfo
+    from recipe.train import build_data, cp_shard
+
+    overrides = [f"output_dir={tmp_path}", "dataset.num_workers=0", f"cp_size={cp_size}", f"dataset.pad_to_fixed={pad_to_fixed}"]
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("L0_sanity_cp", overrides=overrides)
+    budget = token_budget(cfg)
+    infos = [DistInfo(r, cp_size, r, torch.device("cpu"), ContextParallel(cp_size, r)) for r in range(cp_size)]
+    loader, val, _ = build_data(cfg, infos[0])
+    train_it = iter(loader)
+    batches = [next(train_it) for _ in range(60)] + list(val)
+    shards = [cp_shard(cfg, info) for info in infos]
+    for batch in batches:
+        parts = [shard(batch) for shard in shards]
+        total = int(parts[0]["cu_seqlens_padded"][-1])
+        assert total <= budget
+        assert all(len(p["input_ids"]) * cp_size == total for p in parts)
+        if pad_to_fixed:
+            assert all(len(p["input_ids"]) == budget // cp_size for p in parts)
+        assert sum(p["num_real_tokens"] for p in parts) == batch["num_real_tokens"]
+        assert sum(int((p["labels"] != -100).sum()) for p in parts) == int((batch["labels"] != -100).sum())
+
+
+@pytest.mark.parametrize(
+    "max_len, fixed, message",
+    [(4080, False, r"cannot hold one sequence of dataset.max_seq_length=4080 \(padded for context parallelism: 4096\)"),
+     (1024, True, "to be a multiple of 64")],
+)
+def test_cp_budget_that_cannot_hold_padded_sequences_is_refused(max_len, fixed, message):
+    from recipe.data.dataset import BatchSettings
+
+    multiple = 32 if not fixed else 64  # 2 x cp_size x 8: cp 2, cp 4
+    with pytest.raises(ValueError, match=message):
+        BatchSettings(max_seq_length=max_len, token_micro_batch_size=4080, pad_to_fixed=fixed, sequence_multiple=multiple)
+
+
 @pytest.mark.slow
 def test_dp_cp_grid_and_fsdp2_shards_over_all_ranks():
     """World 4, cp_size 2: CP groups are neighbouring ranks, dp rank = rank // 2, and FSDP2 shards every parameter

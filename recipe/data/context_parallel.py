@@ -9,7 +9,9 @@ needs no scatter: its ranks load the same batch (they share a data-parallel rank
 What a rank gets: its tokens (`input_ids`, `labels`), `position_ids` that are positions in the *full* sequence, the
 full-batch `cu_seqlens` (real lengths) and `cu_seqlens_padded` that TE's CP attention takes, `max_seqlen` of the
 padded sequences, and `num_real_tokens` (its share of real tokens, for throughput). The packer's trailing pad
-segment is dropped: only real sequences are sharded.
+segment is dropped: only real sequences are sharded. The packer counts each sequence at its padded length
+(`BatchSettings.sequence_multiple`), so the padded batch stays within the token budget; with `pad_to` (the budget,
+under `dataset.pad_to_fixed`) a trailing `<pad>` segment fills it, so every rank holds exactly pad_to / cp_size tokens.
 """
 
 from __future__ import annotations
@@ -65,19 +67,33 @@ def pad_batch(input_ids: torch.Tensor, labels: torch.Tensor, lengths: np.ndarray
     return ids, lab, pos, cu_pad, padded
 
 
-def shard_batch(batch: dict, cp_size: int, cp_rank: int, chunk_multiple: int = 1) -> dict:
-    """This rank's share of a packed batch (a dict with input_ids, labels, cu_seqlens and optionally seq_lengths)."""
+def shard_batch(batch: dict, cp_size: int, cp_rank: int, chunk_multiple: int = 1, pad_to: int | None = None) -> dict:
+    """This rank's share of a packed batch (a dict with input_ids, labels, cu_seqlens and optionally seq_lengths);
+    with `pad_to`, of the batch filled to exactly `pad_to` tokens by one `<pad>` segment (labels -100)."""
     if not 0 <= cp_rank < cp_size:
         raise ValueError(f"cp_rank {cp_rank} is not in 0..{cp_size - 1}")
     lengths = real_lengths(batch)
     ids, lab, pos, cu_pad, padded = pad_batch(batch["input_ids"], batch["labels"], lengths, cp_size, chunk_multiple)
+    segments = lengths
+    if pad_to is not None:
+        extra, unit = pad_to - int(cu_pad[-1]), 2 * cp_size * chunk_multiple
+        if extra < 0 or extra % unit:
+            raise ValueError(
+                f"cannot fill a context-parallel batch of {int(cu_pad[-1])} padded tokens to {pad_to}: the fixed size "
+                f"must be at least that and differ from it by a multiple of {unit}"
+            )
+        if extra:
+            ids, lab = np.append(ids, np.full(extra, PAD_ID)), np.append(lab, np.full(extra, IGNORE_INDEX))
+            pos, padded = np.append(pos, np.arange(extra)), np.append(padded, extra)
+            cu_pad, segments = np.append(cu_pad, pad_to), np.append(lengths, extra)
     keep = rank_token_index(padded, cp_size, cp_rank)
-    real = pos[keep] < np.repeat(lengths, padded // cp_size)  # position inside the real part of its sequence
+    counted = np.append(lengths, np.zeros(len(padded) - len(lengths), dtype=np.int64))  # the pad segment is not real
+    real = pos[keep] < np.repeat(counted, padded // cp_size)  # position inside the real part of its sequence
     return {
         "input_ids": torch.from_numpy(ids[keep]),
         "labels": torch.from_numpy(lab[keep]),
         "position_ids": torch.from_numpy(pos[keep]),
-        "cu_seqlens": torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)),
+        "cu_seqlens": torch.from_numpy(np.concatenate([[0], np.cumsum(segments)]).astype(np.int32)),
         "cu_seqlens_padded": torch.from_numpy(cu_pad.astype(np.int32)),
         "max_seqlen": int(padded.max()),
         "num_real_tokens": int(real.sum()),

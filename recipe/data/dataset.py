@@ -33,6 +33,9 @@ class BatchSettings:
     micro_batch_size: int = 8  # BSHD: sequences per micro-batch
     pad_to_multiple_of: int = 16
     pad_to_fixed: bool = False  # THD: pad every batch to exactly token_micro_batch_size
+    # THD: a sequence counts as its length rounded up to this when packing. Context parallelism pads every sequence
+    # to a multiple of 2 x cp_size x chunk before splitting it, and the budget must hold what the ranks compute on.
+    sequence_multiple: int = 1
     mask_prob: float = 0.15
     seed: int = 0
 
@@ -41,10 +44,17 @@ class BatchSettings:
             raise ValueError(f"dataset.layout={self.layout!r} is not 'thd' or 'bshd'")
         if self.max_seq_length < 3:
             raise ValueError(f"dataset.max_seq_length={self.max_seq_length} leaves no room for a residue")
-        if self.layout == "thd" and self.token_micro_batch_size < self.max_seq_length:
+        if self.layout == "thd" and self.token_micro_batch_size < sequence_tokens(self, self.max_seq_length):
+            padded = "" if self.sequence_multiple == 1 else f" (padded for context parallelism: {sequence_tokens(self, self.max_seq_length)})"
             raise ValueError(
                 f"dataset.token_micro_batch_size={self.token_micro_batch_size} cannot hold one sequence of "
-                f"dataset.max_seq_length={self.max_seq_length}"
+                f"dataset.max_seq_length={self.max_seq_length}{padded}"
+            )
+        if self.layout == "thd" and self.pad_to_fixed and self.token_micro_batch_size % self.sequence_multiple:
+            raise ValueError(
+                f"dataset.pad_to_fixed=true with context parallelism needs dataset.token_micro_batch_size="
+                f"{self.token_micro_batch_size} to be a multiple of {self.sequence_multiple} (2 x cp_size x "
+                "dataset.pad_to_multiple_of / 2), so that every rank's share is the same fixed size"
             )
         if self.layout == "thd" and self.token_micro_batch_size % max(self.pad_to_multiple_of, 1):
             raise ValueError(
@@ -174,14 +184,20 @@ class MLMBatches(IterableDataset):
             self.epoch, self.cursor = epoch + 1, 0
 
     def _tokens(self, row: int) -> int:
-        """Tokens the row takes after cropping, <cls> and <eos> included."""
-        return min(int(self.store.offsets[row + 1] - self.store.offsets[row]), self.settings.max_seq_length - 2) + 2
+        """Tokens the row takes of the budget after cropping, <cls> and <eos> included (padded for CP)."""
+        n = min(int(self.store.offsets[row + 1] - self.store.offsets[row]), self.settings.max_seq_length - 2) + 2
+        return sequence_tokens(self.settings, n)
 
     def _fits(self, count: int, tokens: int, n: int) -> bool:
         return fits(self.settings, count, tokens, n)
 
     def _make_batch(self, rows: np.ndarray, epoch: int) -> dict:
         return collate(make_samples(self.store, rows, self.settings, epoch if self.train else 0, self.train), self.settings)
+
+
+def sequence_tokens(s: BatchSettings, n: int) -> int:
+    """What a sequence of n tokens takes of the THD budget: n rounded up to `sequence_multiple`."""
+    return -(-n // s.sequence_multiple) * s.sequence_multiple
 
 
 def fits(s: BatchSettings, count: int, tokens: int, n: int) -> bool:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
-from recipe.data.dataset import BatchSettings, build_samples, collate, fits
+from recipe.data.dataset import BatchSettings, build_samples, collate, fits, sequence_tokens
 from recipe.data.sources import DataError, detect_format
 from recipe.data.tokenizer import encode_residues
 
@@ -110,7 +110,7 @@ class StreamingMLMBatches(IterableDataset):
                     key, res = next(source)
                     self.pending = (key, res.tobytes())
                 key, raw = self.pending
-                n = min(len(raw), s.max_seq_length - 2) + 2
+                n = sequence_tokens(s, min(len(raw), s.max_seq_length - 2) + 2)
                 if keys and not fits(s, len(keys), tokens, n):
                     break
                 keys.append(key)
