@@ -24,18 +24,21 @@ RECIPES: dict[str, tuple[str, tuple[int, int], str]] = {
 }
 
 
+QUANTIZED = ("fp8", "fp4")
+
+
 class PrecisionError(ValueError):
     pass
 
 
 @dataclass
 class PrecisionPlan:
-    layers: list[str]  # per layer: "bf16", "fp8" or "fp4"
+    layers: list[str]  # per layer: "fp8", "fp4", or the run's compute dtype ("bf16", or "fp32" without autocast)
     recipes: dict[str, str] = field(default_factory=dict)  # format -> TE recipe class name
 
     @property
     def quantized(self) -> bool:
-        return any(p != "bf16" for p in self.layers)
+        return any(p in QUANTIZED for p in self.layers)
 
     def describe(self) -> str:
         runs, start = [], 0
@@ -69,8 +72,9 @@ def _check_list(key: str, layers, num_layers: int) -> list[int]:
     return out
 
 
-def resolve(num_layers: int, fp8_config, fp8_layers, fp4_config=None, fp4_layers=None) -> PrecisionPlan:
-    """One precision per layer from the config sections (dict-like, with `enabled` and the recipe path)."""
+def resolve(num_layers: int, fp8_config, fp8_layers, fp4_config=None, fp4_layers=None, base: str = "bf16") -> PrecisionPlan:
+    """One precision per layer from the config sections (dict-like, with `enabled` and the recipe path). A layer
+    neither format takes runs in `base`, the run's compute dtype: a CPU (fp32) run must not be described as bf16."""
     enabled = {"fp8": bool(fp8_config and fp8_config.get("enabled")), "fp4": bool(fp4_config and fp4_config.get("enabled"))}
     lists = {"fp8": fp8_layers, "fp4": fp4_layers}
     for fmt in ("fp8", "fp4"):
@@ -83,7 +87,7 @@ def resolve(num_layers: int, fp8_config, fp8_layers, fp4_config=None, fp4_layers
             if RECIPES[name][0] != fmt:
                 raise PrecisionError(f"{fmt}_config.{fmt}_recipe={name} is a {RECIPES[name][0]} recipe, not {fmt}")
             recipes[fmt] = name
-    plan = ["bf16"] * num_layers
+    plan = [base] * num_layers
     if enabled["fp8"] and enabled["fp4"] and lists["fp8"] is None and lists["fp4"] is None:
         raise PrecisionError("fp8_config and fp4_config are both enabled with no fp8_layers/fp4_layers: say which layers get which")
     given = {fmt: _check_list(f"{fmt}_layers", lists[fmt], num_layers) for fmt in ("fp8", "fp4") if lists[fmt] is not None}
@@ -96,7 +100,7 @@ def resolve(num_layers: int, fp8_config, fp8_layers, fp4_config=None, fp4_layers
             plan[i - 1] = fmt
     for fmt in ("fp8", "fp4"):
         if enabled[fmt] and fmt not in given:  # no list: every layer the other format did not take
-            plan = [fmt if p == "bf16" else p for p in plan]
+            plan = [fmt if p == base else p for p in plan]
     return PrecisionPlan(plan, recipes)
 
 

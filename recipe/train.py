@@ -109,11 +109,11 @@ def evaluate(model, dataset: MLMBatches, device, amp, max_batches: int | None, s
 
 # ====================================================================================== set-up
 class TrainClock:
-    """Wall-clock seconds spent training since this process started the loop; validation and checkpoint writes
-    are left out (they pause it), so rates and time-to-quality curves measure training alone."""
+    """Wall-clock seconds spent training, continued from `offset` (what a resumed checkpoint had trained); validation
+    and checkpoint writes are left out (they pause it), so rates and time-to-quality curves measure training alone."""
 
-    def __init__(self):
-        self.start, self.paused = time.perf_counter(), 0.0
+    def __init__(self, offset: float = 0.0):
+        self.start, self.paused = time.perf_counter() - offset, 0.0
 
     @contextlib.contextmanager
     def pause(self):
@@ -227,7 +227,7 @@ def model_name(cfg: DictConfig, mcfg: EsmConfig) -> str:
 def build(cfg: DictConfig, strategy: Strategy, mcfg: EsmConfig):
     """The wrapped, initialised model and its per-layer precision plan (`mcfg` has its backend resolved)."""
     info = strategy.info
-    plan, recipes = precision_plan(cfg, mcfg, info)  # refuses before any memory is spent on the model
+    plan, recipes = precision_plan(cfg, mcfg, info, strategy.compute_dtype)  # refuses before any memory is spent on the model
     contexts = [quantization.init_context(recipes.get(p)) for p in plan.layers] if cfg.quantized_model_init else None
     if strategy.meta_init and contexts is None:
         model = build_model(mcfg, device="meta", dtype=strategy.param_dtype)
@@ -256,9 +256,11 @@ def build(cfg: DictConfig, strategy: Strategy, mcfg: EsmConfig):
     return model, plan
 
 
-def precision_plan(cfg: DictConfig, mcfg: EsmConfig, info: DistInfo) -> tuple[quantization.PrecisionPlan, dict]:
-    """Resolve the per-layer precision plan, refuse what this run cannot do, and build the TE recipes."""
-    plan = quantization.resolve(mcfg.num_layers, cfg.fp8_config, cfg.fp8_layers, cfg.fp4_config, cfg.fp4_layers)
+def precision_plan(cfg: DictConfig, mcfg: EsmConfig, info: DistInfo, compute_dtype: torch.dtype) -> tuple[quantization.PrecisionPlan, dict]:
+    """Resolve the per-layer precision plan, refuse what this run cannot do, and build the TE recipes. Layers that
+    are not quantized are named by the dtype they really compute in (fp32 on CPU, bf16 under autocast)."""
+    base = {torch.bfloat16: "bf16", torch.float32: "fp32"}[compute_dtype]
+    plan = quantization.resolve(mcfg.num_layers, cfg.fp8_config, cfg.fp8_layers, cfg.fp4_config, cfg.fp4_layers, base)
     quantization.check_quantized_init(plan, cfg.quantized_model_init)
     if not plan.quantized:
         return plan, {}
@@ -355,12 +357,25 @@ def entrypoint(strategy_name: str, config_name: str = "L0_sanity"):
 
 def run(cfg: DictConfig, strategy_name: str) -> None:
     info = init_distributed(cfg.device)
-    logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    setup_logging(info.is_main)
     try:
         fit(cfg, STRATEGIES[strategy_name](info, resolve_precision(cfg, info.device), cfg.fsdp.fp32_master_weights, cfg.fsdp.reshard_after_forward))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def setup_logging(is_main: bool) -> None:
+    """INFO on rank 0 and warnings elsewhere, on stderr. Hydra's file handler (output_dir/<script>.log) is kept, so
+    the log file holds what the console shows; only hydra's stdout console handler is replaced by ours."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if type(handler) is logging.StreamHandler:  # a console handler (a FileHandler is a StreamHandler subclass)
+            root.removeHandler(handler)
+    console = logging.StreamHandler()
+    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(console)
+    root.setLevel(logging.INFO if is_main else logging.WARNING)
 
 
 def fit(cfg: DictConfig, strategy: Strategy):
@@ -391,7 +406,7 @@ def fit(cfg: DictConfig, strategy: Strategy):
         strategy.name, info.world_size, info.dp_size, info.cp.size, strategy.compute_dtype,
     )
 
-    step, consumed = 0, 0
+    step, consumed, trained_seconds = 0, 0, 0.0
     latest = ckpt.latest() if cfg.checkpoint.resume_from_checkpoint else None
     if latest is not None:
         meta, rank_state = ckpt.load(latest, model, optimizer, expect)
@@ -399,6 +414,10 @@ def fit(cfg: DictConfig, strategy: Strategy):
         if step > cfg.num_train_steps:
             raise config_lib.ConfigError(f"num_train_steps={cfg.num_train_steps} is below the step of the checkpoint to resume, "
                                          f"{latest} (step {step}): raise num_train_steps to train on from it")
+        if "train_seconds" in meta:
+            trained_seconds = meta["train_seconds"]
+        else:
+            log.warning("%s was written without train_seconds: train_seconds restarts from 0", latest)
         loader.load_state_dict(rank_state["loader"])
         set_rng_state(rank_state["rng"])
         log.info("resumed from %s at step %d", latest, step)
@@ -409,14 +428,14 @@ def fit(cfg: DictConfig, strategy: Strategy):
 
     metrics = MetricsWriter(out_dir, cfg, info.is_main, resume_step=step if latest is not None else None)
     amp = torch.autocast(info.device.type, dtype=strategy.compute_dtype) if strategy.compute_dtype != torch.float32 else nullcontext()
-    clock = TrainClock()
+    clock = TrainClock(trained_seconds)
     throughput = Throughput(info.world_size, peak_tflops(cfg.peak_tflops_per_gpu, info.device), info.device, clock)
     preempt = Preemption()
     fit_step = step  # the step this process started from
     time_limit = cfg.max_train_minutes * 60 if cfg.max_train_minutes is not None else math.inf
 
     def save(at_step: int) -> None:
-        meta = {"step": at_step, "consumed_tokens": consumed, **expect, "config": OmegaConf.to_container(cfg, resolve=True)}
+        meta = {"step": at_step, "consumed_tokens": consumed, "train_seconds": clock.seconds, **expect, "config": OmegaConf.to_container(cfg, resolve=True)}
         with clock.pause():
             ckpt.save(at_step, model, optimizer, meta, {"loader": loader.state_dict(), "rng": rng_state()})
 

@@ -21,10 +21,27 @@ OFF8, OFF4 = {"enabled": False, "fp8_recipe": "DelayedScaling"}, {"enabled": Fal
         (FP8, [1], FP4, [3], ["fp8", "bf16", "fp4", "bf16"]),
     ],
 )
-def test_resolution_rules(fp8, fp8_layers, fp4, fp4_layers, expected):
-    plan = resolve(4, fp8, fp8_layers, fp4, fp4_layers)
-    assert plan.layers == expected
+@pytest.mark.parametrize("base", ["bf16", "fp32"])  # unquantized layers carry the run's compute dtype
+def test_resolution_rules(fp8, fp8_layers, fp4, fp4_layers, expected, base):
+    plan = resolve(4, fp8, fp8_layers, fp4, fp4_layers, base=base)
+    assert plan.layers == [base if p == "bf16" else p for p in expected]
     assert plan.quantized == any(p != "bf16" for p in expected)
+
+
+@pytest.mark.parametrize("dtype, name", [("float32", "fp32"), ("bfloat16", "bf16")])
+def test_trainer_plan_names_the_compute_dtype(tmp_path, dtype, name):
+    """A CPU run computes in FP32: its logged and exported plan must say fp32, not bf16."""
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from recipe.config import CONFIG_DIR
+    from recipe.parallel import DistInfo
+    from recipe.train import model_config, precision_plan
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("L0_sanity", overrides=[f"output_dir={tmp_path}"])
+    plan, _ = precision_plan(cfg, model_config(cfg), DistInfo(0, 1, 0, torch.device("cpu")), getattr(torch, dtype))
+    assert plan.layers == [name] * 4 and plan.describe() == f"layers 1-4: {name}"
 
 
 def test_plan_description_and_record():

@@ -247,3 +247,24 @@ def test_resuming_a_finished_run(tmp_path):
     assert (out / "metrics.jsonl").read_text() == before and len(read_metrics(out)[1]) == 1
     r = torchrun("train_ddp.py", 1, *TINY, "num_train_steps=2", *resume)
     assert r.returncode != 0 and "num_train_steps=2 is below the step of the checkpoint to resume" in r.stderr
+
+
+def test_logs_and_exports_say_what_ran(tmp_path):
+    """Two processes on CPU: the exported plan says fp32 (what a CPU run computes in), hydra's log file holds the
+    rank-0 INFO lines once (the console too), and a resumed run continues train_seconds from its checkpoint."""
+    import json
+
+    out = tmp_path / "run"
+    args = [*TINY, "num_train_steps=4", "checkpoint.save_every_n_steps=2", "dataset.num_workers=0"]
+    r = check(torchrun("train_ddp.py", 2, *args, "checkpoint.save_final_model=true", f"output_dir={out}"))
+    exported = json.loads((out / "final_model" / "config.json").read_text())["recipe"]["layer_precision"]
+    assert exported["layers"] == ["fp32"] * 4
+    assert r.stderr.count("layer precision: layers 1-4: fp32") == 1  # rank 0 only
+    log_file = (out / "train.log").read_text()
+    assert log_file.count("layer precision: layers 1-4: fp32") == 1 and "model: ESM-2 tiny" in log_file
+    saved = json.loads((out / "checkpoints" / "step_2" / "meta.json").read_text())["train_seconds"]
+    assert saved >= {x["step"]: x["train_seconds"] for x in read_metrics(out)[0]}[2] > 0
+    resumed = resume_copy(out, tmp_path / "resumed", 2)
+    check(torchrun("train_ddp.py", 2, *args, "checkpoint.resume_from_checkpoint=true", f"output_dir={resumed}"))
+    seconds = {x["step"]: x["train_seconds"] for x in read_metrics(resumed)[0]}
+    assert sorted(seconds) == [3, 4] and saved < seconds[3] < seconds[4]
