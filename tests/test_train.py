@@ -140,6 +140,19 @@ def test_l0_sanity_from_the_readme_command(tmp_path):
     tok = AutoTokenizer.from_pretrained(out / "final_model")
     logits = model(**tok(["MKTAYIAKQRQISFVKSHFSRQ"], return_tensors="pt")).logits
     assert logits.shape == (1, 24, 33)
+    # the trained export (its <pad> row moved by training) against our model on transformers' integration input,
+    # which attends to <pad>
+    import torch
+
+    from recipe.model import build_model
+    from recipe.model.convert import config_from_hf, load_hf_into
+
+    ours = build_model(config_from_hf(out / "final_model", backend="torch")).eval()
+    load_hf_into(ours, out / "final_model")
+    assert ours.embed_tokens.weight[1].abs().max() > 0
+    ids = torch.tensor([[0, 1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        assert (ours(ids).logits - model(input_ids=ids).logits).abs().max() <= 1e-4
     print(f"\n  L0_sanity on this CPU: {elapsed:.0f} s, loss {train[0]['loss']:.3f} -> {train[-1]['loss']:.3f}, val loss {val[-1]['val_loss']:.3f}")
 
 
