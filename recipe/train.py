@@ -204,7 +204,9 @@ def model_config(cfg: DictConfig) -> EsmConfig:
         return EsmConfig.from_size(m.size, **shape, **overrides)
     given = {f"model.{k}={v}" for k, v in shape.items() if v is not None}
     if given:
-        raise config_lib.ConfigError(f"{', '.join(sorted(given))}: model.init_from={m.init_from} fixes the shape; drop the shape keys")
+        raise config_lib.ConfigError(
+            f"{', '.join(sorted(given))}: model.init_from={m.init_from} fixes the shape; drop the shape keys"
+        )
     own = config_from_hf(m.init_from)
     for key, value in settings.items():
         if value is not None and value != getattr(own, key):
@@ -256,7 +258,9 @@ def build(cfg: DictConfig, strategy: Strategy, mcfg: EsmConfig):
     return model, plan
 
 
-def precision_plan(cfg: DictConfig, mcfg: EsmConfig, info: DistInfo, compute_dtype: torch.dtype) -> tuple[quantization.PrecisionPlan, dict]:
+def precision_plan(
+    cfg: DictConfig, mcfg: EsmConfig, info: DistInfo, compute_dtype: torch.dtype
+) -> tuple[quantization.PrecisionPlan, dict]:
     """Resolve the per-layer precision plan, refuse what this run cannot do, and build the TE recipes. Layers that
     are not quantized are named by the dtype they really compute in (fp32 on CPU, bf16 under autocast)."""
     base = {torch.bfloat16: "bf16", torch.float32: "fp32"}[compute_dtype]
@@ -284,13 +288,13 @@ def cp_chunk(cfg: DictConfig) -> int:
 def batch_settings(cfg: DictConfig) -> BatchSettings:
     d = cfg.dataset
     return BatchSettings(
-        sequence_multiple=2 * cfg.cp_size * cp_chunk(cfg) if cfg.cp_size > 1 else 1,
         max_seq_length=d.max_seq_length,
         layout=d.layout,
         token_micro_batch_size=config_lib.token_budget(cfg),
         micro_batch_size=d.micro_batch_size,
         pad_to_multiple_of=d.pad_to_multiple_of,
         pad_to_fixed=d.pad_to_fixed,
+        sequence_multiple=2 * cfg.cp_size * cp_chunk(cfg) if cfg.cp_size > 1 else 1,
         mask_prob=d.mask_prob,
         seed=cfg.seed,
     )
@@ -366,7 +370,7 @@ def run(cfg: DictConfig, strategy_name: str) -> None:
 
 
 def setup_logging(is_main: bool) -> None:
-    """INFO on rank 0 and warnings elsewhere, on stderr. Hydra's file handler (output_dir/<script>.log) is kept, so
+    """INFO on rank 0 and warnings elsewhere, on stderr. Hydra's file handler (output_dir/train.log) is kept, so
     the log file holds what the console shows; only hydra's stdout console handler is replaced by ours."""
     root = logging.getLogger()
     for handler in list(root.handlers):
@@ -435,7 +439,8 @@ def fit(cfg: DictConfig, strategy: Strategy):
     time_limit = cfg.max_train_minutes * 60 if cfg.max_train_minutes is not None else math.inf
 
     def save(at_step: int) -> None:
-        meta = {"step": at_step, "consumed_tokens": consumed, "train_seconds": clock.seconds, **expect, "config": OmegaConf.to_container(cfg, resolve=True)}
+        meta = {"step": at_step, "consumed_tokens": consumed, "train_seconds": clock.seconds, **expect,
+                "config": OmegaConf.to_container(cfg, resolve=True)}
         with clock.pause():
             ckpt.save(at_step, model, optimizer, meta, {"loader": loader.state_dict(), "rng": rng_state()})
 

@@ -138,7 +138,8 @@ def own_settings_export(tmp_path):
     "overrides, expected",
     [
         ([], dict(token_dropout=False, layer_norm_eps=1e-6, activation="gelu_tanh")),
-        (["model.token_dropout=true", "model.layer_norm_eps=1e-5"], dict(token_dropout=True, layer_norm_eps=1e-5, activation="gelu_tanh")),
+        (["model.token_dropout=true", "model.layer_norm_eps=1e-5"],
+         dict(token_dropout=True, layer_norm_eps=1e-5, activation="gelu_tanh")),
         (["model.activation=gelu"], dict(token_dropout=False, layer_norm_eps=1e-6, activation="gelu")),
     ],
 )
@@ -162,6 +163,7 @@ def test_init_from_names_the_model_it_loads(own_settings_export, tmp_path):
     cfg = load("L0_sanity", f"model.init_from={own_settings_export}", out=str(tmp_path))
     assert model_name(cfg, model_config(cfg)) == f"ESM-2 tiny from {own_settings_export}"
     cfg = load("L0_sanity", f"model.init_from={own_settings_export}", "model.size=8M", out=str(tmp_path))
-    assert model_name(cfg, model_config(cfg)).startswith("ESM-2 tiny (model.size=8M ignored: the shape comes from model.init_from)")
+    expected = "ESM-2 tiny (model.size=8M ignored: the shape comes from model.init_from)"
+    assert model_name(cfg, model_config(cfg)).startswith(expected)
     with pytest.raises(ConfigError, match="model.num_layers=3: model.init_from=.* fixes the shape"):
         model_config(load("L0_sanity", f"model.init_from={own_settings_export}", "model.num_layers=3", out=str(tmp_path)))

@@ -44,8 +44,9 @@ class BatchSettings:
             raise ValueError(f"dataset.layout={self.layout!r} is not 'thd' or 'bshd'")
         if self.max_seq_length < 3:
             raise ValueError(f"dataset.max_seq_length={self.max_seq_length} leaves no room for a residue")
-        if self.layout == "thd" and self.token_micro_batch_size < sequence_tokens(self, self.max_seq_length):
-            padded = "" if self.sequence_multiple == 1 else f" (padded for context parallelism: {sequence_tokens(self, self.max_seq_length)})"
+        longest = sequence_tokens(self, self.max_seq_length)
+        if self.layout == "thd" and self.token_micro_batch_size < longest:
+            padded = "" if self.sequence_multiple == 1 else f" (padded for context parallelism: {longest})"
             raise ValueError(
                 f"dataset.token_micro_batch_size={self.token_micro_batch_size} cannot hold one sequence of "
                 f"dataset.max_seq_length={self.max_seq_length}{padded}"
