@@ -71,10 +71,10 @@ RULES = {
     "cp_comm_type": Rule(str, words=("p2p", "all_gather", "a2a")),
     "quantized_model_init": Rule(bool),
     "model.backend": Rule(str, words=("auto", "torch", "te")),
-    "model.activation": Rule(str, words=("gelu", "gelu_tanh")),
+    "model.activation": Rule(str, words=("gelu", "gelu_tanh"), null=True),  # null: the model's own (preset or init_from)
     **{f"model.{k}": Rule(int, "[1, inf)", null=True) for k in ("num_layers", "hidden_size", "num_heads", "intermediate_size")},
-    "model.layer_norm_eps": Rule(float, "(0, inf)"),
-    "model.token_dropout": Rule(bool),
+    "model.layer_norm_eps": Rule(float, "(0, inf)", null=True),
+    "model.token_dropout": Rule(bool, null=True),
     "model.fp32_residual": Rule(bool),
     "dataset.streaming": Rule(bool),
     "dataset.streaming_shuffle_buffer": Rule(int, "[0, inf)"),
