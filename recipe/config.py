@@ -88,6 +88,7 @@ RULES = {
     "dataset.num_workers": Rule(int, "[0, inf)"),
     "dataset.pin_memory": Rule(bool),
     "dataset.prefetch_factor": Rule(int, "[1, inf)"),
+    "validation.every_n_steps": Rule(int, "[0, inf)", null=True),  # null and 0: see defaults.yaml (negative was "every step")
     "validation.max_batches": Rule(int, "[1, inf)", null=True),
     "optimizer.lr": Rule(float, "[0, inf)"),
     "optimizer.betas": Rule(float, "[0, 1)", length=2),
@@ -97,6 +98,13 @@ RULES = {
     "lr_scheduler.warmup_steps": Rule(int, "[0, inf)"),
     "lr_scheduler.decay_end_fraction": Rule(float, "(0, 1]"),
     "lr_scheduler.min_lr_ratio": Rule(float, "[0, 1]"),
+    "overwrite_output_dir": Rule(bool),
+    "checkpoint.save_every_n_steps": Rule(int, "[0, inf)", null=True),
+    "checkpoint.resume_from_checkpoint": Rule(bool),
+    "checkpoint.save_final_model": Rule(bool),
+    "checkpoint.save_final_checkpoint": Rule(bool),
+    "checkpoint.max_checkpoints": Rule(int, "[0, inf)", null=True),  # -1 used to delete each checkpoint right after it was saved
+    "checkpoint.async_save": Rule(bool),
     "fsdp.fp32_master_weights": Rule(bool),
     "fsdp.reshard_after_forward": Rule(bool),
 }

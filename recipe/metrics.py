@@ -41,9 +41,7 @@ class MetricsWriter:
         if not enabled:
             return
         if self.path.exists():  # a fresh run starts a fresh log; a resumed one keeps what the checkpoint covers
-            kept = [] if resume_step is None else [
-                line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step
-            ]
+            kept = [] if resume_step is None else [line for line in self._records() if json.loads(line)["step"] <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         self.file = open(self.path, "a", buffering=1)
         if cfg.wandb.enabled:
@@ -58,6 +56,26 @@ class MetricsWriter:
                 config=OmegaConf.to_container(cfg, resolve=True),
                 resume="allow",
             )
+
+    def _records(self) -> list[str]:
+        """The log's lines. A torn last line (the process was killed mid-write) is dropped with a warning; a bad
+        line anywhere else means the file was damaged or edited, and is an error naming the line."""
+        lines = [(n, line) for n, line in enumerate(self.path.read_text().splitlines(), 1) if line.strip()]
+        good = []
+        for i, (n, line) in enumerate(lines):
+            try:
+                record = json.loads(line)
+                problem = None if isinstance(record, dict) and isinstance(record.get("step"), int) else "no integer 'step'"
+            except ValueError as exc:
+                problem = str(exc)
+            if problem is not None:
+                if i == len(lines) - 1:
+                    log.warning("%s: dropping its torn last line %d (the run was stopped mid-write): %.80r", self.path, n, line)
+                    break
+                raise ValueError(f"{self.path}, line {n}: not a metrics record ({problem}): {line[:80]!r}; "
+                                 f"fix or remove that line to resume")
+            good.append(line)
+        return good
 
     def log(self, record: dict) -> None:
         if not self.enabled:

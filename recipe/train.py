@@ -23,7 +23,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from recipe import config as config_lib
-from recipe import quantization
+from recipe import quantization, run_dir
 from recipe.checkpoint import Checkpointer, rng_state, set_rng_state
 from recipe.data.context_parallel import shard_batch
 from recipe.data.dataset import BatchSettings, MLMBatches, make_loader
@@ -354,6 +354,7 @@ def entrypoint(strategy_name: str, config_name: str = "L0_sanity"):
 
     @hydra.main(config_path=str(config_lib.CONFIG_DIR), config_name=config_name, version_base="1.3")
     def main(cfg: DictConfig) -> None:
+        cfg.output_dir = run_dir.multirun_output_dir(cfg)  # -m: each job its own directory
         run(cfg, strategy_name)
 
     return main
@@ -383,9 +384,15 @@ def setup_logging(is_main: bool) -> None:
 
 
 def fit(cfg: DictConfig, strategy: Strategy):
-    """Train as `cfg` says; returns the (wrapped) model."""
-    info = strategy.info
+    """Train as `cfg` says; returns the (wrapped) model. The output directory is this run's alone while it runs,
+    and a fresh run never mixes with another's outputs (recipe/run_dir.py)."""
     config_lib.validate(cfg)
+    with run_dir.claim(cfg, strategy.info):
+        return _fit(cfg, strategy)
+
+
+def _fit(cfg: DictConfig, strategy: Strategy):
+    info = strategy.info
     check_context_parallel(cfg.cp_size, info.world_size, info.device.type, cfg.model.backend, cfg.dataset.layout)
     quantized = bool(cfg.fp8_config.enabled or cfg.fp4_config.enabled)
     mcfg = model_config(cfg)
@@ -411,7 +418,7 @@ def fit(cfg: DictConfig, strategy: Strategy):
     )
 
     step, consumed, trained_seconds = 0, 0, 0.0
-    latest = ckpt.latest() if cfg.checkpoint.resume_from_checkpoint else None
+    latest = ckpt.latest_verified() if cfg.checkpoint.resume_from_checkpoint else None
     if latest is not None:
         meta, rank_state = ckpt.load(latest, model, optimizer, expect)
         step, consumed = meta["step"], meta["consumed_tokens"]

@@ -44,6 +44,12 @@ def load(name="L0_sanity", *overrides, out="/tmp/esm-config-test"):
         (["dataset.train_path=${dataset.val_path}/.."],
          r"dataset.train_path=\S+ contains dataset.val_path=\S+: training and validation data would overlap"),
         (["dataset.val_path=${dataset.train_path}/.."], r"dataset.train_path=\S+ lies inside dataset.val_path"),
+        (["checkpoint.max_checkpoints=-1"], r"checkpoint.max_checkpoints=-1 must be an integer >= 0 or null"),
+        (["checkpoint.save_every_n_steps=-1"], r"checkpoint.save_every_n_steps=-1 must be an integer >= 0 or null"),
+        (["validation.every_n_steps=-5"], r"validation.every_n_steps=-5 must be an integer >= 0 or null"),
+        (["checkpoint.max_checkpoints=2.5"], r"checkpoint.max_checkpoints=2.5 must be an integer >= 0 or null"),
+        (["checkpoint.resume_from_checkpoint=maybe"], r"checkpoint.resume_from_checkpoint='maybe' must be true or false"),
+        (["overwrite_output_dir=1"], r"overwrite_output_dir=1 must be true or false"),
     ],
 )
 def test_bad_config_names_the_key(overrides, match):
@@ -72,6 +78,12 @@ def test_init_from_config_that_is_not_json_names_the_file(tmp_path):
     (tmp_path / "config.json").write_text("model_type: esm\n")
     with pytest.raises(ValueError, match=rf"{tmp_path}/config.json: not a JSON file"):
         config_from_hf(tmp_path)
+
+
+@pytest.mark.parametrize("value", ["null", "0", "2"])
+def test_null_and_zero_cadences_and_retention_are_valid(value):
+    keys = ("checkpoint.max_checkpoints", "checkpoint.save_every_n_steps", "validation.every_n_steps")
+    validate(load("L0_sanity", *(f"{k}={value}" for k in keys)))
 
 
 def test_unwritable_output_dir():

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from omegaconf import OmegaConf
 
 from recipe.metrics import MetricsWriter
@@ -31,3 +32,24 @@ def test_wandb_offline_run(tmp_path, monkeypatch):
     w.close()
     assert list((tmp_path / "wandb").glob("offline-run-*"))
 
+
+
+def write_log(tmp_path, text):
+    (tmp_path / "metrics.jsonl").write_text(text)
+
+
+def test_a_torn_last_line_is_dropped_on_resume(tmp_path, caplog):
+    """Killed mid-write: the last line is half a record. Resume drops it (with a warning) instead of failing."""
+    write_log(tmp_path, '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    w = MetricsWriter(tmp_path, CFG, True, resume_step=2)
+    w.log({"step": 3, "loss": 1.25})
+    w.close()
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["loss"] == 1.25
+    assert "torn last line 3" in caplog.text
+
+
+def test_a_bad_line_in_the_middle_is_an_error_naming_the_line(tmp_path):
+    write_log(tmp_path, '{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.0}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 2: not a metrics record"):
+        MetricsWriter(tmp_path, CFG, True, resume_step=3)

@@ -281,3 +281,66 @@ def test_logs_and_exports_say_what_ran(tmp_path):
     check(torchrun("train_ddp.py", 2, *args, "checkpoint.resume_from_checkpoint=true", f"output_dir={resumed}"))
     seconds = {x["step"]: x["train_seconds"] for x in read_metrics(resumed)[0]}
     assert sorted(seconds) == [3, 4] and saved < seconds[3] < seconds[4]
+
+
+def test_corrupt_newest_checkpoint_resumes_the_older_one(two_process_runs, tmp_path):
+    """64 bytes flipped in the newest checkpoint's shard: the resume names the file, falls back to step 4, and
+    continues exactly as the uninterrupted run did."""
+    full = two_process_runs["ddp"]
+    run = resume_copy(full, tmp_path / "corrupt", 4)
+    shutil.copytree(full / "checkpoints" / "step_8", run / "checkpoints" / "step_8")
+    shard = run / "checkpoints" / "step_8" / "dcp" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[2000:2064] = bytes(b ^ 0xFF for b in data[2000:2064])
+    shard.write_bytes(bytes(data))
+    r = check(torchrun("train_ddp.py", 2, *TINY, "dataset.num_workers=2", "num_train_steps=8", "checkpoint.save_every_n_steps=4",
+                       "checkpoint.resume_from_checkpoint=true", f"output_dir={run}"))
+    assert f"{shard}: contents differ from the manifest's digest" in r.stderr
+    assert "RESUMING FROM AN OLDER CHECKPOINT" in r.stderr and "step_4 at step 4" in r.stderr
+    assert losses(run)[8] == losses(full)[8]
+    assert (run / "checkpoints" / "step_4").exists() and list((run / "checkpoints").glob("corrupt_step_8_*"))
+
+
+def test_a_fresh_run_never_clobbers_another_runs_directory(tmp_path):
+    """A second fresh run into a used output_dir is refused and changes nothing; with overwrite_output_dir=true it
+    replaces the old run, and a later resume loads the new run's checkpoint, not the old run's higher step."""
+    out, args = tmp_path / "run", [*TINY, "dataset.num_workers=0", "checkpoint.save_every_n_steps=2"]
+    check(torchrun("train_ddp.py", 1, *args, "num_train_steps=4", f"output_dir={out}"))
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*"))
+              if p.is_file() and p.suffix not in (".log", ".lock") and ".hydra" not in p.parts}
+    r = torchrun("train_ddp.py", 1, *args, "num_train_steps=4", "seed=1", f"output_dir={out}")
+    assert r.returncode != 0 and f"output_dir={out} holds another run's outputs" in r.stderr
+    assert {p: p.read_bytes() for p in before} == before
+    check(torchrun("train_ddp.py", 1, *args, "num_train_steps=2", "seed=1", "overwrite_output_dir=true", f"output_dir={out}"))
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_2"]
+    r = check(torchrun("train_ddp.py", 1, *args, "num_train_steps=3", "seed=1", "checkpoint.resume_from_checkpoint=true",
+                       f"output_dir={out}"))
+    assert "step_2 at step 2" in r.stderr and sorted(losses(out)) == [1, 2, 3]
+
+
+def test_multirun_jobs_get_their_own_directories(tmp_path):
+    out = tmp_path / "sweep"
+    check(torchrun("train_ddp.py", 1, "-m", *TINY, "dataset.num_workers=0", "num_train_steps=2", "seed=1,2", f"output_dir={out}"))
+    jobs = [out / "multirun" / str(n) for n in (0, 1)]
+    assert all((job / "checkpoints" / "step_2" / "COMPLETE").exists() for job in jobs)
+    assert losses(jobs[0]) != losses(jobs[1])
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_a_second_run_in_a_running_runs_directory_is_refused(tmp_path):
+    args = [*TINY, "num_train_steps=100000", "checkpoint.save_every_n_steps=0", "dataset.num_workers=0", f"output_dir={tmp_path}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    first = subprocess.Popen([sys.executable, "train_ddp.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and first.poll() is None and not (tmp_path / "metrics.jsonl").exists():
+            time.sleep(0.05)
+        second = torchrun("train_ddp.py", 1, *args, "checkpoint.resume_from_checkpoint=true")
+        assert second.returncode != 0
+        assert f"{tmp_path} is in use by another run (pid {first.pid} on host" in second.stderr, second.stderr[-3000:]
+    finally:
+        first.send_signal(signal.SIGTERM)
+        _, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err[-3000:]
+    assert "preemption signal: checkpoint saved" in err
