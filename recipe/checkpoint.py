@@ -15,7 +15,7 @@ Before anything of a checkpoint is read (DCP's `.metadata` is a pickle), every f
 manifest; a checkpoint that fails is skipped, loudly, for the next older one that passes, and the failed ones are
 renamed `corrupt_step_N...` so that pruning can never delete a good older checkpoint to make room beside them. The
 digest detects corruption (bit flips, truncation, a partial copy), not tampering: whoever can write the directory
-can rewrite the manifest too (README, "Trust model"). Rank files hold plain types and tensors only and are loaded
+can rewrite the manifest too (README, "Verification and trust model"). Rank files hold plain types and tensors only and are loaded
 with `weights_only=True`. Pruning touches only checkpoints whose manifest carries this run's id.
 """
 
@@ -104,7 +104,11 @@ def read_manifest(path: Path) -> dict | None:
         manifest = json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
-    return manifest if isinstance(manifest, dict) and isinstance(manifest.get("files"), dict) else None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    well_formed = isinstance(files, dict) and all(
+        isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get("digest"), str) for entry in files.values()
+    )
+    return manifest if well_formed else None
 
 
 def verify(path: Path, rank: int = 0, world_size: int = 1) -> list[str]:
