@@ -106,7 +106,8 @@ def read_manifest(path: Path) -> dict | None:
         return None
     files = manifest.get("files") if isinstance(manifest, dict) else None
     well_formed = isinstance(files, dict) and all(
-        isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get("digest"), str) for entry in files.values()
+        isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get("digest"), str)
+        for entry in files.values()
     )
     return manifest if well_formed else None
 

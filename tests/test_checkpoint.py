@@ -7,6 +7,7 @@ import json
 import logging
 import pickle
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -173,18 +174,23 @@ def test_max_checkpoints_keeps_the_newest(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_3", "step_4"]
 
 
+def no_space_left(path):
+    return SimpleNamespace(total=2**30, used=2**30, free=0)
+
+
 def enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
 def torch_zip_writer_failure(*args, **kwargs):
-    raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/0: file write failed")
+    raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/0: "
+                       "file write failed")
 
 
 @pytest.mark.parametrize("where, patch", [
     ("DCP shard writer, ENOSPC", lambda mp: mp.setattr("torch.distributed.checkpoint.filesystem._write_item", enospc)),
     ("rank file, torch's zip writer", lambda mp: (mp.setattr(ckpt_lib.torch, "save", torch_zip_writer_failure),
-                                                 mp.setattr(ckpt_lib.shutil, "disk_usage", lambda p: type("U", (), {"free": 0})()))),
+                                                 mp.setattr(ckpt_lib.shutil, "disk_usage", no_space_left))),
     ("manifest, ENOSPC", lambda mp: mp.setattr(ckpt_lib, "_write_atomically", enospc)),
 ])
 def test_disk_full_is_named_cleaned_up_and_spares_older_checkpoints(tmp_path, monkeypatch, where, patch):

@@ -30,8 +30,9 @@ LEFTOVERS = {
 @pytest.mark.parametrize("kind", LEFTOVERS)
 def test_a_fresh_run_refuses_another_runs_outputs(tmp_path, kind):
     LEFTOVERS[kind](tmp_path)
-    with pytest.raises(RunDirError, match=rf"output_dir={tmp_path} holds another run's outputs .*checkpoint.resume_from_checkpoint=true"
-                                          r".*overwrite_output_dir=true"), claim(cfg_for(tmp_path), INFO):
+    refused = rf"output_dir={tmp_path} holds another run's outputs .*checkpoint.resume_from_checkpoint=true" \
+              r".*overwrite_output_dir=true"
+    with pytest.raises(RunDirError, match=refused), claim(cfg_for(tmp_path), INFO):
         pass
 
 
@@ -51,7 +52,8 @@ def test_resume_continues_and_overwrite_deletes(tmp_path, kind):
 
 def test_resume_and_overwrite_together_is_a_config_error(tmp_path):
     both = cfg_for(tmp_path, "overwrite_output_dir=true", "checkpoint.resume_from_checkpoint=true")
-    with pytest.raises(ConfigError, match="overwrite_output_dir=true and checkpoint.resume_from_checkpoint=true"), claim(both, INFO):
+    contradiction = "overwrite_output_dir=true and checkpoint.resume_from_checkpoint=true"
+    with pytest.raises(ConfigError, match=contradiction), claim(both, INFO):
         pass
 
 

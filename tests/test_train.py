@@ -330,8 +330,8 @@ def test_multirun_jobs_get_their_own_directories(tmp_path):
 def test_a_second_run_in_a_running_runs_directory_is_refused(tmp_path):
     args = [*TINY, "num_train_steps=100000", "checkpoint.save_every_n_steps=0", "dataset.num_workers=0", f"output_dir={tmp_path}"]
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
-    first = subprocess.Popen([sys.executable, "train_ddp.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
+    first = subprocess.Popen([sys.executable, "train_ddp.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
         while time.time() < deadline and first.poll() is None and not (tmp_path / "metrics.jsonl").exists():
