@@ -80,10 +80,10 @@ def check_context_parallel(cp_size: int, world_size: int, device_type: str, back
             f"context parallelism (cp_size={cp_size}) needs CUDA GPUs: it runs on TransformerEngine's context-parallel "
             f"attention, and this run is on {device_type}"
         )
-    if backend == "torch":
+    if backend in ("torch", "hf"):
         raise ContextParallelError(
             f"context parallelism (cp_size={cp_size}) needs model.backend=te (TransformerEngine's context-parallel "
-            f"attention); the torch backend has no context-parallel attention"
+            f"attention); the {backend} backend has no context-parallel attention"
         )
     if layout != "thd":
         raise ContextParallelError(f"context parallelism (cp_size={cp_size}) needs packed batches: dataset.layout=thd, not {layout}")

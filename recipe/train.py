@@ -397,6 +397,10 @@ def _fit(cfg: DictConfig, strategy: Strategy):
     quantized = bool(cfg.fp8_config.enabled or cfg.fp4_config.enabled)
     mcfg = model_config(cfg)
     mcfg = dataclasses.replace(mcfg, backend=resolve_backend(cfg.model.backend, mcfg, cfg.use_torch_compile, quantized))
+    if mcfg.backend == "hf":
+        from recipe.model.hf import prepare_config
+
+        prepare_config(cfg)  # refuses what transformers' model cannot do; padded batches
     check_context_parallel(cfg.cp_size, info.world_size, info.device.type, mcfg.backend, cfg.dataset.layout)  # auto may be torch
     setup_context_parallel(info, cfg.cp_size)
     out_dir = Path(cfg.output_dir)
@@ -533,6 +537,10 @@ def finish(cfg: DictConfig, model, mcfg: EsmConfig, step: int, save, validate_no
 
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if dist.get_rank() == 0:
+            if mcfg.backend == "hf":
+                from recipe.model.hf import ours_from_adapter
+
+                full = ours_from_adapter(full, mcfg.num_layers)
             extra = {"trained_steps": step, "layer_precision": plan.to_dict()}
             path = export_hf(full, mcfg, Path(cfg.output_dir) / "final_model", extra=extra)
             log.info("final model (Hugging Face format): %s", path)

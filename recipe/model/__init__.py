@@ -52,17 +52,17 @@ def auto_backend(hidden_size: int, compiled: bool, quantized: bool) -> tuple[str
 
 
 def resolve_backend(requested: str, config: EsmConfig | None = None, compiled: bool = False, quantized: bool = False) -> str:
-    """'auto' -> by measurement where TE and a Hopper+ GPU exist (see auto_backend), else 'torch'; an explicit 'te'
-    that cannot run is an error."""
-    if requested == "torch":
-        return "torch"
+    """'auto' -> by measurement where TE and a Hopper+ GPU exist (see auto_backend), else 'torch' (never 'hf', the
+    reference model); an explicit 'te' that cannot run is an error."""
+    if requested in ("torch", "hf"):
+        return requested
     usable, why = te_status()
     if requested == "te":
         if not usable:
             raise RuntimeError(f"model.backend=te cannot run here: {why}")
         return "te"
     if requested != "auto":
-        raise ValueError(f"model.backend={requested!r} is not one of auto, torch, te")
+        raise ValueError(f"model.backend={requested!r} is not one of auto, torch, te, hf")
     if not usable:
         log.info("model.backend=auto picked torch: %s", why)
         return "torch"
@@ -75,7 +75,14 @@ def resolve_backend(requested: str, config: EsmConfig | None = None, compiled: b
 def build_model(config: EsmConfig, device: torch.device | str = "cpu", seed: int | None = 0, dtype=None, layer_init_contexts=None) -> EsmForMaskedLM:
     """Resolve the backend, build on `device` ('meta' builds without memory) and, unless meta, initialise."""
     config = dataclasses.replace(config, backend=resolve_backend(config.backend, config))
-    model = EsmForMaskedLM(config, device=device, dtype=dtype, layer_init_contexts=layer_init_contexts)
+    if config.backend == "hf":
+        if layer_init_contexts is not None:
+            raise ValueError("model.backend=hf has no quantized (FP8/FP4) layers to initialise")
+        from recipe.model.hf import HFEsmForMaskedLM
+
+        model = HFEsmForMaskedLM(config, device=device, dtype=dtype)
+    else:
+        model = EsmForMaskedLM(config, device=device, dtype=dtype, layer_init_contexts=layer_init_contexts)
     if str(device) != "meta" and seed is not None:
         init_weights(model, seed)
     return model

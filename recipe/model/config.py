@@ -20,7 +20,8 @@ SIZES: dict[str, dict[str, int]] = {
     "15B": dict(num_layers=48, hidden_size=5120, num_heads=40, intermediate_size=20480),
 }
 
-BACKENDS = ("auto", "torch", "te")
+# "hf" is transformers' EsmForMaskedLM in our loop (recipe/model/hf.py), for comparison with the reference.
+BACKENDS = ("auto", "torch", "te", "hf")
 # "gelu" is ESM-2's exact erf GELU; "gelu_tanh" is the tanh approximation TE fuses into LayerNormMLP.
 ACTIVATIONS = ("gelu", "gelu_tanh")
 

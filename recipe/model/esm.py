@@ -231,30 +231,35 @@ class EsmForMaskedLM(nn.Module):
         return self.final_layer_norm(x)
 
     def head_and_loss(self, hidden: torch.Tensor, labels: torch.Tensor | None, return_logits: bool) -> EsmOutput:
-        decoder = self.embed_tokens.weight
-        if labels is None:
-            return EsmOutput(logits=self.lm_head(hidden, decoder), last_hidden_state=hidden)
-        flat_labels = labels.reshape(-1)
-        if return_logits:
-            logits = self.lm_head(hidden, decoder)
-            picked, target = logits.reshape(-1, logits.shape[-1]), flat_labels
-        else:
-            logits = None
-            keep = flat_labels != IGNORE_INDEX
-            picked = self.lm_head(hidden.reshape(-1, hidden.shape[-1])[keep], decoder)
-            target = flat_labels[keep]
-        loss_sum = F.cross_entropy(picked.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
-        valid = target != IGNORE_INDEX
-        num = valid.sum()
-        correct = ((picked.argmax(-1) == target) & valid).sum()
-        return EsmOutput(
-            loss=loss_sum / num.clamp(min=1),
-            loss_sum=loss_sum,
-            num_tokens=num,
-            num_correct=correct,
-            logits=logits,
-            last_hidden_state=hidden,
-        )
+        return masked_lm_output(hidden, labels, return_logits, lambda x: self.lm_head(x, self.embed_tokens.weight))
+
+
+def masked_lm_output(hidden: torch.Tensor, labels: torch.Tensor | None, return_logits: bool, head) -> EsmOutput:
+    """LM head (`head`: hidden -> logits) and summed cross-entropy. Shared with the hf backend's adapter so that both
+    report loss, token and correct counts the same way."""
+    if labels is None:
+        return EsmOutput(logits=head(hidden), last_hidden_state=hidden)
+    flat_labels = labels.reshape(-1)
+    if return_logits:
+        logits = head(hidden)
+        picked, target = logits.reshape(-1, logits.shape[-1]), flat_labels
+    else:
+        logits = None
+        keep = flat_labels != IGNORE_INDEX
+        picked = head(hidden.reshape(-1, hidden.shape[-1])[keep])
+        target = flat_labels[keep]
+    loss_sum = F.cross_entropy(picked.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
+    valid = target != IGNORE_INDEX
+    num = valid.sum()
+    correct = ((picked.argmax(-1) == target) & valid).sum()
+    return EsmOutput(
+        loss=loss_sum / num.clamp(min=1),
+        loss_sum=loss_sum,
+        num_tokens=num,
+        num_correct=correct,
+        logits=logits,
+        last_hidden_state=hidden,
+    )
 
 
 def check_inputs(config: EsmConfig, input_ids, cu_seqlens, max_seqlen, attention_mask, labels, cu_seqlens_padded=None, cp_size=1) -> None:
@@ -322,6 +327,9 @@ def init_weights(model: nn.Module, seed: int) -> None:
     parameter keeps its slice. DDP, FSDP2 at any world size, and a single process therefore start from identical
     weights, which is what makes their losses comparable step by step.
     """
+    if hasattr(model, "init_from_seed"):  # the hf backend's adapter maps these same values to transformers' names
+        model.init_from_seed(seed)
+        return
     std = model.config.initializer_range if hasattr(model, "config") else 0.02
     pad = getattr(getattr(model, "config", None), "pad_token_id", None)
     for name, param in model.named_parameters():
@@ -333,11 +341,19 @@ def init_weights(model: nn.Module, seed: int) -> None:
         if kind == "zeros":
             local.zero_()
             continue
-        gen = torch.Generator(device=local.device).manual_seed(param_seed(seed, name))
-        full = torch.empty(full_shape, device=local.device, dtype=torch.float32).normal_(0.0, std, generator=gen)
-        if name.endswith("embed_tokens.weight") and pad is not None:
-            full[pad] = 0.0
-        copy_full_into(param, full)
+        copy_full_into(param, initial_value(name, full_shape, seed, std, pad, local.device))
+
+
+def initial_value(name: str, shape: tuple[int, ...], seed: int, std: float, pad: int | None, device) -> torch.Tensor:
+    """The full initial value of our parameter `name` (what init_weights writes), drawn on `device`."""
+    kind = init_scale(name)
+    if kind != "normal":
+        return (torch.ones if kind == "ones" else torch.zeros)(shape, device=device, dtype=torch.float32)
+    gen = torch.Generator(device=device).manual_seed(param_seed(seed, name))
+    full = torch.empty(shape, device=device, dtype=torch.float32).normal_(0.0, std, generator=gen)
+    if name.endswith("embed_tokens.weight") and pad is not None:
+        full[pad] = 0.0
+    return full
 
 
 @torch.no_grad()
