@@ -32,6 +32,7 @@ import re
 import shutil
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -377,3 +378,19 @@ class Checkpointer:
             if hasattr(md, "size") and hasattr(value, "shape") and tuple(md.size) != tuple(value.shape):
                 raise RuntimeError(f"checkpoint {path}: tensor {key} has shape {tuple(md.size)}, model has {tuple(value.shape)}")
         return {k: v for k, v in model_sd.items() if k in saved}
+
+
+def load_model_weights(path: Path, model) -> dict:
+    """The model weights alone from checkpoint `path` into an unwrapped model, without a process group or the
+    optimizer (for evaluation). Keys are checked as on resume; returns the checkpoint's meta.json."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    meta = json.loads((path / "meta.json").read_text())
+    model_sd = extra_state_to_bytes(Checkpointer._check_keys(path, get_model_state_dict(model)))
+    state = {"model": model_sd}
+    with warnings.catch_warnings():  # DCP warns that it loads in one process without a process group: intended
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path / "dcp"))
+    with _env(NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE="1"):
+        set_model_state_dict(model, extra_state_from_bytes(state["model"]), options=StateDictOptions(strict=False))
+    return meta
