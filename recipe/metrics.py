@@ -1,4 +1,4 @@
-"""Rank-0 outputs: metrics.jsonl (the contract our checks read), optional wandb, and the progress bar."""
+"""Rank-0 outputs: metrics.jsonl (the contract our checks read), optional wandb and TensorBoard mirrors of it."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ class MetricsWriter:
     def __init__(self, output_dir: Path, cfg: DictConfig, enabled: bool, resume_step: int | None):
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
-        self.wandb = None
+        self.wandb = self.tensorboard = None
         if not enabled:
             return
         if self.path.exists():  # a fresh run starts a fresh log; a resumed one keeps what the checkpoint covers
@@ -56,6 +56,13 @@ class MetricsWriter:
                 config=OmegaConf.to_container(cfg, resolve=True),
                 resume="allow",
             )
+        if cfg.tensorboard.enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            log_dir = Path(cfg.tensorboard.log_dir) if cfg.tensorboard.log_dir is not None else Path(output_dir) / "tensorboard"
+            # A resumed run appends a new event file; purge_step hides the old file's events past the checkpoint, as
+            # metrics.jsonl drops them.
+            self.tensorboard = SummaryWriter(str(log_dir), purge_step=resume_step + 1 if resume_step is not None else None)
 
     def _records(self) -> list[str]:
         """The log's lines. A torn last line (the process was killed mid-write) is dropped with a warning; a bad
@@ -83,6 +90,10 @@ class MetricsWriter:
         self.file.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tensorboard.add_scalar(key, value, global_step=record["step"])
 
     def has_record(self, step: int, key: str) -> bool:
         """Whether metrics.jsonl holds a record of `step` with `key` (rank 0; False elsewhere)."""
@@ -97,3 +108,5 @@ class MetricsWriter:
             self.file.close()
             if self.wandb is not None:
                 self.wandb.finish()
+            if self.tensorboard is not None:
+                self.tensorboard.close()

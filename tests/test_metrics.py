@@ -1,4 +1,4 @@
-"""metrics.jsonl and the optional wandb mirror (offline: never touches the network)."""
+"""metrics.jsonl and the optional wandb and TensorBoard mirrors (offline: never touch the network)."""
 
 import json
 
@@ -7,7 +7,8 @@ from omegaconf import OmegaConf
 
 from recipe.metrics import MetricsWriter
 
-CFG = OmegaConf.create({"wandb": {"enabled": False, "mode": "offline", "project": "esm2-test", "name": None}})
+CFG = OmegaConf.create({"wandb": {"enabled": False, "mode": "offline", "project": "esm2-test", "name": None},
+                        "tensorboard": {"enabled": False, "log_dir": None}})
 
 
 def test_jsonl_fresh_and_resumed(tmp_path):
@@ -53,3 +54,29 @@ def test_a_bad_line_in_the_middle_is_an_error_naming_the_line(tmp_path):
     write_log(tmp_path, '{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.0}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl, line 2: not a metrics record"):
         MetricsWriter(tmp_path, CFG, True, resume_step=3)
+
+
+def tensorboard_scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the event files under log_dir, as tag -> [(step, value)], read back by TensorBoard itself."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), purge_orphaned_data=True)
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_holds_the_logged_scalars(tmp_path):
+    cfg = OmegaConf.merge(CFG, {"tensorboard": {"enabled": True}})
+    w = MetricsWriter(tmp_path, cfg, True, None)
+    for step in (1, 2, 3):
+        w.log({"step": step, "loss": 1.0 / step, "lr": 0.1 * step, "mfu": None})
+    w.log({"step": 3, "val_loss": 0.5, "val_tokens": 7})
+    w.close()
+    w = MetricsWriter(tmp_path, cfg, True, resume_step=2)  # resumed at step 2: the step-3 events are redone
+    w.log({"step": 3, "loss": 0.25, "lr": 0.3})
+    w.close()
+    scalars = tensorboard_scalars(tmp_path / "tensorboard")
+    assert set(scalars) == {"loss", "lr", "val_loss", "val_tokens"}  # None values are not written
+    assert scalars["loss"] == [(1, 1.0), (2, 0.5), (3, 0.25)]  # the interrupted run's step 3 is purged
+    assert scalars["lr"] == [(1, pytest.approx(0.1)), (2, pytest.approx(0.2)), (3, pytest.approx(0.3))]
+    assert scalars["val_loss"] == scalars["val_tokens"] == []  # past the checkpoint, as in metrics.jsonl
