@@ -212,6 +212,9 @@ def config_from_hf(directory: str | Path, **overrides) -> EsmConfig:
 def load_hf_into(model: torch.nn.Module, directory: str | Path) -> None:
     """Load a local HF ESM-2 checkpoint into an already built model of the same shape (strict)."""
     ours = hf_to_ours(read_hf_state_dict(directory), model.config.num_layers)
+    if hasattr(model, "load_ours"):  # the hf backend's adapter holds transformers' names (recipe/model/hf.py)
+        model.load_ours({k: v.to(torch.float32) for k, v in ours.items()})
+        return
     expected = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     missing = sorted(set(expected) - set(ours))
     if missing:

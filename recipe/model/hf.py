@@ -93,14 +93,31 @@ class HFEsmForMaskedLM(nn.Module):
         cfg = self.config
         values = {n: initial_value(n, tuple(p.shape), seed, cfg.initializer_range, cfg.pad_token_id, device)
                   for n, p in ours.named_parameters()}
-        mapped = ours_to_hf(values, cfg.num_layers)
+        self.load_ours(values)
+
+    @torch.no_grad()
+    def load_ours(self, values: dict[str, torch.Tensor]) -> None:
+        """Full tensors in our parameter names (an initialisation, or an imported checkpoint: model.init_from)
+        mapped to transformers' names and copied in; every parameter must get exactly one value of its shape."""
+        self.tie_weights()
+        mapped = ours_to_hf(values, self.config.num_layers)
         params = dict(self.hf.named_parameters())  # the tied decoder weight appears once, as the word embeddings
         if set(params) != set(mapped):
-            raise RuntimeError(f"hf backend: parameters without an initial value {sorted(set(params) - set(mapped))}, "
-                               f"values without a parameter {sorted(set(mapped) - set(params))}")
+            raise KeyError(f"hf backend: parameters without a value {sorted(set(params) - set(mapped))}, "
+                           f"values without a parameter {sorted(set(mapped) - set(params))}")
         for name, value in mapped.items():
+            if tuple(value.shape) != tuple(params[name].shape):
+                raise ValueError(f"tensor {name} has shape {tuple(value.shape)}, the model expects {tuple(params[name].shape)}")
             copy_full_into(params[name], value)
         self.init_buffers()
+
+    def tie_weights(self) -> None:
+        """The LM head's decoder is the word embedding matrix (ESM-2 ties them). `to_empty` after a meta build gives
+        each module its own new tensor and so unties plain parameters (FSDP2's DTensors are swapped in place and
+        stay tied): tie them again before any value is written."""
+        embeddings = self.hf.esm.embeddings.word_embeddings
+        if self.hf.lm_head.decoder.weight is not embeddings.weight:
+            self.hf.lm_head.decoder.weight = embeddings.weight
 
     @torch.no_grad()
     def init_buffers(self) -> None:
