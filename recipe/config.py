@@ -209,6 +209,38 @@ def validate(cfg: DictConfig) -> None:
         check_writable(Path(cfg.checkpoint.ckpt_dir), "checkpoint.ckpt_dir")
 
 
+def shipped_configs() -> list[tuple[str, str]]:
+    """(name, purpose) of every config file in hydra_config/ but defaults.yaml; the purpose is the file's first line,
+    a comment (tests/test_help.py holds every shipped file to that)."""
+    found = []
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        if path.stem != "defaults":
+            first = (path.read_text().splitlines() or [""])[0]
+            found.append((path.stem, first.lstrip("#").strip() if first.startswith("#") else ""))
+    return found
+
+
+def help_text(script: str, default_config: str) -> str:
+    """What `python train_*.py --help` prints: the shipped configs and where every key is documented."""
+    width = max(len(name) for name, _ in shipped_configs())
+    configs = "\n".join(f"  {name:<{width}}  {purpose}" for name, purpose in shipped_configs())
+    return f"""usage: python {script} [--config-name NAME] [key=value ...]
+       torchrun --nproc_per_node N {script} [--config-name NAME] [key=value ...]
+
+Shipped configs (hydra_config/NAME.yaml; without --config-name this script runs {default_config}):
+{configs}
+
+Every key, with its meaning and default, is documented in hydra_config/defaults.yaml; override any of them on the
+command line as key=value (e.g. num_train_steps=200 model.backend=hf tensorboard.enabled=true). A key that
+defaults.yaml does not list is an error.
+
+  --cfg job       print the composed config and exit
+  --hydra-help    hydra's own options
+
+After training: python -m recipe.evaluate --help (score a model on a protein file), python -m recipe.plot --help
+(loss curves from metrics.jsonl)."""
+
+
 def ckpt_dir(cfg: DictConfig) -> Path:
     return Path(cfg.checkpoint.ckpt_dir) if cfg.checkpoint.ckpt_dir is not None else Path(cfg.output_dir) / "checkpoints"
 

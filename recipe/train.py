@@ -14,6 +14,7 @@ import functools
 import logging
 import math
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -357,7 +358,14 @@ def entrypoint(strategy_name: str, config_name: str = "L0_sanity"):
         cfg.output_dir = run_dir.multirun_output_dir(cfg)  # -m: each job its own directory
         run(cfg, strategy_name)
 
-    return main
+    def main_or_help() -> None:
+        """--help / -h lists the shipped configs (hydra's own help cannot read their comments); --hydra-help stays."""
+        if any(arg in ("--help", "-h") for arg in sys.argv[1:]):
+            print(config_lib.help_text(Path(sys.argv[0]).name, config_name))
+            return
+        main()
+
+    return main_or_help
 
 
 def run(cfg: DictConfig, strategy_name: str) -> None:

@@ -1,0 +1,25 @@
+"""`python train_*.py --help`: the shipped configs with their purpose, the default config, where keys are documented."""
+
+import sys
+
+import pytest
+from conftest import run_cmd
+
+from recipe.config import CONFIG_DIR, shipped_configs
+
+
+def test_every_shipped_config_opens_with_a_one_line_purpose():
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if p.stem != "defaults")
+    assert [name for name, _ in shipped_configs()] == names and "L0_sanity" in names
+    for name, purpose in shipped_configs():
+        assert purpose and purpose.endswith("."), f"hydra_config/{name}.yaml: first line must be a comment: one sentence of purpose"
+
+
+@pytest.mark.parametrize("script, default", [("train_fsdp2.py", "L0_sanity"), ("train_cp.py", "L0_sanity_cp")])
+def test_help_lists_configs_and_where_keys_are_documented(script, default):
+    r = run_cmd([sys.executable, script, "--help"], timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"without --config-name this script runs {default}" in r.stdout
+    assert "documented in hydra_config/defaults.yaml" in r.stdout
+    for name, purpose in shipped_configs():
+        assert f"  {name}" in r.stdout and purpose in r.stdout
