@@ -26,6 +26,18 @@ def exported(tmp_path_factory):
     return export_hf(model.state_dict(), config, tmp_path_factory.mktemp("model") / "tiny")
 
 
+@pytest.fixture(scope="module")
+def saved_by_transformers(tmp_path_factory):
+    """A tiny random ESM-2 as transformers' save_pretrained writes it (as the facebook/esm2_* directories hold it)."""
+    from conftest import hf_config
+    from transformers import EsmForMaskedLM
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("model") / "hf"
+    EsmForMaskedLM(hf_config(num_layers=2, hidden_size=64, num_heads=4, intermediate_size=128)).save_pretrained(out)
+    return out
+
+
 def run_main(capsys, *argv) -> tuple[int, str, str]:
     code = ev.main([str(a) for a in argv])
     out = capsys.readouterr()
@@ -66,10 +78,11 @@ def transformers_reference(model_dir, masking: str, seed: int) -> dict:
     return {"loss": loss_sum / tokens, "accuracy": correct / tokens, "tokens": tokens, "sequences": sequences}
 
 
-@pytest.mark.parametrize("masking", ["esm", "all-mask"])
-def test_agrees_with_transformers_on_the_same_masked_batches(exported, capsys, masking):
-    got = scored(capsys, exported, BUNDLED_VAL, *ARGS, "--masking", masking, "--seed", 5)
-    ref = transformers_reference(exported, masking, seed=5)
+@pytest.mark.parametrize("model, masking", [("exported", "esm"), ("exported", "all-mask"), ("saved_by_transformers", "esm")])
+def test_agrees_with_transformers_on_the_same_masked_batches(request, capsys, model, masking):
+    model_dir = request.getfixturevalue(model)
+    got = scored(capsys, model_dir, BUNDLED_VAL, *ARGS, "--masking", masking, "--seed", 5)
+    ref = transformers_reference(model_dir, masking, seed=5)
     assert got["sequences"] == ref["sequences"] == 24
     assert got["tokens"] == ref["tokens"] > 0
     assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5)
