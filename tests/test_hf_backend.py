@@ -38,7 +38,7 @@ def test_starts_from_the_torch_backends_weights_and_computes_the_same(meta):
         init_weights(hf, 3)
     else:
         hf = build_model(EsmConfig(**{**CONFIG.__dict__, "backend": "hf"}), seed=3)
-    assert isinstance(hf, HFEsmForMaskedLM) and len(hf.layers) == 2
+    assert isinstance(hf, HFEsmForMaskedLM) and len(hf.layers) == 2 and hf.hf.config._attn_implementation == "sdpa"
     batch = padded_batch()
     a, b = forward(ours, batch), forward(hf, batch)
     assert int(a.num_tokens) == int(b.num_tokens) > 0 and int(a.num_correct) == int(b.num_correct)
@@ -127,15 +127,16 @@ def test_trains_like_the_torch_backend_and_exports_a_model_transformers_loads(hf
 @pytest.mark.slow
 def test_checkpoint_and_export_evaluate_the_same(hf_run, capsys):
     """The step-6 checkpoint (transformers' names, loaded into the adapter) and the export (loaded into our torch
-    backend) give the same evaluation."""
+    backend) give the same evaluation; the run's directory stands for its newest checkpoint."""
     from recipe import evaluate
 
     results = []
-    for model in (hf_run / "checkpoints" / "step_6", hf_run / "final_model"):
+    for model in (hf_run / "checkpoints" / "step_6", hf_run / "final_model", hf_run):
         assert evaluate.main([str(model), str(BUNDLED_VAL), "--limit", "16", "--max-length", "128", "--json", "--no-progress"]) == 0
         results.append(json.loads(capsys.readouterr().out.splitlines()[-1]))
-    assert [r["backend"] for r in results] == ["hf", "torch"]
+    assert [r["backend"] for r in results] == ["hf", "torch", "hf"]
     assert results[0]["tokens"] == results[1]["tokens"] and results[0]["loss"] == pytest.approx(results[1]["loss"], rel=1e-5)
+    assert "step_6 (checkpoint, step 6)" in results[2]["model"] and results[2]["loss"] == results[0]["loss"]
 
 
 @pytest.mark.slow
