@@ -70,7 +70,7 @@ RULES = {
     "cp_size": Rule(int, "[1, inf)"),
     "cp_comm_type": Rule(str, words=("p2p", "all_gather", "a2a")),
     "quantized_model_init": Rule(bool),
-    "model.backend": Rule(str, words=("auto", "torch", "te")),
+    "model.backend": Rule(str, words=("auto", "torch", "te", "hf")),
     "model.activation": Rule(str, words=("gelu", "gelu_tanh"), null=True),  # null: the model's own (preset or init_from)
     **{f"model.{k}": Rule(int, "[1, inf)", null=True) for k in ("num_layers", "hidden_size", "num_heads", "intermediate_size")},
     "model.layer_norm_eps": Rule(float, "(0, inf)", null=True),
@@ -107,6 +107,8 @@ RULES = {
     "checkpoint.async_save": Rule(bool),
     "fsdp.fp32_master_weights": Rule(bool),
     "fsdp.reshard_after_forward": Rule(bool),
+    "tensorboard.enabled": Rule(bool),
+    "tensorboard.log_dir": Rule(str, null=True),
 }
 
 

@@ -39,6 +39,8 @@ def load(name="L0_sanity", *overrides, out="/tmp/esm-config-test"):
         (["dataset.streaming=maybe"], r"dataset.streaming='maybe' must be true or false"),
         (["validation.max_batches=0"], r"validation.max_batches=0 must be an integer >= 1 or null"),
         (["use_torch_compile=1"], r"use_torch_compile=1 must be true or false"),
+        (["tensorboard.enabled=yes"], r"tensorboard.enabled='yes' must be true or false"),
+        (["model.backend=jax"], r"model.backend='jax' must be one of \('auto', 'torch', 'te', 'hf'\)"),
         # the validation split read as training data
         (["dataset.train_path=${dataset.val_path}"], r"dataset.train_path=\S+/validation is the same path as dataset.val_path"),
         (["dataset.train_path=${dataset.val_path}/.."],
@@ -58,7 +60,8 @@ def test_bad_config_names_the_key(overrides, match):
 
 
 @pytest.mark.parametrize("value", ["peak_tflops_per_gpu=989", "peak_tflops_per_gpu=null", "optimizer.lr=0", "max_grad_norm=null",
-                                   "optimizer.fused=true", "dataset.num_workers=0", "dataset.token_micro_batch_size=null"])
+                                   "optimizer.fused=true", "dataset.num_workers=0", "dataset.token_micro_batch_size=null",
+                                   "model.backend=hf", "tensorboard.enabled=true", "tensorboard.log_dir=/tmp/tb"])
 def test_legitimate_values_pass(value):
     validate(load("L0_sanity", value))
 
