@@ -80,15 +80,14 @@ def _load_checkpoint(path: Path, device: torch.device, backend: str) -> LoadedMo
     meta = json.loads((path / "meta.json").read_text())
     if "model_shape" not in meta or "config" not in meta:
         raise InputError(f"{path}/meta.json: not one of our checkpoints (no model_shape/config)")
-    m = meta["config"]["model"]
-    config = EsmConfig(
-        **meta["model_shape"],
-        activation=m["activation"],
-        layer_norm_eps=m["layer_norm_eps"],
-        token_dropout=m["token_dropout"],
-        fp32_residual=m.get("fp32_residual", False),
-        backend="hf" if m["backend"] == "hf" else backend,  # hf checkpoints hold transformers' parameter names
-    )
+    if "model_config" in meta:  # the resolved model, as the trainer built it
+        fields = dict(meta["model_config"])
+    else:  # older checkpoints: the shape and the model keys that were given
+        m = meta["config"]["model"]
+        own = ("activation", "layer_norm_eps", "token_dropout", "fp32_residual")
+        fields = {**meta["model_shape"], **{k: m[k] for k in own if m.get(k) is not None}, "backend": m["backend"]}
+    # hf checkpoints hold transformers' parameter names; torch and te ones load into either of ours
+    config = EsmConfig(**{**fields, "backend": "hf" if fields["backend"] == "hf" else backend})
     model = build_model(config, device=device, seed=None)
     load_model_weights(path, model)
     return LoadedModel(model, model.config, f"{path} (checkpoint, step {meta['step']})")

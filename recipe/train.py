@@ -459,7 +459,8 @@ def _fit(cfg: DictConfig, strategy: Strategy):
 
     def save(at_step: int) -> None:
         meta = {"step": at_step, "consumed_tokens": consumed, "train_seconds": clock.seconds, **expect,
-                "config": OmegaConf.to_container(cfg, resolve=True)}
+                "config": OmegaConf.to_container(cfg, resolve=True),
+                "model_config": mcfg.to_dict()}  # the resolved model: what recipe.evaluate builds
         with clock.pause():
             ckpt.save(at_step, model, optimizer, meta, {"loader": loader.state_dict(), "rng": rng_state()})
 
