@@ -330,8 +330,9 @@ class Checkpointer:
             shutil.rmtree(path, ignore_errors=True)
 
     # ------------------------------------------------------------------ load
-    def load(self, path: Path, model, optimizer, expect: dict) -> tuple[dict, dict]:
-        """Restore model and optimizer in place; return (meta, this rank's state). `expect` must match meta.
+    def load(self, path: Path, model, optimizer, expect: dict) -> tuple[dict, dict | None]:
+        """Restore model and optimizer in place, resharded by DCP to this run's world size and strategy; return
+        (meta, this rank's state, None for a rank the writing run did not have). `expect` must match meta.
         Nothing is read before every file has been checked against the manifest."""
         if path != self._verified and not self._verify_everywhere(path):
             raise CheckpointError(f"cannot resume from {path}: it does not verify against its manifest (errors above)")
@@ -352,8 +353,8 @@ class Checkpointer:
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                            options=StateDictOptions(strict=False))
         rank_file = path / f"rank_{self.info.rank}.pt"
-        if not rank_file.exists():
-            raise RuntimeError(f"cannot resume from {path}: no {rank_file.name} (saved with another world size?)")
+        if not rank_file.exists():  # a rank the writing run did not have: its state is re-derived (train.restore_rng)
+            return meta, None
         try:
             rank_state = torch.load(rank_file, weights_only=True)
         except Exception as exc:

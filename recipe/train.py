@@ -28,6 +28,7 @@ from recipe import quantization, run_dir
 from recipe.checkpoint import Checkpointer, rng_state, set_rng_state
 from recipe.data.context_parallel import shard_batch
 from recipe.data.dataset import BatchSettings, MLMBatches, make_loader
+from recipe.data.order import DataPosition
 from recipe.data.sources import load_sequences
 from recipe.metrics import MetricsWriter, max_memory_gb, peak_tflops
 from recipe.model import EsmConfig, build_model, init_weights, resolve_backend
@@ -314,7 +315,7 @@ def build_data(cfg: DictConfig, info: DistInfo):
         train_store = load_sequences(d.train_path, d.format, d.column)
         cluster = d.cluster_sampling
         if cluster == "auto":
-            cluster = "ur50_id" in train_store.clusters
+            cluster = "ur50_id" in train_store.clusters or bool(getattr(train_store, "manifest", {}).get("clusters"))
         train = MLMBatches(train_store, settings, info.dp_rank, info.dp_size, train=True, cluster_sampling=bool(cluster))
         summary = train_store.summary()
     loader = make_loader(train, d.num_workers, d.pin_memory and info.device.type == "cuda", d.prefetch_factor)
@@ -337,15 +338,60 @@ def cp_shard(cfg: DictConfig, info: DistInfo):
 
 
 def resume_expectations(cfg: DictConfig, info: DistInfo, mcfg: EsmConfig, settings: BatchSettings) -> dict:
-    """What must not change between a run and its resumption (it is stored in every checkpoint)."""
+    """What must not change between a run and its resumption (it is stored in every checkpoint). The world size,
+    strategy and worker count may change: weights and optimizer are resharded by torch.distributed.checkpoint and
+    the data position is global (`DataPosition`). The training data is compared by its resolved path."""
     return {
-        "world_size": info.world_size,
         "cp_size": info.cp.size,
         "model_shape": mcfg.shape_dict(),
         # sequence_multiple follows from cp_size and pad_to_multiple_of, both checked: left out, older checkpoints resume
         "data": {k: v for k, v in dataclasses.asdict(settings).items() if k != "sequence_multiple"}
-        | {"num_workers": cfg.dataset.num_workers, "train_path": str(cfg.dataset.train_path)},
+        | {"train_path": str(Path(cfg.dataset.train_path).resolve())},
     }
+
+
+class DataTracker:
+    """The global data position as the trainer consumes batches: each batch names its stream and that stream's
+    cursor after it, so the position counts exactly what reached the model (not what the loader prefetched)."""
+
+    def __init__(self, position: DataPosition, dp_rank: int, dp_size: int):
+        self.position = DataPosition.from_dict(position.to_dict())  # a copy: the dataset keeps its own
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+
+    def consume(self, batch: dict) -> None:
+        if "data_stream" in batch:
+            self.position.cursors[batch["data_stream"]] = batch["data_cursor"]
+            self.position.next_worker[self.dp_rank] = (batch["data_worker"] + 1) % self.position.workers
+
+    def global_state(self) -> dict:
+        """Every rank's streams merged (a collective: every rank calls it at the same point)."""
+        p, w = self.position, self.position.world_size
+        mine = (self.dp_rank, {t: p.cursors[t] for t in range(self.dp_rank, p.streams, w)}, p.next_worker[self.dp_rank])
+        gathered = [None] * dist.get_world_size() if dist.is_initialized() else [mine]
+        if dist.is_initialized():
+            dist.all_gather_object(gathered, mine)
+        merged = DataPosition.from_dict(p.to_dict())
+        for rank, cursors, next_worker in gathered:
+            for t, c in cursors.items():
+                merged.cursors[t] = c
+            merged.next_worker[rank] = next_worker
+        return merged.to_dict()
+
+
+def restore_rng(cfg: DictConfig, info: DistInfo, meta: dict, rank_state: dict | None, step: int) -> None:
+    """The same layout restores each rank's RNG states; another world size has no state for some ranks, so all
+    are derived from (seed, step, rank) instead. (The data needs none: it is a function of seed and position.)"""
+    if rank_state is not None and meta.get("world_size") == info.world_size:
+        set_rng_state(rank_state["rng"])
+        return
+    import random
+
+    import numpy as np
+
+    derived = (cfg.seed * 1_000_003 + step * 7919 + info.rank) % 2**63
+    random.seed(derived)
+    np.random.seed(derived % 2**32)
+    torch.manual_seed(derived)
 
 
 # ====================================================================================== the run
@@ -429,7 +475,7 @@ def _fit(cfg: DictConfig, strategy: Strategy):
         strategy.name, info.world_size, info.dp_size, info.cp.size, strategy.compute_dtype,
     )
 
-    step, consumed, trained_seconds = 0, 0, 0.0
+    step, consumed, samples, trained_seconds = 0, 0, 0, 0.0
     latest = ckpt.latest_verified() if cfg.checkpoint.resume_from_checkpoint else None
     if latest is not None:
         meta, rank_state = ckpt.load(latest, model, optimizer, expect)
@@ -441,9 +487,10 @@ def _fit(cfg: DictConfig, strategy: Strategy):
             trained_seconds = meta["train_seconds"]
         else:
             log.warning("%s was written without train_seconds: train_seconds restarts from 0", latest)
-        loader.load_state_dict(rank_state["loader"])
-        set_rng_state(rank_state["rng"])
-        log.info("resumed from %s at step %d", latest, step)
+        resume_data(cfg, info, meta, rank_state, loader, latest)
+        samples = meta.get("consumed_samples", 0)
+        restore_rng(cfg, info, meta, rank_state, step)
+        log.info("resumed from %s at step %d (written by %s processes, now %d)", latest, step, meta.get("world_size"), info.world_size)
         if step == cfg.num_train_steps:
             log.info("that checkpoint ends this run (num_train_steps=%d): nothing left to train", step)
     elif cfg.checkpoint.resume_from_checkpoint:
@@ -457,12 +504,20 @@ def _fit(cfg: DictConfig, strategy: Strategy):
     fit_step = step  # the step this process started from
     time_limit = cfg.max_train_minutes * 60 if cfg.max_train_minutes is not None else math.inf
 
+    tracker = DataTracker(loader.dataset.layout_position(cfg.dataset.num_workers), info.dp_rank, info.dp_size) \
+        if isinstance(loader.dataset, MLMBatches) else None
+
     def save(at_step: int) -> None:
-        meta = {"step": at_step, "consumed_tokens": consumed, "train_seconds": clock.seconds, **expect,
-                "config": OmegaConf.to_container(cfg, resolve=True),
+        meta = {"step": at_step, "consumed_tokens": consumed, "consumed_samples": samples, "train_seconds": clock.seconds, **expect,
+                "world_size": info.world_size, "strategy": strategy.name, "config": OmegaConf.to_container(cfg, resolve=True),
                 "model_config": mcfg.to_dict()}  # the resolved model: what recipe.evaluate builds
         with clock.pause():
-            ckpt.save(at_step, model, optimizer, meta, {"loader": loader.state_dict(), "rng": rng_state()})
+            rank_state = {"rng": rng_state()}
+            if tracker is not None:
+                meta["data_position"] = tracker.global_state()
+            else:
+                rank_state["loader"] = loader.state_dict()
+            ckpt.save(at_step, model, optimizer, meta, rank_state)
 
     def validate_now(at_step: int) -> None:
         if val_data is not None:
@@ -482,10 +537,14 @@ def _fit(cfg: DictConfig, strategy: Strategy):
     model.train()
     time_up = False
     while step < cfg.num_train_steps:
-        batches = [shard(next(train_iter)) for _ in range(cfg.grad_acc_steps)]
+        batches = [next(train_iter) for _ in range(cfg.grad_acc_steps)]
+        for b in batches:
+            tracker is not None and tracker.consume(b)
+        num_samples = sum(len(b["seq_lengths"]) for b in batches)
+        batches = [shard(b) for b in batches]
         local = [sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches), sum(b["num_real_tokens"] for b in batches),
                  sum(batch_flops(mcfg, b["seq_lengths"].tolist()) for b in batches) / info.cp.size, float(preempt.requested),
-                 float(clock.seconds >= time_limit)]
+                 float(clock.seconds >= time_limit), num_samples / info.cp.size]
         counts = all_reduce(torch.tensor(local, device=info.device, dtype=torch.float64))
         global_labels = counts[0].clamp(min=1).float()
         set_lr(optimizer, lr := lr_at(step, cfg.optimizer.lr, cfg.lr_scheduler.warmup_steps, cfg.num_train_steps,
@@ -500,11 +559,12 @@ def _fit(cfg: DictConfig, strategy: Strategy):
         step += 1
         tokens, flops, stop, time_up = counts[1].item(), counts[2].item(), counts[3].item() > 0, counts[4].item() > 0
         consumed += int(tokens)
+        samples += round(counts[5].item())
         throughput.add(tokens, flops)
         bar.update(1)
         if step % cfg.log_every_n_steps == 0 or step == cfg.num_train_steps or stop or time_up:
             record = {"step": step, "loss": loss_v, "lr": lr, "grad_norm": norm_v, **throughput.record(), "consumed_tokens": consumed,
-                      "train_seconds": clock.seconds}
+                      "consumed_samples": samples, "train_seconds": clock.seconds}
             metrics.log(record)
             bar.set_postfix(loss=f"{loss_v:.4f}", tok_s=f"{record['tokens_per_second_per_gpu']:.3g}", refresh=False)
         every = cfg.validation.every_n_steps
@@ -533,6 +593,21 @@ def _fit(cfg: DictConfig, strategy: Strategy):
     metrics.close()
     preempt.close()
     return model
+
+
+def resume_data(cfg: DictConfig, info: DistInfo, meta: dict, rank_state: dict, loader, path: Path) -> None:
+    """Put the training data where the checkpoint left it: the global position (any world size and worker count),
+    or, for a stream, this rank's loader state (the same world size only)."""
+    if isinstance(loader.dataset, MLMBatches):
+        if "data_position" not in meta:
+            raise RuntimeError(f"cannot resume from {path}: it has no global data position (written by an older version "
+                               "with per-rank loader state); resume it with that version")
+        loader.dataset.position = DataPosition.from_dict(meta["data_position"])
+        return
+    if meta.get("world_size") != info.world_size or rank_state is None or "loader" not in rank_state:
+        raise RuntimeError(f"cannot resume from {path}: dataset.streaming=true resumes only with the world size that wrote it "
+                           f"({meta.get('world_size')}, this run has {info.world_size}); the prepared store resumes at any size")
+    loader.load_state_dict(rank_state["loader"])
 
 
 def finish(cfg: DictConfig, model, mcfg: EsmConfig, step: int, save, validate_now, plan) -> None:

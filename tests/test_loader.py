@@ -1,4 +1,5 @@
-"""Distribution across ranks and workers, exact resume through StatefulDataLoader, cluster sampling."""
+"""Distribution across ranks and workers, exact resume from the global data position (also at another world size
+and worker count), cluster sampling."""
 
 import contextlib
 import signal
@@ -10,7 +11,9 @@ import torch
 from conftest import BUNDLED_VAL, ROOT, run_cmd
 
 from recipe.data.dataset import BatchSettings, ClusterIndex, MLMBatches, make_loader
+from recipe.data.order import DataPosition, permute
 from recipe.data.sources import SequenceStore, load_sequences
+from recipe.train import DataTracker
 
 SETTINGS = BatchSettings(max_seq_length=128, token_micro_batch_size=1024, seed=11)
 
@@ -20,42 +23,58 @@ def store():
     return load_sequences(BUNDLED_VAL)  # ~1,000 real sequences: quick to run through
 
 
-def epoch_indices(store, world, workers, settings=SETTINGS):
-    """Sample indices each rank reads in epoch 0 (iterating until every worker has moved past epoch 0)."""
-    per_rank = []
-    for rank in range(world):
-        ds = MLMBatches(store, settings, rank, world, train=True)
-        seen = []
-        loader = make_loader(ds, num_workers=workers)
-        expected = len(range(rank, len(store), world))
-        for batch in loader:
-            seen.extend(batch["sample_index"].tolist())
-            if len(seen) >= expected + 200:
-                break
-        per_rank.append(seen)
-    return per_rank
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 1000, 4097])
+def test_each_epoch_is_a_permutation_and_epochs_differ(n):
+    a, b = permute(np.arange(n), n, 11, 0), permute(np.arange(n), n, 11, 1)
+    assert sorted(a.tolist()) == list(range(n)) and sorted(b.tolist()) == list(range(n))
+    assert n < 7 or not np.array_equal(a, b)
+    assert np.array_equal(permute(np.arange(n)[::-1], n, 11, 0), a[::-1])  # a pure function of the position
+
+
+def rows_at(store, positions, settings=SETTINGS):
+    n = len(store)
+    return permute(positions % n, n, settings.seed, positions // n)
+
+
+class Reader:
+    """Rank `rank` of `world` with `workers` loader workers, continuing from `position`; records what it consumed."""
+
+    def __init__(self, store, position, rank, world, workers):
+        ds = MLMBatches(store, SETTINGS, rank, world, position=position)
+        self.tracker = DataTracker(ds.layout_position(workers), rank, world)
+        self.it = iter(make_loader(ds, num_workers=workers))
+        self.samples = []
+
+    def take(self, k):
+        for _ in range(k):
+            batch = next(self.it)
+            self.tracker.consume(batch)
+            self.samples.extend(batch["sample_index"].tolist())
+
+
+def merged(readers) -> DataPosition:
+    pos = readers[0].tracker.position
+    for r in readers[1:]:
+        p = r.tracker.position
+        pos.cursors = [c if t % pos.world_size != r.tracker.dp_rank else p.cursors[t] for t, c in enumerate(pos.cursors)]
+        pos.next_worker[r.tracker.dp_rank] = p.next_worker[r.tracker.dp_rank]
+    return pos
 
 
 @pytest.mark.parametrize("world, workers", [(1, 0), (2, 0), (3, 2), (4, 1)])
-def test_ranks_cover_each_epoch_exactly_once(store, world, workers):
-    per_rank = epoch_indices(store, world, workers)
-    epoch0 = []
-    for rank, seen in enumerate(per_rank):
-        share = len(range(rank, len(store), world))
-        # the first `share` samples a rank reads are its epoch-0 share when there is one worker; with several
-        # workers their epochs interleave, so collect this rank's distinct indices of epoch 0 by construction
-        ds = MLMBatches(store, SETTINGS, rank, world)
-        mine = np.concatenate([ds._my_items(0, w, max(workers, 1)) for w in range(max(workers, 1))])
-        assert len(mine) == share
-        assert set(mine.tolist()) <= set(seen)
-        epoch0.extend(mine.tolist())
-    assert sorted(epoch0) == list(range(len(store)))  # none skipped, none duplicated
-
-
-def test_epochs_are_reshuffled(store):
-    ds = MLMBatches(store, SETTINGS, 0, 1)
-    a, b = ds._my_items(0, 0, 1), ds._my_items(1, 0, 1)
-    assert sorted(a) == sorted(b) and not np.array_equal(a, b)
+def test_ranks_and_workers_read_disjoint_shares_of_the_global_order(store, world, workers):
+    """Every stream reads exactly the positions its cursor says, the streams never overlap, and past one epoch's worth
+    of batches every item of epoch 0 has been read once."""
+    readers = [Reader(store, None, r, world, workers) for r in range(world)]
+    for r in readers:
+        r.take(len(store) // (4 * world) + 5)
+    pos = merged(readers)
+    consumed = pos.consumed()
+    assert len(np.unique(consumed)) == len(consumed) == sum(len(r.samples) for r in readers)
+    assert sorted(np.concatenate([r.samples for r in readers]).tolist()) == sorted(rows_at(store, consumed).tolist())
+    epoch0 = consumed[consumed < len(store)]
+    first_unread = pos.for_layout(world + 1, 1).frontier
+    assert first_unread >= len(store) and sorted(rows_at(store, epoch0).tolist()) == list(range(len(store)))
 
 
 def _take(loader, n):
@@ -67,42 +86,44 @@ def _same(a, b):
     return all(torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["labels"], y["labels"]) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_stateful_resume_gives_the_identical_next_batches(store, workers):
-    """Save the loader state after k batches, restore into a fresh loader: the next batches are identical,
-    across an epoch boundary too."""
-    n_epoch = sum(1 for _ in MLMBatches(store, SETTINGS, 0, 1, train=False)) // max(workers, 1)
-    for k in (3, n_epoch + 2):
-        loader = make_loader(MLMBatches(store, SETTINGS, 0, 1), num_workers=workers)
-        it = iter(loader)
-        for _ in range(k):
-            next(it)
-        state = loader.state_dict()
-        expected = [next(it) for _ in range(6)]
-        restored = make_loader(MLMBatches(store, SETTINGS, 0, 1), num_workers=workers)
-        restored.load_state_dict(state)
-        assert _same(_take(restored, 6), expected)
-        reference = _take(make_loader(MLMBatches(store, SETTINGS, 0, 1), num_workers=workers), k + 6)[k:]
-        assert _same(reference, expected)
+@pytest.mark.parametrize("workers", [0, 2, 3])
+def test_resume_from_the_position_gives_the_identical_next_batches(store, workers):
+    """Consume k batches, then a fresh loader from the tracked position: the next batches are identical to those
+    of the uninterrupted loader, also across an epoch boundary and with the workers' round robin mid-cycle."""
+    n_epoch = sum(1 for _ in MLMBatches(store, SETTINGS, 0, 1, train=False))
+    for k in (3, 4, n_epoch + 2):
+        reader = Reader(store, None, 0, 1, workers)
+        reader.take(k)
+        expected = [next(reader.it) for _ in range(6)]
+        resumed = make_loader(MLMBatches(store, SETTINGS, 0, 1, position=reader.tracker.position), num_workers=workers)
+        it = iter(resumed)
+        assert _same([next(it) for _ in range(6)], expected)
 
 
-def test_restore_with_another_world_size_is_refused(store):
-    loader = make_loader(MLMBatches(store, SETTINGS, 0, 2))
-    _take(loader, 2)
-    other = make_loader(MLMBatches(store, SETTINGS, 0, 4))
-    with pytest.raises(ValueError, match="saved with world_size=2, this run has world_size=4"):
-        other.load_state_dict(loader.state_dict())
-        _take(other, 1)
+def test_elastic_resume_2_1_2_consumes_the_global_order_without_gaps_or_repeats(store):
+    """2 ranks x 2 workers, then 1 rank without workers, then 2 ranks x 1 worker, each resuming from the merged
+    global position: the samples read over all three are exactly the rows at the consumed positions, no position
+    twice, and everything below the final frontier read."""
+    position, samples = None, []
+    for world, workers, batches in ((2, 2, 7), (1, 0, 5), (2, 1, 6)):
+        readers = [Reader(store, position, r, world, workers) for r in range(world)]
+        for i, r in enumerate(readers):
+            r.take(batches + i)  # ranks at different places, as after a preemption
+            samples += r.samples
+        position = DataPosition.from_dict(merged(readers).to_dict())
+    consumed = position.consumed()
+    assert len(np.unique(consumed)) == len(consumed) == len(samples) == position.consumed_count()
+    assert sorted(samples) == sorted(rows_at(store, consumed).tolist())
+    assert set(range(position.frontier)) <= set(consumed.tolist())
 
 
-def test_restore_with_another_worker_count_is_refused(store):
-    loader = make_loader(MLMBatches(store, SETTINGS, 0, 1), num_workers=2)
-    _take(loader, 3)
-    state = loader.state_dict()
-    other = make_loader(MLMBatches(store, SETTINGS, 0, 1), num_workers=0)
-    with pytest.raises(ValueError, match="saved with num_workers=2, this run has num_workers=0"):
-        other.load_state_dict(state)
-        _take(other, 1)
+def test_same_layout_keeps_the_streams_another_collapses_them():
+    pos = DataPosition(world_size=2, workers=1, cursors=[5, 3], next_worker=[0, 0])
+    assert pos.for_layout(2, 1) is pos
+    one = pos.for_layout(1, 1)  # stream 0 read 0,2,..,8; stream 1 read 1,3,5: all below 7 read, and 8
+    assert (one.frontier, one.skip.tolist(), one.cursors) == (7, [8], [0])
+    assert one.stream_positions(0, 0, 4).tolist() == [7, 9, 10, 11]
+    assert one.consumed_count() == pos.consumed_count() == 8
 
 
 def test_validation_is_one_deterministic_pass_every_time(store):
@@ -116,7 +137,7 @@ def test_cluster_sampling_draws_clusters_then_members():
     # 3 UniRef50 clusters: A has two UniRef90 clusters (one of 1 member, one of 3), B one member, C two members
     c50 = np.array([0, 0, 0, 0, 1, 2, 2])
     c90 = np.array([0, 1, 1, 1, 2, 3, 3])
-    index = ClusterIndex(c50, c90)
+    index = ClusterIndex.from_ids(c50, c90)
     assert len(index) == 3
     draws = np.concatenate([index.rows(np.zeros(1, dtype=np.int64), seed=1, epoch=e) for e in range(4000)])
     frac_first = (draws == 0).mean()  # the single-member UniRef90 cluster gets half of cluster A's draws

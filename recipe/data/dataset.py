@@ -1,10 +1,11 @@
-"""MLM batches for one data-parallel rank, as a stateful iterable that `StatefulDataLoader` checkpoints.
+"""MLM batches for one data-parallel rank.
 
-Epoch e reads a permutation of the items (sequences, or UniRef50 clusters with cluster sampling) that depends only
-on (seed, e). Rank r of W takes every W-th item from r; loader worker w of K takes every K-th of those from w. So
-the ranks together read every item exactly once per epoch, whatever K is. A batch is emitted when the next
-sequence would overflow the token budget; that sequence is not consumed, which makes the whole state two integers
-(epoch, cursor) per worker.
+Training reads the global order of recipe/data/order.py: epoch after epoch, each a permutation of the items
+(sequences, or UniRef50 clusters with cluster sampling) that depends only on (seed, epoch). Loader worker w of rank
+r reads stream t = r + W * w, so ranks and workers read disjoint shares and together every item once per epoch. A
+batch is emitted when the next sequence would overflow the token budget; that sequence is not consumed. Each batch
+carries its stream and the stream's cursor after it: the trainer keeps those as the global `DataPosition` it
+checkpoints, which resumes at any world size and worker count.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
 from recipe.data import mlm
+from recipe.data.clusters import ClusterIndex  # noqa: F401  (re-exported: where callers have always found it)
+from recipe.data.order import DataPosition, permute
 from recipe.data.packing import Sample, collate_bshd, collate_thd
 from recipe.data.sources import SequenceStore
 
@@ -73,44 +76,9 @@ class BatchSettings:
                              "non-negative shares that sum to at most 1")
 
 
-class ClusterIndex:
-    """ESM-2 sampling: an item is a UniRef50 cluster; a draw picks a UniRef90 cluster inside it uniformly, then a
-    member of that UniRef90 cluster uniformly (without ur90 ids: a member of the UniRef50 cluster)."""
-
-    def __init__(self, c50: np.ndarray, c90: np.ndarray | None = None):
-        order = np.lexsort((c90, c50)) if c90 is not None else np.argsort(c50, kind="stable")
-        s50 = c50[order]
-        new90 = np.ones(len(order), dtype=bool)
-        new90[1:] = s50[1:] != s50[:-1]
-        if c90 is not None:
-            s90 = c90[order]
-            new90[1:] |= s90[1:] != s90[:-1]
-        self.order = order
-        self.sub_start = np.flatnonzero(new90)  # start of each UniRef90 group in `order`
-        self.sub_len = np.diff(np.append(self.sub_start, len(order)))
-        sub50 = s50[self.sub_start]
-        new50 = np.ones(len(sub50), dtype=bool)
-        new50[1:] = sub50[1:] != sub50[:-1]
-        self.first_sub = np.flatnonzero(new50)
-        self.num_sub = np.diff(np.append(self.first_sub, len(sub50)))
-
-    def __len__(self) -> int:
-        return len(self.first_sub)
-
-    def rows(self, clusters: np.ndarray, seed: int, epoch: int) -> np.ndarray:
-        keys = mlm.sample_keys(seed, epoch, clusters, mlm.CLUSTER)
-        u1 = mlm.uniform(keys, np.zeros(len(clusters)))
-        u2 = mlm.uniform(keys, np.ones(len(clusters)))
-        sub = self.first_sub[clusters] + (u1 * self.num_sub[clusters]).astype(np.int64)
-        return self.order[self.sub_start[sub] + (u2 * self.sub_len[sub]).astype(np.int64)]
-
-
-def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-    return np.random.Generator(np.random.Philox(key=[seed & (2**64 - 1), epoch])).permutation(n)
-
-
 class MLMBatches(IterableDataset):
-    """Infinite shuffled epochs for training (`train=True`), or one deterministic pass for validation."""
+    """Infinite training batches in the global order (recipe/data/order.py), or one deterministic pass for
+    validation (`train=False`: rank r of W takes rows r, r+W, ...)."""
 
     def __init__(
         self,
@@ -120,91 +88,85 @@ class MLMBatches(IterableDataset):
         world_size: int = 1,
         train: bool = True,
         cluster_sampling: bool = False,
+        position: DataPosition | None = None,
     ):
         super().__init__()
         self.store, self.settings, self.rank, self.world_size, self.train = store, settings, rank, world_size, train
         self.clusters = None
         if cluster_sampling:
-            if "ur50_id" not in store.clusters:
-                raise ValueError(f"dataset.cluster_sampling=true but {store.source} has no ur50_id column")
-            self.clusters = ClusterIndex(store.clusters["ur50_id"], store.clusters.get("ur90_id"))
+            self.clusters = store.cluster_index()
+            if self.clusters is None:
+                raise ValueError(f"dataset.cluster_sampling=true but {store.source} has no ur50_id column / cluster index")
         self.num_items = len(self.clusters) if self.clusters is not None else len(store)
         if self.num_items < world_size:
             raise ValueError(f"{store.source}: {self.num_items} items cannot feed {world_size} data-parallel ranks")
-        self.epoch, self.cursor, self.num_workers = 0, 0, None
+        self.position = position or DataPosition()
 
-    # -------------------------------------------------------------- state
-    def state_dict(self) -> dict:
-        return {
-            "epoch": self.epoch,
-            "cursor": self.cursor,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "num_workers": self.num_workers,
-            "num_items": self.num_items,
-            "seed": self.settings.seed,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        mine = self.state_dict()
-        for key in ("world_size", "rank", "num_items", "seed"):
-            if state[key] != mine[key]:
-                raise ValueError(
-                    f"data loader state was saved with {key}={state[key]}, this run has {key}={mine[key]}: "
-                    "resuming would not read the data the interrupted run would have read"
-                )
-        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
-        self._saved_workers = state["num_workers"]
+    def layout_position(self, num_workers: int) -> DataPosition:
+        """The global position for this run's streams (world size x max(num_workers, 1))."""
+        return self.position.for_layout(self.world_size, max(num_workers, 1))
 
     # -------------------------------------------------------------- iteration
-    def _my_items(self, epoch: int, worker: int, num_workers: int) -> np.ndarray:
-        items = epoch_permutation(self.num_items, self.settings.seed, epoch) if self.train else np.arange(self.num_items)
-        return items[self.rank :: self.world_size][worker::num_workers]
-
-    def _rows(self, items: np.ndarray, epoch: int) -> np.ndarray:
-        return items if self.clusters is None else self.clusters.rows(items, self.settings.seed, epoch)
-
     def __iter__(self):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        saved = getattr(self, "_saved_workers", None)
-        if saved is not None and saved != num_workers:
-            raise ValueError(
-                f"data loader state was saved with {saved} worker shard(s) (dataset.num_workers), this run has "
-                f"{num_workers}: resume with the same dataset.num_workers"
-            )
-        self.num_workers = num_workers
-        if not self.train:  # validation: every iteration is a fresh, full pass
-            self.epoch, self.cursor = 0, 0
+        if not self.train:
+            yield from self._validation_pass(worker, num_workers)
+            return
+        pos = self.layout_position(num_workers)
+        w = (worker + pos.next_worker[self.rank]) % num_workers  # continue the round robin where it stopped
+        stream = self.rank + self.world_size * w
+        cursor = pos.cursors[stream]
+        rows, epochs, tokens = (np.zeros(0, np.int64),) * 3
+        fetched = cursor
         while True:
-            epoch = self.epoch
-            rows = self._rows(self._my_items(epoch, worker, num_workers), epoch)
-            while self.cursor < len(rows):
-                take, tokens = self.cursor, 0
-                while take < len(rows) and self._fits(take - self.cursor, tokens, self._tokens(rows[take])):
-                    tokens += self._tokens(rows[take])
-                    take += 1
-                batch = self._make_batch(rows[self.cursor : take], epoch)
-                self.cursor = take
-                yield batch
-            if not self.train:
-                return
-            self.epoch, self.cursor = epoch + 1, 0
+            while not self._enough(tokens):  # the batch must not depend on how far ahead we happen to have read
+                r, e, t = self._fetch(pos, stream, fetched, 1024)
+                rows, epochs, tokens = np.concatenate([rows, r]), np.concatenate([epochs, e]), np.concatenate([tokens, t])
+                fetched += len(r)
+            take = self._pack(tokens)
+            batch = collate(make_samples(self.store, rows[:take], self.settings, epochs[:take], True), self.settings)
+            cursor += take
+            batch.update(data_stream=stream, data_cursor=cursor, data_worker=w)
+            rows, epochs, tokens = rows[take:], epochs[take:], tokens[take:]
+            yield batch
 
-    def _tokens(self, row: int) -> int:
-        """Tokens the row takes of the budget after cropping, <cls> and <eos> included (padded for CP)."""
-        n = min(int(self.store.offsets[row + 1] - self.store.offsets[row]), self.settings.max_seq_length - 2) + 2
-        return sequence_tokens(self.settings, n)
+    def _fetch(self, pos: DataPosition, stream: int, start: int, count: int):
+        """(rows, epochs, tokens) of the stream's positions start .. start+count-1."""
+        p = pos.stream_positions(stream, start, count)
+        epochs, items = p // self.num_items, p % self.num_items
+        items = permute(items, self.num_items, self.settings.seed, epochs)
+        rows = items if self.clusters is None else self.clusters.rows(items, self.settings.seed, epochs)
+        return rows, epochs, self._token_counts(rows)
 
-    def _fits(self, count: int, tokens: int, n: int) -> bool:
-        return fits(self.settings, count, tokens, n)
+    def _token_counts(self, rows: np.ndarray) -> np.ndarray:
+        """Tokens each row takes of the budget after cropping, <cls> and <eos> included (padded for CP)."""
+        offsets = self.store.offsets
+        lengths = np.asarray(offsets[rows + 1]) - np.asarray(offsets[rows])
+        return sequence_tokens(self.settings, np.minimum(lengths, self.settings.max_seq_length - 2) + 2)
 
-    def _make_batch(self, rows: np.ndarray, epoch: int) -> dict:
-        return collate(make_samples(self.store, rows, self.settings, epoch if self.train else 0, self.train), self.settings)
+    def _enough(self, tokens: np.ndarray) -> bool:
+        s = self.settings
+        return len(tokens) > s.micro_batch_size if s.layout == "bshd" else int(tokens.sum()) > s.token_micro_batch_size
+
+    def _pack(self, tokens: np.ndarray) -> int:
+        """How many of the next rows form one batch: greedy, the row that does not fit is left for the next."""
+        s = self.settings
+        if s.layout == "bshd":
+            return min(s.micro_batch_size, len(tokens))
+        return max(1, int(np.searchsorted(np.cumsum(tokens), s.token_micro_batch_size, side="right")))
+
+    def _validation_pass(self, worker: int, num_workers: int):
+        rows = np.arange(self.num_items)[self.rank :: self.world_size][worker::num_workers]
+        tokens = self._token_counts(rows)
+        while len(rows):
+            take = self._pack(tokens)
+            yield collate(make_samples(self.store, rows[:take], self.settings, 0, False), self.settings)
+            rows, tokens = rows[take:], tokens[take:]
 
 
-def sequence_tokens(s: BatchSettings, n: int) -> int:
-    """What a sequence of n tokens takes of the THD budget: n rounded up to `sequence_multiple`."""
+def sequence_tokens(s: BatchSettings, n):
+    """What a sequence of n tokens (an int or an array) takes of the THD budget: n rounded up to `sequence_multiple`."""
     return -(-n // s.sequence_multiple) * s.sequence_multiple
 
 
@@ -213,13 +175,14 @@ def fits(s: BatchSettings, count: int, tokens: int, n: int) -> bool:
     return count < s.micro_batch_size if s.layout == "bshd" else tokens + n <= s.token_micro_batch_size
 
 
-def make_samples(store: SequenceStore, rows: np.ndarray, s: BatchSettings, epoch: int, random_crop: bool) -> list[Sample]:
+def make_samples(store: SequenceStore, rows: np.ndarray, s: BatchSettings, epoch, random_crop: bool) -> list[Sample]:
     return build_samples([store.residues(int(r)) for r in rows], np.asarray(rows), s, epoch, random_crop)
 
 
-def build_samples(residues: list[np.ndarray], keys: np.ndarray, s: BatchSettings, epoch: int, random_crop: bool) -> list[Sample]:
+def build_samples(residues: list[np.ndarray], keys: np.ndarray, s: BatchSettings, epoch, random_crop: bool) -> list[Sample]:
     """Crop, add <cls>/<eos> and mask sequences (residue ids), the masking vectorised over all of their tokens.
-    `keys` are the sample indices that, with (seed, epoch), fix every random choice."""
+    `keys` are the sample indices that, with (seed, epoch), fix every random choice; `epoch` is one int or one per
+    sample (a batch may straddle two epochs)."""
     max_res = s.max_seq_length - 2
     crop_keys = mlm.sample_keys(s.seed, epoch, keys, mlm.CROP) if random_crop else [None] * len(keys)
     toks = []

@@ -32,12 +32,12 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def sample_keys(seed: int, epoch: int, index: np.ndarray | int, purpose: int) -> np.ndarray:
-    """One 64-bit key per sample index."""
+def sample_keys(seed: int, epoch: int | np.ndarray, index: np.ndarray | int, purpose: int) -> np.ndarray:
+    """One 64-bit key per sample index (`epoch`: one for all, or one per index)."""
     idx = np.asarray(index, dtype=np.uint64)
     with np.errstate(over="ignore"):
         base = _mix(np.array([(seed & (2**64 - 1))], dtype=np.uint64))
-        base = _mix(base ^ (np.uint64(epoch) * _GOLDEN) ^ (np.uint64(purpose) << np.uint64(56)))
+        base = _mix(base ^ (np.asarray(epoch, dtype=np.uint64) * _GOLDEN) ^ (np.uint64(purpose) << np.uint64(56)))
         return _mix(base ^ (idx * _M2 + _GOLDEN))
 
 

@@ -48,6 +48,12 @@ class SequenceStore:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
+    def cluster_index(self):
+        """ESM-2's cluster sampling index over these rows, or None without ur50 ids."""
+        from recipe.data.clusters import ClusterIndex
+
+        return ClusterIndex.from_ids(self.clusters["ur50_id"], self.clusters.get("ur90_id")) if "ur50_id" in self.clusters else None
+
     def summary(self) -> str:
         return (
             f"{self.source}: {len(self):,} sequences, {len(self.tokens):,} residues"
@@ -67,6 +73,15 @@ def _build(chunks: list[np.ndarray], lengths: list[np.ndarray], source: str, emp
     if empty or invalid:
         log.warning("%s", store.summary())
     return store
+
+
+def _open_store(path: Path):
+    from recipe.data.store import StoreError, open_store
+
+    try:
+        return open_store(path)
+    except StoreError as exc:
+        raise DataError(str(exc)) from exc
 
 
 # ------------------------------------------------------------------------------------------------ FASTA
@@ -129,6 +144,7 @@ def _from_arrow_table(table, source: str, column: str = "sequence") -> SequenceS
     if column not in table.column_names:
         raise DataError(f"{source}: no {column!r} column (columns: {table.column_names})")
     col = table.column(column)
+    check_sequence_column(col.type, source, column)
     keep = pc.fill_null(pc.greater(pc.binary_length(col.cast(pa.large_binary())), 0), False)
     empty = len(col) - int(pc.sum(keep.cast(pa.int64())).as_py() or 0)
     col = pc.filter(col, keep).cast(pa.large_binary()).combine_chunks()
@@ -138,10 +154,37 @@ def _from_arrow_table(table, source: str, column: str = "sequence") -> SequenceS
     raw = data[offs[0] : offs[-1]]
     clusters = {}
     for name in CLUSTER_COLUMNS:
-        if name in table.column_names:
-            ids = pc.filter(table.column(name), keep).to_numpy(zero_copy_only=False)
-            clusters[name] = np.unique(ids.astype(str), return_inverse=True)[1].astype(np.int64)
+        if name in table.column_names and (name == "ur50_id" or "ur50_id" in clusters):
+            clusters[name] = cluster_codes(pc.filter(table.column(name), keep), source, name)
     return _build([raw], [np.diff(offs)], source, empty, clusters)
+
+
+def check_sequence_column(dtype, source, column: str) -> None:
+    """Sequences are strings (or bytes); integers or floats in that column mean a wrong file or column."""
+    import pyarrow as pa
+
+    if not (pa.types.is_string(dtype) or pa.types.is_large_string(dtype) or pa.types.is_binary(dtype)
+            or pa.types.is_large_binary(dtype) or pa.types.is_null(dtype)):
+        raise DataError(f"{source}: column {column!r} holds {dtype}, not protein sequences (strings); "
+                        "set dataset.column (or --column) to the sequence column")
+
+
+def cluster_codes(ids, source: str, name: str) -> np.ndarray:
+    """Cluster id per row -> int64 code (equal id, equal code). A null id is no cluster: such a row becomes a
+    cluster of its own (with a warning), never one big cluster named "None"."""
+    import pyarrow.compute as pc
+
+    null = pc.is_null(ids, nan_is_null=True).to_numpy(zero_copy_only=False)
+    codes = np.empty(len(null), dtype=np.int64)
+    if (~null).any():
+        present = ids.to_numpy(zero_copy_only=False)[~null].astype(str)
+        codes[~null] = np.unique(present, return_inverse=True)[1]
+    missing = int(null.sum())
+    if missing:
+        base = int(codes[~null].max()) + 1 if (~null).any() else 0
+        codes[null] = base + np.arange(missing)
+        log.warning("%s: %d of %d rows have a null %s: each of them is sampled as its own cluster", source, missing, len(null), name)
+    return codes
 
 
 def _parquet_files(path: Path) -> list[Path]:
@@ -192,9 +235,13 @@ def read_hf_dataset(path: str | Path, column: str = "sequence", split: str = "tr
 
 
 def detect_format(path: Path) -> str:
+    from recipe.data.store import is_store
+
     name = path.name.lower()
     for suffix in (".gz", ".xz"):
         name = name.removesuffix(suffix)
+    if is_store(path):
+        return "store"
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists():
             return "hf"
@@ -205,11 +252,12 @@ def detect_format(path: Path) -> str:
         return "csv"
     if name.endswith(FASTA_SUFFIXES):
         return "fasta"
-    raise DataError(f"{path}: cannot tell the format from the name; set dataset.format (fasta, parquet, csv, hf)")
+    raise DataError(f"{path}: cannot tell the format from the name; set dataset.format (fasta, parquet, csv, hf, store)")
 
 
-def load_sequences(path: str | Path, fmt: str = "auto", column: str = "sequence", split: str = "train") -> SequenceStore:
-    """Load one split into memory. `fmt`: auto, fasta, parquet, csv or hf (a save_to_disk directory)."""
+def load_sequences(path: str | Path, fmt: str = "auto", column: str = "sequence", split: str = "train"):
+    """Load one split into memory (`fmt`: auto, fasta, parquet, csv or hf, a save_to_disk directory), or open a
+    prepared store (`store`, recipe/data/store.py) through memory maps without reading it."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or directory")
@@ -221,6 +269,7 @@ def load_sequences(path: str | Path, fmt: str = "auto", column: str = "sequence"
         "parquet": lambda: read_parquet(path, column),
         "csv": lambda: read_csv(path, column),
         "hf": lambda: read_hf_dataset(path, column, split),
+        "store": lambda: _open_store(path),
     }
     if fmt not in readers:
         raise DataError(f"dataset.format={fmt!r} is not one of auto, {', '.join(readers)}")
