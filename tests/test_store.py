@@ -56,7 +56,7 @@ def test_prepare_writes_a_store_with_the_cluster_index(clustered):
     c50 = set(table.column("ur50_id").to_pylist())
     assert stats["train_clusters"]["ur50"] + stats["validation_clusters"]["ur50"] == len(c50)  # whole clusters held out
     # the memory-mapped index groups rows exactly as the ids do
-    assert isinstance(train.tokens, np.memmap) and isinstance(train.cluster_index().order, np.memmap)
+    assert isinstance(train.tokens.base, np.memmap) and isinstance(train.cluster_index().order.base, np.memmap)  # mapped, not read
     sizes = []
     for split in (train, val):
         index = split.cluster_index()

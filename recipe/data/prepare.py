@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import re
 import shutil
 import sys
@@ -75,16 +74,13 @@ class Batch:
         self.raw, self.lengths, self.split_keys, self.ur50, self.ur90 = raw, lengths, split_keys, ur50, ur90
 
     def select(self, keep: np.ndarray) -> Batch:
-        starts = np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)
-        idx = np.repeat(starts[keep], self.lengths[keep]) + _ranges(self.lengths[keep])
+        """The rows where `keep` is true, copied run by run (a split keeps long runs of consecutive rows)."""
+        offsets = np.zeros(len(self.lengths) + 1, dtype=np.int64)
+        np.cumsum(self.lengths, out=offsets[1:])
+        edges = np.flatnonzero(np.diff(np.concatenate([[False], keep, [False]]).astype(np.int8)))
+        raw = np.concatenate([self.raw[offsets[a] : offsets[b]] for a, b in zip(edges[::2], edges[1::2])] or [self.raw[:0]])
         pick = (lambda a: a[keep] if a is not None else None)
-        return Batch(self.raw[idx], self.lengths[keep], self.split_keys[keep], pick(self.ur50), pick(self.ur90))
-
-
-def _ranges(lengths: np.ndarray) -> np.ndarray:
-    """0..l-1 for each l, concatenated."""
-    total = int(lengths.sum())
-    return np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        return Batch(raw, self.lengths[keep], self.split_keys[keep], pick(self.ur50), pick(self.ur90))
 
 
 # ------------------------------------------------------------------------------------------------ readers
@@ -128,9 +124,11 @@ def _fasta_batch(ids, seqs, tags50, tags90, counters: Counters, membership) -> B
     return Batch(raw, lengths, ur50 if ur50 is not None else id_keys, ur50, ur90)
 
 
-def _keys_with_nulls(values, counters: Counters, level: str) -> np.ndarray:
+def _keys_with_nulls(values, counters: Counters, level: str, null: np.ndarray | None = None) -> np.ndarray:
+    """Hashed cluster ids; rows without one (None, or `null`) get singleton keys and are counted."""
     values = np.asarray(values, dtype=object)
-    null = np.array([v is None for v in values], dtype=bool)
+    if null is None:
+        null = np.array([v is None for v in values], dtype=bool)
     keys = np.zeros(len(values), dtype=np.uint64)
     if (~null).any():
         keys[~null] = hash_strings(values[~null])
@@ -234,25 +232,27 @@ def _arrow_batch(path: Path, rb, column: str, counters: Counters) -> Batch:
     offs = np.frombuffer(offs_buf, dtype=np.int64)[col.offset : col.offset + len(col) + 1]
     raw = np.frombuffer(data_buf, dtype=np.uint8)[offs[0] : offs[-1]] if data_buf is not None else np.zeros(0, np.uint8)
     names = rb.schema.names
-    get = (lambda name: rb.column(names.index(name)).filter(pa.array(keep)).to_numpy(zero_copy_only=False) if name in names else None)
+    get = (lambda name: rb.column(names.index(name)).filter(pa.array(keep)) if name in names else None)
     ur50, ur90, ids = get("ur50_id"), get("ur90_id"), get("id")
-    k50 = _keys_with_nulls(_clean(ur50), counters, "ur50") if ur50 is not None else None
-    k90 = _keys_with_nulls(_clean(ur90), counters, "ur90") if (ur90 is not None and k50 is not None) else None
+    k50 = _arrow_keys(ur50, counters, "ur50") if ur50 is not None else None
+    k90 = _arrow_keys(ur90, counters, "ur90") if (ur90 is not None and k50 is not None) else None
     if k50 is not None:
         split = k50
     elif ids is not None:
-        split = hash_strings(_clean(ids).astype(str))
+        split = hash_strings(pc.fill_null(ids.cast(pa.string()), "").to_numpy(zero_copy_only=False))
     else:  # no id: the sequence itself, so the split still ignores file order
         split = hash_strings([bytes(raw[a:b]) for a, b in zip(offs[:-1] - offs[0], offs[1:] - offs[0])])
     return Batch(raw.copy(), np.diff(offs), split, k50, k90)
 
 
-def _clean(values: np.ndarray) -> np.ndarray:
-    """Arrow -> object array with None for nulls and NaN (pandas writes missing strings as either)."""
-    out = np.asarray(values, dtype=object)
-    bad = np.array([v is None or (isinstance(v, float) and math.isnan(v)) for v in out], dtype=bool)
-    out[bad] = None
-    return out
+def _arrow_keys(column, counters: Counters, level: str) -> np.ndarray:
+    """Cluster keys of an Arrow column; null (and NaN, which pandas writes for missing strings) is no id."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    null = pc.is_null(column, nan_is_null=True).to_numpy(zero_copy_only=False)
+    values = pc.fill_null(column.cast(pa.string()), "").to_numpy(zero_copy_only=False)
+    return _keys_with_nulls(values, counters, level, null)
 
 
 # ------------------------------------------------------------------------------------------------ prepare
