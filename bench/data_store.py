@@ -9,6 +9,7 @@ For each size (millions of sequences; `DATA_<k>M/` holds the first k parquet par
   RSS            one trainer-like process reading batches: peak RSS and, at the end, private (anonymous) and
                  file-backed resident memory; and the same for each of 2 gloo processes (ranks 0 and 1)
   loader         batches/s and unpadded tokens/s with 0, 1 and 2 loader workers (after the first batch)
+and, once, the per-sample random-access cost of flat files against the same data in an Arrow IPC file.
 The in-memory path runs the code under --memory-root (the project before the store, for "today's" numbers) on the
 same parquet files. Settings: THD, 16,384-token budget, max length 1024, cluster sampling on.
 """
@@ -86,6 +87,45 @@ def child_prepare(a) -> dict:
             "residues": stats["residues"], "clusters": stats["train_clusters"], **memory()}
 
 
+def arrow_vs_flat(store_dir: Path, rows: int = 200_000) -> dict:
+    """Random-access cost of the two layouts the store could use: our flat files, and the same sequences in an
+    Arrow IPC file (record batches of 1 M rows, memory-mapped), each read as training reads: one sample at a time."""
+    import numpy as np
+    import pyarrow as pa
+
+    from recipe.data.store import MappedStore
+
+    store = MappedStore(store_dir)
+    n = min(len(store), 5_000_000)
+    path = store_dir.parent / "arrow_compare.arrow"
+    schema = pa.schema([("tokens", pa.large_binary())])
+    if not path.exists():
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+            for lo in range(0, n, 1_000_000):
+                hi = min(lo + 1_000_000, n)
+                offs = np.asarray(store.offsets[lo : hi + 1]) - store.offsets[lo]
+                data = pa.py_buffer(np.ascontiguousarray(store.tokens[store.offsets[lo] : store.offsets[hi]]))
+                writer.write_batch(pa.record_batch([pa.LargeBinaryArray.from_buffers(pa.large_binary(), hi - lo, [None, pa.py_buffer(offs), data])], schema=schema))
+    pick = np.random.default_rng(0).integers(0, n, rows)
+    start = time.perf_counter()
+    flat = sum(len(store.residues(int(r))) for r in pick)
+    flat_s = time.perf_counter() - start
+    start = time.perf_counter()
+    reader = pa.ipc.open_file(pa.memory_map(str(path)))
+    batches = [reader.get_batch(i).column(0) for i in range(reader.num_record_batches)]
+    views = [(np.frombuffer(b.buffers()[1], np.int64), np.frombuffer(b.buffers()[2], np.uint8)) for b in batches]
+    starts = np.cumsum([0] + [len(b) for b in batches])
+    total = 0
+    for r in pick:
+        i = int(np.searchsorted(starts, r, side="right")) - 1
+        offs, data = views[i]
+        j = int(r - starts[i])
+        total += len(data[offs[j] : offs[j + 1]])
+    arrow_s = time.perf_counter() - start
+    assert total == flat
+    return {"rows": rows, "flat_us_per_sample": flat_s / rows * 1e6, "arrow_ipc_us_per_sample": arrow_s / rows * 1e6}
+
+
 # ------------------------------------------------------------------------------------------------ parent side
 def run_child(kind: str, code_root: Path, args: list[str], nproc: int = 1, timeout: int = 3600) -> dict | list:
     env = dict(os.environ, PYTHONPATH=str(code_root), OMP_NUM_THREADS="1")
@@ -152,6 +192,9 @@ def main() -> None:
     for k in a.memory_sizes:
         results["memory"][k] = measure(f"memory {k}M", Path(a.memory_root), source[k], a.seconds)
         Path(a.results).write_text(json.dumps(results, indent=1))
+    results["arrow_vs_flat"] = arrow_vs_flat(Path(a.stores) / f"store_{min(a.sizes)}M" / "train")
+    print("arrow vs flat", json.dumps(results["arrow_vs_flat"]), flush=True)
+    Path(a.results).write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
 
 

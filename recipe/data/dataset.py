@@ -24,6 +24,7 @@ from recipe.data.clusters import ClusterIndex  # noqa: F401  (re-exported: where
 from recipe.data.order import DataPosition, permute
 from recipe.data.packing import Sample, collate_bshd, collate_thd
 from recipe.data.sources import SequenceStore
+from recipe.data.tokenizer import CLS_ID, EOS_ID
 
 log = logging.getLogger(__name__)
 
@@ -176,26 +177,37 @@ def fits(s: BatchSettings, count: int, tokens: int, n: int) -> bool:
 
 
 def make_samples(store: SequenceStore, rows: np.ndarray, s: BatchSettings, epoch, random_crop: bool) -> list[Sample]:
-    return build_samples([store.residues(int(r)) for r in rows], np.asarray(rows), s, epoch, random_crop)
+    rows = np.asarray(rows)
+    starts, ends = np.asarray(store.offsets[rows]).tolist(), np.asarray(store.offsets[rows + 1]).tolist()
+    tokens = store.tokens
+    return build_samples([tokens[a:b] for a, b in zip(starts, ends)], rows, s, epoch, random_crop)
 
 
 def build_samples(residues: list[np.ndarray], keys: np.ndarray, s: BatchSettings, epoch, random_crop: bool) -> list[Sample]:
-    """Crop, add <cls>/<eos> and mask sequences (residue ids), the masking vectorised over all of their tokens.
-    `keys` are the sample indices that, with (seed, epoch), fix every random choice; `epoch` is one int or one per
-    sample (a batch may straddle two epochs)."""
+    """Crop, add <cls>/<eos> and mask sequences (residue ids), vectorised over the batch. `keys` are the sample
+    indices that, with (seed, epoch), fix every random choice; `epoch` is one int or one per sample (a batch may
+    straddle two epochs)."""
     max_res = s.max_seq_length - 2
-    crop_keys = mlm.sample_keys(s.seed, epoch, keys, mlm.CROP) if random_crop else [None] * len(keys)
-    toks = []
-    for res, ck in zip(residues, crop_keys):
-        start = mlm.crop_start(len(res), max_res, ck)
-        toks.append(mlm.add_specials(res[start : start + max_res]))
-    lengths = np.array([len(t) for t in toks], dtype=np.int64)
-    flat = np.concatenate(toks)
+    lens = np.fromiter((len(r) for r in residues), dtype=np.int64, count=len(residues))
+    kept = np.minimum(lens, max_res)
+    crop = np.zeros(len(lens), dtype=np.int64)
+    long = lens > max_res
+    if random_crop and long.any():  # the window start: what mlm.crop_start gives, for all rows at once
+        u = mlm.uniform(mlm.sample_keys(s.seed, epoch, keys, mlm.CROP))
+        crop[long] = (u[long] * (lens[long] - max_res + 1)).astype(np.int64)
+    lengths = kept + 2
+    ends = np.cumsum(lengths)
+    begins = ends - lengths
+    flat = np.empty(int(ends[-1]), dtype=np.int64)
+    inner = np.ones(len(flat), dtype=bool)
+    inner[begins] = inner[ends - 1] = False
+    flat[begins], flat[ends - 1] = CLS_ID, EOS_ID
+    flat[inner] = np.concatenate([r[a : a + k] for r, a, k in zip(residues, crop.tolist(), kept.tolist())])
     token_keys = np.repeat(mlm.sample_keys(s.seed, epoch, keys, 0), lengths)
-    positions = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    positions = np.arange(len(flat)) - np.repeat(begins, lengths)
     inputs, labels = mlm.mask_tokens(flat, token_keys, positions, s.mask_prob, s.mask_token_frac, s.random_token_frac)
-    bounds = np.cumsum(lengths)[:-1]
-    return [Sample(int(k), i, lab) for k, i, lab in zip(keys, np.split(inputs, bounds), np.split(labels, bounds))]
+    b, e = begins.tolist(), ends.tolist()
+    return [Sample(int(k), inputs[x:y], labels[x:y]) for k, x, y in zip(np.asarray(keys).tolist(), b, e)]
 
 
 def collate(samples: list[Sample], s: BatchSettings) -> dict:
