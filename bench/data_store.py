@@ -29,13 +29,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # ------------------------------------------------------------------------------------------------ child side
 def memory() -> dict:
-    """Peak RSS and current private / file-backed resident memory of this process, MB (Linux /proc)."""
+    """Peak RSS, current private (anonymous) and file-backed resident memory, and PSS (shared pages divided among
+    the processes that map them), MB (Linux /proc)."""
     fields = {}
     for line in Path("/proc/self/status").read_text().splitlines():
         key, _, value = line.partition(":")
         if key in ("VmHWM", "RssAnon", "RssFile"):
             fields[key] = int(value.split()[0]) / 1024
-    return {"peak_rss_mb": fields["VmHWM"], "anon_mb": fields["RssAnon"], "file_mb": fields["RssFile"]}
+    pss = next((int(x.split()[1]) / 1024 for x in Path("/proc/self/smaps_rollup").read_text().splitlines() if x.startswith("Pss:")), None)
+    return {"peak_rss_mb": fields["VmHWM"], "anon_mb": fields["RssAnon"], "file_mb": fields["RssFile"], "pss_mb": pss}
 
 
 def open_dataset(path: str, rank: int = 0, world: int = 1):
@@ -132,7 +134,7 @@ def run_child(kind: str, code_root: Path, args: list[str], nproc: int = 1, timeo
     script = [str(Path(__file__).resolve()), "child", kind, *args, "--launched", repr(time.time())]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *script] if nproc > 1 \
         else [sys.executable, *script]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=code_root)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=code_root, check=False)
     lines = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
     if r.returncode != 0 or not lines:
         raise RuntimeError(f"{kind} {args} failed ({r.returncode}):\n{r.stderr[-3000:]}")

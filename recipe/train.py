@@ -354,9 +354,9 @@ class DataTracker:
     """The global data position as the trainer consumes batches: each batch names its stream and that stream's
     cursor after it, so the position counts exactly what reached the model (not what the loader prefetched)."""
 
-    def __init__(self, position: DataPosition, dp_rank: int, dp_size: int):
+    def __init__(self, position: DataPosition, dp_rank: int):
         self.position = DataPosition.from_dict(position.to_dict())  # a copy: the dataset keeps its own
-        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.dp_rank = dp_rank
 
     def consume(self, batch: dict) -> None:
         if "data_stream" in batch:
@@ -504,7 +504,7 @@ def _fit(cfg: DictConfig, strategy: Strategy):
     fit_step = step  # the step this process started from
     time_limit = cfg.max_train_minutes * 60 if cfg.max_train_minutes is not None else math.inf
 
-    tracker = DataTracker(loader.dataset.layout_position(cfg.dataset.num_workers), info.dp_rank, info.dp_size) \
+    tracker = DataTracker(loader.dataset.layout_position(cfg.dataset.num_workers), info.dp_rank) \
         if isinstance(loader.dataset, MLMBatches) else None
 
     def save(at_step: int) -> None:
@@ -538,8 +538,9 @@ def _fit(cfg: DictConfig, strategy: Strategy):
     time_up = False
     while step < cfg.num_train_steps:
         batches = [next(train_iter) for _ in range(cfg.grad_acc_steps)]
-        for b in batches:
-            tracker is not None and tracker.consume(b)
+        if tracker is not None:
+            for b in batches:
+                tracker.consume(b)
         num_samples = sum(len(b["seq_lengths"]) for b in batches)
         batches = [shard(b) for b in batches]
         local = [sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches), sum(b["num_real_tokens"] for b in batches),

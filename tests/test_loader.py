@@ -41,7 +41,7 @@ class Reader:
 
     def __init__(self, store, position, rank, world, workers):
         ds = MLMBatches(store, SETTINGS, rank, world, position=position)
-        self.tracker = DataTracker(ds.layout_position(workers), rank, world)
+        self.tracker = DataTracker(ds.layout_position(workers), rank)
         self.it = iter(make_loader(ds, num_workers=workers))
         self.samples = []
 

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from conftest import BUNDLED_TRAIN, TINY, read_metrics, run_cmd, torchrun
 
-from recipe.data.clusters import ClusterIndex
 from recipe.data.dataset import BatchSettings, MLMBatches
 from recipe.data.order import DataPosition, permute
 from recipe.data.prepare import prepare

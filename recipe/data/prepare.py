@@ -15,8 +15,8 @@ A row whose ur50_id is null (or, with --membership, absent from the file) become
 
 Each record goes to validation when a hash of (seed, its UniRef50 cluster | its id | its sequence) falls under
 --val-fraction: whole clusters are held out, and the split is deterministic, independent of file order and needs no
-second pass. Residues stream straight to disk; the cluster index needs memory for one sort of 8-16 bytes per sequence
-at the end. Output: `OUT/train/`, `OUT/validation/` (stores) and `OUT/prepare_stats.json`. OUT must be new or empty;
+second pass. Residues stream straight to disk; building the cluster index at the end needs memory in proportion to
+the number of sequences (one sort of their cluster keys; docs/data_store.md). Output: `OUT/train/`, `OUT/validation/` (stores) and `OUT/prepare_stats.json`. OUT must be new or empty;
 --overwrite removes a previous prepare's output first (and refuses when OUT holds anything else).
 """
 

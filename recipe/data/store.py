@@ -54,8 +54,9 @@ class StoreWriter:
         self.dir.mkdir(parents=True, exist_ok=True)
         if any(self.dir.iterdir()):
             raise StoreError(f"{self.dir}: not empty; a store is only written into a new or empty directory")
-        self._tokens = open(self.dir / "tokens.u8", "wb")
-        self._offsets = open(self.dir / "offsets.i64", "wb")
+        # open for the writer's whole life (batches arrive one call at a time); close() closes them
+        self._tokens = open(self.dir / "tokens.u8", "wb")  # noqa: SIM115
+        self._offsets = open(self.dir / "offsets.i64", "wb")  # noqa: SIM115
         self._offsets.write(np.zeros(1, np.int64).tobytes())
         self._keys: list | None = None
         self.rows, self.residues, self.invalid = 0, 0, 0
@@ -66,7 +67,7 @@ class StoreWriter:
         if len(lengths) == 0:
             return
         if self._keys is None:
-            self._keys = [open(self.dir / name, "wb") for name, k in zip(_KEY_FILES, (ur50, ur90)) if k is not None]
+            self._keys = [open(self.dir / name, "wb") for name, k in zip(_KEY_FILES, (ur50, ur90)) if k is not None]  # noqa: SIM115
             self._has90 = ur90 is not None
         keys = [k for k in (ur50, ur90) if k is not None]
         if len(keys) != len(self._keys):
