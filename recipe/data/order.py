@@ -104,7 +104,7 @@ class DataPosition:
         new frontier plus the positions beyond it that some stream has already read."""
         if (world_size, workers) == (self.world_size, self.workers):
             return self
-        fresh = dict(world_size=world_size, workers=workers, cursors=[0] * (world_size * workers), next_worker=[0] * world_size)
+        fresh = {"world_size": world_size, "workers": workers, "cursors": [0] * (world_size * workers), "next_worker": [0] * world_size}
         if not self.cursors:
             return DataPosition(self.frontier, self.skip, **fresh)
         T = self.streams
