@@ -381,7 +381,9 @@ class DataTracker:
 def restore_rng(cfg: DictConfig, info: DistInfo, meta: dict, rank_state: dict | None, step: int) -> None:
     """The same layout restores each rank's RNG states; another world size has no state for some ranks, so all
     are derived from (seed, step, rank) instead. (The data needs none: it is a function of seed and position.)"""
-    if rank_state is not None and meta.get("world_size") == info.world_size:
+    if meta.get("world_size") == info.world_size:
+        if rank_state is None:
+            raise RuntimeError(f"cannot resume: the checkpoint of {info.world_size} processes has no rank_{info.rank}.pt")
         set_rng_state(rank_state["rng"])
         return
     import random

@@ -254,24 +254,33 @@ def test_same_world_size_ddp_to_fsdp2_continues_with_the_same_data(store_run, tm
 
 @pytest.mark.slow
 def test_elastic_resume_2_to_1_to_2_processes_across_ddp_and_fsdp2(store_run, tmp_path):
-    """DDP x 2 processes (2 workers) -> FSDP2 x 1 process (no workers) -> DDP x 2 processes (1 worker): the step count
-    continues, and the consumed positions grow as nested sets whose sizes are exactly the samples trained on, so no
-    sample was skipped (everything below the frontier is in) or repeated (a set as large as the count)."""
+    """DDP x 2 processes (2 workers) -> FSDP2 x 1 (no workers) -> FSDP2 x 2, sharded (1 worker) -> DDP x 1 (2 workers):
+    the step count continues, and the consumed positions grow as nested sets whose sizes are exactly the samples
+    trained on, so no sample was skipped (everything below the frontier is in) or repeated (a set as large as the
+    count)."""
     full, data = store_run
     run = copy_checkpoint(full, tmp_path / "elastic", 4)
-    common = [*TINY, *data, "checkpoint.save_every_n_steps=4", "checkpoint.resume_from_checkpoint=true", f"output_dir={run}"]
+    common = [*TINY, *data, "checkpoint.save_every_n_steps=4", "checkpoint.max_checkpoints=null", "checkpoint.resume_from_checkpoint=true",
+              f"output_dir={run}"]
     r = check(torchrun("train_fsdp2.py", 1, *common, "dataset.num_workers=0", "num_train_steps=8"))
     assert "written by 2 processes, now 1" in r.stderr
-    check(torchrun("train_ddp.py", 2, *common, "dataset.num_workers=1", "num_train_steps=12"))
+    check(torchrun("train_fsdp2.py", 2, *common, "dataset.num_workers=1", "num_train_steps=12"))
+    r = check(torchrun("train_ddp.py", 1, *common, "dataset.num_workers=2", "num_train_steps=14"))
+    assert "written by 2 processes, now 1" in r.stderr
     records = read_metrics(run)[0]
-    assert [x["step"] for x in records] == list(range(5, 13))
+    assert [x["step"] for x in records] == list(range(5, 15))
     assert all(np.isfinite(x["loss"]) for x in records)
     by_step = {x["step"]: x["consumed_samples"] for x in records}
-    sets = {4: consumed(run, 4), 8: consumed(run, 8), 12: consumed(run, 12)}
-    assert by_step[8] == len(sets[8]) and by_step[12] == len(sets[12]) and meta(run, 4)["consumed_samples"] == len(sets[4])
-    for step, positions in sets.items():
+    steps = (4, 8, 12, 14)
+    sets = {step: consumed(run, step) for step in steps}
+    assert meta(run, 4)["consumed_samples"] == len(sets[4])
+    for step in steps:
+        positions = sets[step]
+        assert step == 4 or by_step[step] == len(positions), step
         assert len(np.unique(positions)) == len(positions), step
         frontier = DataPosition.from_dict(meta(run, step)["data_position"]).for_layout(7, 1).frontier
         assert np.array_equal(positions[:frontier], np.arange(frontier)), step
-    assert set(sets[4].tolist()) < set(sets[8].tolist()) < set(sets[12].tolist())
-    assert meta(run, 8)["world_size"] == 1 and meta(run, 12)["world_size"] == 2 and meta(run, 8)["strategy"] == "fsdp2"
+    for a, b in zip(steps, steps[1:]):
+        assert set(sets[a].tolist()) < set(sets[b].tolist())
+    layouts = [(meta(run, s)["world_size"], meta(run, s)["strategy"]) for s in steps]
+    assert layouts == [(2, "ddp"), (1, "fsdp2"), (2, "fsdp2"), (1, "ddp")]
