@@ -124,7 +124,9 @@ def test_l0_sanity_on_one_gpu(tmp_path, strategy, backend, compiled):
     print(f"\n  L0_sanity on {torch.cuda.get_device_name()} ({strategy}, {backend}{', compiled' if compiled else ''}): {elapsed:.1f} s wall, "
           f"loss {train[0]['loss']:.3f} -> {train[-1]['loss']:.3f}, val loss {val[-1]['val_loss']:.3f}, "
           f"{train[-1]['tokens_per_second_per_gpu']:.3g} tokens/s")
-    assert train[-1]["loss"] < train[0]["loss"] - 0.3
+    # The global data order (recipe/data/order.py) gives a 0.27-0.28 drop over these 120 steps on an H200 (0.33
+    # with the old order); an untrained or broken model stays near 3.0.
+    assert train[-1]["loss"] < train[0]["loss"] - 0.2
     assert compiled or elapsed < 60, "L0_sanity is the one-minute check"
 
 
