@@ -274,3 +274,27 @@ def alarm(seconds: int):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+
+
+def test_a_process_with_a_leftover_worker_still_exits(tmp_path):
+    """Workers ignore SIGTERM (clean stops); one whose iterator outlived its loader must still not keep the process
+    from exiting (multiprocessing's exit handler would SIGTERM it and wait forever)."""
+    import subprocess
+    import sys
+
+    from conftest import BUNDLED_VAL, ROOT
+
+    script = tmp_path / "leftover.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from recipe.data.dataset import BatchSettings, MLMBatches, make_loader\n"
+        "from recipe.data.sources import load_sequences\n"
+        f"store = load_sequences({str(BUNDLED_VAL)!r})\n"
+        "loader = make_loader(MLMBatches(store, BatchSettings(max_seq_length=128, micro_batch_size=4), train=True), 1)\n"
+        "it = iter(loader)\n"
+        "next(it)\n"
+        "del loader\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import atexit
 import logging
+import multiprocessing
+import multiprocessing.util  # registers its exit handler on import: ours, registered later, runs before it
 import signal
 import weakref
 from dataclasses import dataclass
@@ -257,5 +259,27 @@ def make_loader(dataset: IterableDataset, num_workers: int = 0, pin_memory: bool
     if num_workers > 0:  # runs before multiprocessing's handler (atexit is last in, first out), on every way out
         ref = weakref.ref(loader)
         atexit.register(lambda: ref() is not None and ref().shutdown())
+        _end_leftover_workers_at_exit()
     return loader
+
+
+def _end_leftover_workers_at_exit() -> None:
+    """Register, once, an exit handler that kills the daemonic worker processes still alive then. A worker whose
+    iterator outlived its loader (or was never shut down) ignores the SIGTERM of multiprocessing's own exit handler,
+    which would then wait for it forever; SIGKILL cannot be ignored. Daemonic children die at exit in any case."""
+    global _EXIT_HANDLER_REGISTERED
+    if _EXIT_HANDLER_REGISTERED:
+        return
+    _EXIT_HANDLER_REGISTERED = True
+
+    def kill_daemonic_children() -> None:
+        for child in multiprocessing.active_children():
+            if child.daemon:
+                child.kill()
+                child.join(timeout=5)
+
+    atexit.register(kill_daemonic_children)
+
+
+_EXIT_HANDLER_REGISTERED = False
 
