@@ -213,7 +213,7 @@ def model_config(cfg: DictConfig) -> EsmConfig:
     for key, value in settings.items():
         if value is not None and value != getattr(own, key):
             log.info("model.%s=%s replaces %s's own %s=%s", key, value, m.init_from, key, getattr(own, key))
-    return config_from_hf(m.init_from, **overrides)
+    return dataclasses.replace(own, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def model_name(cfg: DictConfig, mcfg: EsmConfig) -> str:

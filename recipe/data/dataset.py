@@ -257,9 +257,9 @@ def make_loader(dataset: IterableDataset, num_workers: int = 0, pin_memory: bool
         kwargs = {"prefetch_factor": prefetch_factor, "persistent_workers": False, "worker_init_fn": ignore_stop_signals}
     loader = MLMLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **kwargs)
     if num_workers > 0:  # runs before multiprocessing's handler (atexit is last in, first out), on every way out
+        _end_leftover_workers_at_exit()  # registered first, so it runs last: after every graceful shutdown
         ref = weakref.ref(loader)
         atexit.register(lambda: ref() is not None and ref().shutdown())
-        _end_leftover_workers_at_exit()
     return loader
 
 
