@@ -26,7 +26,7 @@ from recipe.data.dataset import BatchSettings, MLMBatches, make_loader  # noqa: 
 from recipe.data.sources import load_sequences  # noqa: E402
 from recipe.model import EsmConfig  # noqa: E402
 from recipe.optim import lr_at, set_lr  # noqa: E402
-from recipe.train import TrainClock  # noqa: E402
+from recipe.run_state import TrainClock  # noqa: E402
 
 
 @torch.no_grad()

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from recipe.data.dataset import BatchSettings, MLMBatches  # noqa: E402
 from recipe.data.sources import load_sequences  # noqa: E402
-from recipe.model import EsmConfig, build_model  # noqa: E402
+from recipe.model import EsmConfig, Runtime, build_model  # noqa: E402
 from recipe.model.flops import batch_flops  # noqa: E402
 
 DATASHEET_TFLOPS = 989.0
@@ -141,11 +141,8 @@ def make_model(size: str, impl: str):
     cfg = EsmConfig.from_size(size, backend="te" if impl.startswith("te") else "torch", fp32_residual="_fp32res" in impl)
     if impl in FP8_ROWS:
         cfg = dataclasses.replace(cfg, activation="gelu_tanh")
-    model = hf_model(cfg) if impl == "hf" else build_model(cfg, device="cuda", seed=0)
-    if impl in FP8_ROWS:
-        model.set_layer_precision(fp8_layer_recipes(impl, cfg.num_layers))
-    if impl != "hf":
-        model.check_inputs = False
+    recipes = tuple(fp8_layer_recipes(impl, cfg.num_layers)) if impl in FP8_ROWS else None
+    model = hf_model(cfg) if impl == "hf" else build_model(cfg, device="cuda", seed=0, runtime=Runtime(layer_recipes=recipes, check_inputs=False))
     if "_bf16params" in impl:
         model.to(torch.bfloat16)
     if impl.endswith("compile"):

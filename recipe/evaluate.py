@@ -150,7 +150,7 @@ def resolve_device(pref: str) -> torch.device:
 
 
 def score(args: argparse.Namespace) -> dict:
-    from recipe.train import evaluate
+    from recipe.validation import evaluate
 
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)

@@ -33,9 +33,39 @@ def max_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
 
 
+class Throughput:
+    """Unpadded tokens and model FLOPs since the last log line, turned into per-GPU rates (training time only:
+    `clock` is the run's TrainClock, which validation and checkpoint writes pause)."""
+
+    def __init__(self, world_size: int, peak_tflops: float | None, device: torch.device, clock):
+        self.world_size, self.peak, self.device, self.clock = world_size, peak_tflops, device, clock
+        self.reset()
+
+    def reset(self) -> None:
+        self.tokens, self.flops, self.t0 = 0.0, 0.0, self.clock.seconds
+
+    def add(self, tokens: float, flops: float) -> None:
+        self.tokens += tokens
+        self.flops += flops
+
+    def record(self) -> dict:
+        elapsed = self.clock.seconds - self.t0
+        tflops = self.flops / self.world_size / elapsed / 1e12
+        rates = {
+            "tokens_per_second_per_gpu": self.tokens / self.world_size / elapsed,
+            "tflops_per_gpu": tflops,
+            "mfu": tflops / self.peak if self.peak else None,
+            "max_memory_gb": max_memory_gb(self.device),
+        }
+        self.reset()
+        return rates
+
+
 class MetricsWriter:
-    def __init__(self, output_dir: Path, cfg: DictConfig, enabled: bool, resume_step: int | None):
-        self.enabled = enabled
+    """metrics.jsonl (and its mirrors) on rank 0; `should_log` is the training-record schedule (log_every_n_steps)."""
+
+    def __init__(self, output_dir: Path, cfg: DictConfig, enabled: bool, resume_step: int | None, log_every_n_steps: int = 1):
+        self.enabled, self.every = enabled, log_every_n_steps
         self.path = Path(output_dir) / "metrics.jsonl"
         self.wandb = self.tensorboard = None
         if not enabled:
@@ -94,6 +124,10 @@ class MetricsWriter:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.tensorboard.add_scalar(key, value, global_step=record["step"])
+
+    def should_log(self, step: int, last: bool) -> bool:
+        """A training record every log_every_n_steps steps, and at the run's last step (its end or a stop)."""
+        return last or step % self.every == 0
 
     def has_record(self, step: int, key: str) -> bool:
         """Whether metrics.jsonl holds a record of `step` with `key` (rank 0; False elsewhere)."""

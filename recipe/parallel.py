@@ -20,22 +20,15 @@ import logging
 import os
 import socket
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from recipe.model.config import ContextParallel
+
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ContextParallel:
-    """This rank's place in its context-parallel group (size 1: no CP)."""
-
-    size: int = 1
-    rank: int = 0
-    group: object = None  # torch ProcessGroup of the cp_size ranks that share each sequence
-    ranks: list[int] = field(default_factory=list)  # their global ranks
 
 
 @dataclass
@@ -45,6 +38,7 @@ class DistInfo:
     local_rank: int
     device: torch.device
     cp: ContextParallel = field(default_factory=ContextParallel)
+    mesh: Any = None  # the one (dp, cp) DeviceMesh of a multi-process run (setup_mesh); None on one process
 
     @property
     def is_main(self) -> bool:
@@ -89,15 +83,20 @@ def check_context_parallel(cp_size: int, world_size: int, device_type: str, back
         raise ContextParallelError(f"context parallelism (cp_size={cp_size}) needs packed batches: dataset.layout=thd, not {layout}")
 
 
-def setup_context_parallel(info: DistInfo, cp_size: int) -> DistInfo:
-    """Build the (dp, cp) device mesh and record this rank's CP group in `info` (checked by check_context_parallel)."""
-    if cp_size == 1:
+def setup_mesh(info: DistInfo, cp_size: int, comm_type: str = "p2p") -> DistInfo:
+    """Build the run's one device mesh, (dp, cp) with cp innermost, and record this rank's CP group in `info`
+    (checked by check_context_parallel). Every process group the run uses comes from it: FSDP2 shards over the
+    flattened mesh, context parallelism talks over its cp dimension. A single process needs none."""
+    if info.world_size == 1:
         return info
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(info.device.type, (info.world_size // cp_size, cp_size), mesh_dim_names=("dp", "cp"))
+    info.mesh = mesh
+    if cp_size == 1:
+        return info
     group = mesh.get_group("cp")
-    info.cp = ContextParallel(cp_size, mesh.get_local_rank("cp"), group, dist.get_process_group_ranks(group))
+    info.cp = ContextParallel(cp_size, mesh.get_local_rank("cp"), group, tuple(dist.get_process_group_ranks(group)), comm_type)
     if info.cp.rank != info.rank % cp_size or info.dp_rank != mesh.get_local_rank("dp"):
         raise RuntimeError(f"device mesh layout is not (dp, cp) row-major: rank {info.rank} got cp rank {info.cp.rank}")
     return info
@@ -191,12 +190,12 @@ class FSDP2Strategy(Strategy):
         if not self.shards:
             log.info("fsdp2 on one process: nothing to shard, so the model trains unsharded (as DDP on one GPU)")
             return model
-        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        # One flat mesh over every rank: with context parallelism this is the dp x cp grid flattened, so each
-        # parameter is sharded over all GPUs (no hybrid sharding).
-        mesh = init_device_mesh(self.info.device.type, (self.info.world_size,), mesh_dim_names=("shard",))
+        # The run's (dp, cp) mesh flattened: each parameter is sharded over every GPU (no hybrid sharding).
+        if self.info.mesh is None:
+            raise RuntimeError("FSDP2 over several processes needs the run's device mesh: call setup_mesh first")
+        mesh = self.info.mesh._flatten("dp_cp")
         mp = MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
         for layer in model.layers:
             fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=self.reshard_after_forward)
@@ -214,6 +213,21 @@ class FSDP2Strategy(Strategy):
 
 
 STRATEGIES = {"ddp": DDPStrategy, "fsdp2": FSDP2Strategy}
+
+
+def parallelize(model: nn.Module, strategy: Strategy, compile_layers: bool) -> nn.Module:
+    """Everything that turns a built model into the one that trains, in one place and in this order:
+
+    1. torch.compile per transformer layer (before wrapping, so that FSDP2's per-layer hooks stay outside the
+       compiled regions and each layer compiles once);
+    2. the strategy's wrap: DDP replicates, FSDP2 shards each layer, then the root, over the run's mesh.
+
+    Context parallelism and per-layer precision are not applied here: they are the model's own settings, given to it
+    at construction (`recipe.model.Runtime`), because TE's attention takes its CP group when it is built and the
+    precision plan decides how each layer's weights are made. The run's mesh comes first (`setup_mesh`)."""
+    if compile_layers:
+        model.compile_layers()
+    return strategy.wrap(model)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

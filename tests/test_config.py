@@ -159,7 +159,7 @@ def own_settings_export(tmp_path):
     ],
 )
 def test_init_from_keeps_the_checkpoint_settings_unless_overridden(own_settings_export, tmp_path, caplog, overrides, expected):
-    from recipe.train import model_config
+    from recipe.build import model_config
 
     with caplog.at_level("INFO", logger="recipe"):
         mcfg = model_config(load("L0_sanity", f"model.init_from={own_settings_export}", *overrides, out=str(tmp_path)))
@@ -173,7 +173,7 @@ def test_init_from_keeps_the_checkpoint_settings_unless_overridden(own_settings_
 
 def test_init_from_names_the_model_it_loads(own_settings_export, tmp_path):
     """The shape comes from the checkpoint: model.size is named only when it agrees, shape keys are refused."""
-    from recipe.train import model_config, model_name
+    from recipe.build import model_config, model_name
 
     cfg = load("L0_sanity", f"model.init_from={own_settings_export}", out=str(tmp_path))
     assert model_name(cfg, model_config(cfg)) == f"ESM-2 tiny from {own_settings_export}"

@@ -124,14 +124,15 @@ def test_each_dp_rank_reads_its_own_data_and_cp_peers_the_same(tmp_path):
 
     from recipe.config import CONFIG_DIR
     from recipe.parallel import ContextParallel, DistInfo
-    from recipe.train import build_data
+    from recipe.build import build_data
 
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("L0_sanity_cp", overrides=[f"output_dir={tmp_path}", "dataset.num_workers=0"])
     seen = {}
     for rank in range(4):
         info = DistInfo(rank, 4, rank, torch.device("cpu"), ContextParallel(2, rank % 2))
-        loader, val, _ = build_data(cfg, info)
+        data = build_data(cfg, info)
+        loader, val = data.loader, data.val
         train_it = iter(loader)
         seen[rank] = {
             "val": np.concatenate([b["sample_index"].numpy() for b in val]),
@@ -154,14 +155,15 @@ def test_cp_batches_keep_the_token_budget_and_fixed_shapes(tmp_path, cp_size, pa
 
     from recipe.config import CONFIG_DIR, token_budget
     from recipe.parallel import ContextParallel, DistInfo
-    from recipe.train import build_data, cp_shard
+    from recipe.build import build_data, cp_shard
 
     overrides = [f"output_dir={tmp_path}", "dataset.num_workers=0", f"cp_size={cp_size}", f"dataset.pad_to_fixed={pad_to_fixed}"]
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("L0_sanity_cp", overrides=overrides)
     budget = token_budget(cfg)
     infos = [DistInfo(r, cp_size, r, torch.device("cpu"), ContextParallel(cp_size, r)) for r in range(cp_size)]
-    loader, val, _ = build_data(cfg, infos[0])
+    data = build_data(cfg, infos[0])
+    loader, val = data.loader, data.val
     train_it = iter(loader)
     batches = [next(train_it) for _ in range(60)] + list(val)
     shards = [cp_shard(cfg, info) for info in infos]

@@ -13,7 +13,7 @@ from conftest import BUNDLED_VAL, ROOT, run_cmd
 from recipe.data.dataset import BatchSettings, ClusterIndex, MLMBatches, make_loader
 from recipe.data.order import DataPosition, permute
 from recipe.data.sources import SequenceStore, load_sequences
-from recipe.train import DataTracker
+from recipe.run_state import DataTracker
 
 SETTINGS = BatchSettings(max_seq_length=128, token_micro_batch_size=1024, seed=11)
 

@@ -34,9 +34,9 @@ def test_trainer_plan_names_the_compute_dtype(tmp_path, dtype, name):
     import torch
     from hydra import compose, initialize_config_dir
 
+    from recipe.build import model_config, precision_plan
     from recipe.config import CONFIG_DIR
     from recipe.parallel import DistInfo
-    from recipe.train import model_config, precision_plan
 
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("L0_sanity", overrides=[f"output_dir={tmp_path}"])

@@ -8,7 +8,9 @@ needs no scatter: its ranks load the same batch (they share a data-parallel rank
 
 What a rank gets: its tokens (`input_ids`, `labels`), `position_ids` that are positions in the *full* sequence, the
 full-batch `cu_seqlens` (real lengths) and `cu_seqlens_padded` that TE's CP attention takes, `max_seqlen` of the
-padded sequences, and `num_real_tokens` (its share of real tokens, for throughput). The packer's trailing pad
+padded sequences, `seq_mask_counts` (`<mask>` tokens per full sequence: ESM's token dropout rescales each sequence by
+its own mask ratio, which no rank could count from its share alone), and `num_real_tokens` (its share of real
+tokens, for throughput). The packer's trailing pad
 segment is dropped: only real sequences are sharded. The packer counts each sequence at its padded length
 (`BatchSettings.sequence_multiple`), so the padded batch stays within the token budget; with `pad_to` (the budget,
 under `dataset.pad_to_fixed`) a trailing `<pad>` segment fills it, so every rank holds exactly pad_to / cp_size tokens.
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 
 from recipe.data.mlm import IGNORE_INDEX
-from recipe.data.tokenizer import PAD_ID
+from recipe.data.tokenizer import MASK_ID, PAD_ID
 
 
 def padded_lengths(lengths: np.ndarray, cp_size: int, chunk_multiple: int = 1) -> np.ndarray:
@@ -87,6 +89,8 @@ def shard_batch(batch: dict, cp_size: int, cp_rank: int, chunk_multiple: int = 1
             pos, padded = np.append(pos, np.arange(extra)), np.append(padded, extra)
             cu_pad, segments = np.append(cu_pad, pad_to), np.append(lengths, extra)
     keep = rank_token_index(padded, cp_size, cp_rank)
+    is_mask = (batch["input_ids"][: int(lengths.sum())].cpu() == MASK_ID).numpy()
+    masks = np.bincount(np.repeat(np.arange(len(lengths)), lengths), weights=is_mask, minlength=len(segments))
     counted = np.append(lengths, np.zeros(len(padded) - len(lengths), dtype=np.int64))  # the pad segment is not real
     real = pos[keep] < np.repeat(counted, padded // cp_size)  # position inside the real part of its sequence
     return {
@@ -96,6 +100,7 @@ def shard_batch(batch: dict, cp_size: int, cp_rank: int, chunk_multiple: int = 1
         "cu_seqlens": torch.from_numpy(np.concatenate([[0], np.cumsum(segments)]).astype(np.int32)),
         "cu_seqlens_padded": torch.from_numpy(cu_pad.astype(np.int32)),
         "max_seqlen": int(padded.max()),
+        "seq_mask_counts": torch.from_numpy(masks.astype(np.int32)),
         "num_real_tokens": int(real.sum()),
         "seq_lengths": torch.from_numpy(lengths),
     }

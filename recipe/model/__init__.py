@@ -7,12 +7,12 @@ import logging
 
 import torch
 
-from recipe.model.config import SIZES, EsmConfig
+from recipe.model.config import SIZES, ContextParallel, EsmConfig, Runtime
 from recipe.model.esm import EsmForMaskedLM, EsmOutput, init_weights
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SIZES", "EsmConfig", "EsmForMaskedLM", "EsmOutput", "build_model", "init_weights", "resolve_backend"]
+__all__ = ["SIZES", "ContextParallel", "EsmConfig", "Runtime", "EsmForMaskedLM", "EsmOutput", "build_model", "init_weights", "resolve_backend"]
 
 
 def te_status() -> tuple[bool, str]:
@@ -72,17 +72,21 @@ def resolve_backend(requested: str, config: EsmConfig | None = None, compiled: b
     return choice
 
 
-def build_model(config: EsmConfig, device: torch.device | str = "cpu", seed: int | None = 0, dtype=None, layer_init_contexts=None) -> EsmForMaskedLM:
-    """Resolve the backend, build on `device` ('meta' builds without memory) and, unless meta, initialise."""
+def build_model(
+    config: EsmConfig, device: torch.device | str = "cpu", seed: int | None = 0, dtype=None, layer_init_contexts=None,
+    runtime: Runtime | None = None,
+) -> EsmForMaskedLM:
+    """Resolve the backend, build on `device` ('meta' builds without memory) and, unless meta or `seed` is None,
+    initialise. `runtime`: context parallelism, per-layer quantization and input checks (fixed at construction)."""
     config = dataclasses.replace(config, backend=resolve_backend(config.backend, config))
     if config.backend == "hf":
         if layer_init_contexts is not None:
             raise ValueError("model.backend=hf has no quantized (FP8/FP4) layers to initialise")
         from recipe.model.hf import HFEsmForMaskedLM
 
-        model = HFEsmForMaskedLM(config, device=device, dtype=dtype)
+        model = HFEsmForMaskedLM(config, device=device, dtype=dtype, runtime=runtime)
     else:
-        model = EsmForMaskedLM(config, device=device, dtype=dtype, layer_init_contexts=layer_init_contexts)
+        model = EsmForMaskedLM(config, device=device, dtype=dtype, layer_init_contexts=layer_init_contexts, runtime=runtime)
     if str(device) != "meta" and seed is not None:
         init_weights(model, seed)
     return model

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from recipe.data.tokenizer import MASK_ID, PAD_ID, VOCAB
@@ -80,3 +80,26 @@ class EsmConfig:
     def shape_dict(self) -> dict[str, int]:
         """The fields that decide tensor shapes: a checkpoint only loads into a model that agrees on these."""
         return {k: getattr(self, k) for k in ("num_layers", "hidden_size", "num_heads", "intermediate_size", "vocab_size")}
+
+
+@dataclass(frozen=True)
+class ContextParallel:
+    """This rank's place in the group of ranks that share each sequence (size 1: no context parallelism)."""
+
+    size: int = 1
+    rank: int = 0
+    group: Any = None  # torch ProcessGroup of the `size` ranks
+    ranks: tuple[int, ...] = ()  # their global ranks
+    comm_type: str = "p2p"  # TE's context-parallel communication: p2p, all_gather, a2a
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How the model runs, fixed when it is built (never set afterwards): context parallelism, the per-layer
+    quantization recipes, and whether forward checks its inputs. The trainer's packer guarantees what the checks
+    test, so it builds the model without them (each costs a GPU sync per micro-batch); anyone else keeps them."""
+
+    context_parallel: ContextParallel = field(default_factory=ContextParallel)
+    layer_recipes: tuple | None = None  # te backend: one TE recipe per layer, None for a BF16 layer
+    amax_group: Any = None  # process group over which FP8 amaxes are reduced (all ranks)
+    check_inputs: bool = True

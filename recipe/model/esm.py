@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recipe.model.config import EsmConfig
+from recipe.model.config import EsmConfig, Runtime
 from recipe.model.layers import PackedInfo, TorchEsmLayer, init_scale, rotary_cos_sin
 
 log = logging.getLogger(__name__)
@@ -62,44 +62,29 @@ def _layer_class(backend: str):
 
 
 class EsmForMaskedLM(nn.Module):
-    def __init__(self, config: EsmConfig, device=None, dtype=None, layer_init_contexts=None):
+    def __init__(self, config: EsmConfig, device=None, dtype=None, layer_init_contexts=None, runtime: Runtime | None = None):
         """`layer_init_contexts`: one context manager per layer to build it in (TE's quantized_model_init)."""
         super().__init__()
         self.config = config
+        self.runtime = runtime = runtime or Runtime()
+        cp, recipes = runtime.context_parallel, runtime.layer_recipes
+        if config.backend != "te" and (cp.size > 1 or recipes is not None):
+            raise ValueError("context parallelism and FP8/FP4 layers need the te backend (TransformerEngine)")
+        if recipes is not None and len(recipes) != config.num_layers:
+            raise ValueError(f"{len(recipes)} layer recipes for {config.num_layers} layers")
         h = config.hidden_size
         self.embed_tokens = nn.Embedding(config.vocab_size, h, padding_idx=config.pad_token_id, device=device, dtype=dtype)
         layer_cls = _layer_class(config.backend)
         contexts = layer_init_contexts or [nullcontext() for _ in range(config.num_layers)]
+        # TE's context-parallel attention takes its group at construction; one side stream serves every layer.
+        layer_kw = {"context_parallel": cp, "cp_stream": torch.cuda.Stream()} if cp.size > 1 else {}
         layers = []
         for ctx in contexts:
             with ctx:
-                layers.append(layer_cls(config, device=device, dtype=dtype))
+                layers.append(layer_cls(config, device=device, dtype=dtype, **layer_kw))
         self.layers = nn.ModuleList(layers)
         self.final_layer_norm = nn.LayerNorm(h, eps=config.layer_norm_eps, device=device, dtype=dtype)
         self.lm_head = LMHead(config, device=device, dtype=dtype)
-        self.check_inputs = True  # the trainer turns this off: its packer guarantees what these checks test
-        self.layer_recipes: list | None = None  # te backend: one TE recipe (or None for BF16) per layer
-        self.amax_group = None
-        self.cp_size, self.cp_rank, self.cp_group = 1, 0, None  # context parallelism (set_context_parallel)
-
-    def set_layer_precision(self, recipes: list, amax_group=None) -> None:
-        """Per-layer TE recipes (None = BF16). Embeddings, head and loss always stay in BF16/FP32."""
-        if self.config.backend != "te":
-            raise ValueError("layer-wise FP8/FP4 needs the te backend")
-        if len(recipes) != len(self.layers):
-            raise ValueError(f"{len(recipes)} layer recipes for {len(self.layers)} layers")
-        self.layer_recipes = None if all(r is None for r in recipes) else list(recipes)
-        self.amax_group = amax_group
-
-    def set_context_parallel(self, group, ranks: list[int], rank: int, comm_type: str = "p2p") -> None:
-        """Split every sequence over the ranks of `group` (TE's context-parallel attention; te backend only).
-        Batches then come from recipe.data.context_parallel.shard_batch, with cu_seqlens_padded."""
-        if self.config.backend != "te":
-            raise ValueError("context parallelism needs the te backend (TransformerEngine's context-parallel attention)")
-        stream = torch.cuda.Stream()
-        for layer in self.layers:
-            layer.core_attention.set_context_parallel_group(group, ranks, stream, comm_type)
-        self.cp_size, self.cp_rank, self.cp_group = len(ranks), rank, group
 
     def compile_layers(self) -> None:
         """torch.compile per layer, with dynamic shapes (packed lengths, the number of sequences and max_seqlen vary
@@ -118,21 +103,24 @@ class EsmForMaskedLM(nn.Module):
     def _layer_contexts(self):
         """One outer TE autocast around the stack (amax reduction once per step, at its exit) and a per-layer
         context inside it that switches each layer to its own recipe or to BF16."""
-        if self.layer_recipes is None:
+        recipes, group = self.runtime.layer_recipes, self.runtime.amax_group
+        if recipes is None:
             return nullcontext(), [nullcontext()] * len(self.layers)
         import transformer_engine.pytorch as te
 
-        first = next(r for r in self.layer_recipes if r is not None)
-        outer = te.autocast(enabled=True, recipe=first, amax_reduction_group=self.amax_group)
+        first = next(r for r in recipes if r is not None)
+        outer = te.autocast(enabled=True, recipe=first, amax_reduction_group=group)
         # The inner contexts name the same amax group: TE keys its amax buffers by (recipe, group), and a layer run
         # under a group-less context would be reduced on its own rank only.
-        group = self.amax_group
-        return outer, [te.autocast(enabled=r is not None, recipe=r, amax_reduction_group=group) for r in self.layer_recipes]
+        return outer, [te.autocast(enabled=r is not None, recipe=r, amax_reduction_group=group) for r in recipes]
 
     # ---------------------------------------------------------------- embeddings
-    def embed(self, input_ids: torch.Tensor, seq_of_token: torch.Tensor | None, lengths: torch.Tensor) -> torch.Tensor:
-        """Word embeddings with ESM token dropout: zero `<mask>` rows, rescale each sequence by its own mask ratio
-        (with context parallelism: the ratio over the whole sequence, summed over the ranks that share it).
+    def embed(
+        self, input_ids: torch.Tensor, seq_of_token: torch.Tensor | None, lengths: torch.Tensor, masked: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Word embeddings with ESM token dropout: zero `<mask>` rows, rescale each sequence by its own mask ratio.
+        With context parallelism a rank holds part of each sequence: `masked` then gives the `<mask>` count of every
+        whole sequence (the batch carries it, from recipe.data.context_parallel.shard_batch).
 
         A `<pad>` token is embedded like any other: as in transformers, only an attention mask (BSHD) zeroes
         positions, and a packed sequence attends to every token it holds. Training moves the `<pad>` row (the decoder
@@ -147,9 +135,8 @@ class EsmForMaskedLM(nn.Module):
                 scale = (1 - MASK_RATIO_TRAIN) / (1 - masked / lengths)
                 x = (x * scale[:, None, None]).to(x.dtype)
             else:
-                masked = torch.zeros(len(lengths), device=x.device).index_add_(0, seq_of_token, is_mask.float())
-                if self.cp_size > 1:
-                    torch.distributed.all_reduce(masked, group=self.cp_group)
+                if masked is None:
+                    masked = torch.zeros(len(lengths), device=x.device).index_add_(0, seq_of_token, is_mask.float())
                 scale = (1 - MASK_RATIO_TRAIN) / (1 - masked / lengths.clamp(min=1))
                 x = (x * scale[seq_of_token][:, None]).to(x.dtype)
         return self.to_residual_dtype(x)
@@ -176,23 +163,31 @@ class EsmForMaskedLM(nn.Module):
         return_logits: bool = False,
         position_ids: torch.Tensor | None = None,
         cu_seqlens_padded: torch.Tensor | None = None,
+        seq_mask_counts: torch.Tensor | None = None,
     ) -> EsmOutput:
-        """`cu_seqlens_padded`: with context parallelism, the full padded sequences' offsets (this rank holds
-        1/cp_size of each; see recipe/data/context_parallel.py); cu_seqlens then has their real lengths."""
-        if self.check_inputs:
-            check_inputs(self.config, input_ids, cu_seqlens, max_seqlen, attention_mask, labels, cu_seqlens_padded, self.cp_size)
+        """`cu_seqlens_padded`: the padded sequences' offsets (with context parallelism: of the full sequences, of
+        which this rank holds 1/cp_size each, and cu_seqlens has their real lengths); `seq_mask_counts`: `<mask>`
+        tokens per full sequence, which token dropout needs under context parallelism (see recipe/data/context_parallel.py)."""
+        cp = self.runtime.context_parallel
+        if self.runtime.check_inputs:
+            check_inputs(self.config, input_ids, cu_seqlens, max_seqlen, attention_mask, labels, cu_seqlens_padded, cp.size)
         if cu_seqlens_padded is not None and self.config.backend != "te":
             raise ValueError("cu_seqlens_padded (context-parallel batches) needs the te backend")
+        if cp.size > 1 and (input_ids.dim() != 1 or cu_seqlens_padded is None or (self.config.token_dropout and seq_mask_counts is None)):
+            raise ValueError(
+                f"this model was built for context parallelism over {cp.size} ranks: it takes this rank's share of a "
+                "packed batch (recipe.data.context_parallel.shard_batch: cu_seqlens_padded, seq_mask_counts)"
+            )
         if input_ids.dim() == 1:
-            cp = (self.cp_size, self.cp_rank) if cu_seqlens_padded is not None else (1, 0)
-            packed = PackedInfo(cu_seqlens, int(max_seqlen), input_ids.numel(), cu_seqlens_padded, *cp)
-            hidden = self._forward_packed(input_ids, packed, position_ids)
+            packed = PackedInfo(cu_seqlens, int(max_seqlen), input_ids.numel(), cu_seqlens_padded, cp.size, cp.rank)
+            hidden = self._forward_packed(input_ids, packed, position_ids, seq_mask_counts)
         else:
             hidden = self._forward_padded(input_ids, attention_mask)
         return self.head_and_loss(hidden, labels, return_logits)
 
-    def _forward_packed(self, input_ids, packed: PackedInfo, position_ids=None) -> torch.Tensor:
-        x = self.embed(input_ids, packed.seq_index, packed.lengths.float())
+    def _forward_packed(self, input_ids, packed: PackedInfo, position_ids=None, seq_mask_counts=None) -> torch.Tensor:
+        masked = None if seq_mask_counts is None else seq_mask_counts.float()
+        x = self.embed(input_ids, packed.seq_index, packed.lengths.float(), masked)
         return self._run_layers(x, packed, position_ids)
 
     def _run_layers(self, x, packed: PackedInfo, position_ids=None) -> torch.Tensor:
@@ -204,7 +199,7 @@ class EsmForMaskedLM(nn.Module):
         else:
             rope = rotary_cos_sin(packed.offsets if position_ids is None else position_ids, cfg.head_dim, cfg.rope_theta)
         outer, per_layer = self._layer_contexts()
-        if self.layer_recipes is not None and x.shape[0] % 16:
+        if self.runtime.layer_recipes is not None and x.shape[0] % 16:
             raise ValueError(f"FP8/FP4 layers need a token count divisible by 16, got {x.shape[0]} (dataset.pad_to_multiple_of)")
         with outer:
             for layer, ctx in zip(self.layers, per_layer):

@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from recipe.model.config import EsmConfig
+from recipe.model.config import EsmConfig, Runtime
 from recipe.model.convert import hf_config_dict, hf_to_ours, ours_to_hf
 from recipe.model.esm import EsmForMaskedLM, EsmOutput, check_inputs, copy_full_into, initial_value, masked_lm_output
 
@@ -41,8 +41,11 @@ def transformers_config(config: EsmConfig):
 class HFEsmForMaskedLM(nn.Module):
     """transformers.EsmForMaskedLM behind our model's forward signature and outputs."""
 
-    def __init__(self, config: EsmConfig, device=None, dtype=None):
+    def __init__(self, config: EsmConfig, device=None, dtype=None, runtime: Runtime | None = None):
         super().__init__()
+        runtime = runtime or Runtime()
+        if runtime.context_parallel.size > 1 or runtime.layer_recipes is not None:
+            raise HFBackendError("model.backend=hf has no context-parallel attention and no FP8/FP4 layers")
         from transformers import EsmForMaskedLM as TransformersEsm
 
         if config.activation != "gelu":
@@ -53,7 +56,7 @@ class HFEsmForMaskedLM(nn.Module):
         # The contact head is not trained by MLM: DDP would stop on its unused parameters. Export writes it as zeros.
         del hf.esm.contact_head
         self.hf = hf.to(dtype) if dtype is not None else hf
-        self.check_inputs = True
+        self.runtime = runtime
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -77,7 +80,7 @@ class HFEsmForMaskedLM(nn.Module):
     ) -> EsmOutput:
         if input_ids.dim() != 2 or cu_seqlens is not None or cu_seqlens_padded is not None:
             raise HFBackendError("model.backend=hf takes padded [B, S] batches (dataset.layout=bshd), not packed THD ones")
-        if self.check_inputs:
+        if self.runtime.check_inputs:
             check_inputs(self.config, input_ids, None, None, attention_mask, labels)
         hidden = self.hf.esm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
         return masked_lm_output(hidden, labels, return_logits, self.hf.lm_head)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from recipe.model.config import EsmConfig
+from recipe.model.config import ContextParallel, EsmConfig
 from recipe.model.layers import AttentionBlock, EsmLayerBase, PackedInfo, layer_norm_mlp
 
 
@@ -22,7 +22,7 @@ def rotary_freqs(max_seqlen: int, head_dim: int, theta: float, device) -> torch.
 
 
 class TEEsmLayer(EsmLayerBase):
-    def __init__(self, config: EsmConfig, device=None, dtype=None):
+    def __init__(self, config: EsmConfig, device=None, dtype=None, context_parallel: ContextParallel | None = None, cp_stream=None):
         super().__init__(config)
         import transformer_engine.pytorch as te
 
@@ -33,6 +33,10 @@ class TEEsmLayer(EsmLayerBase):
             te.LayerNormLinear(h, 3 * h, eps=eps, bias=True, **kw), te.Linear(h, h, bias=True, **kw)
         )
         self.mlp = te.LayerNormMLP(h, config.intermediate_size, eps=eps, bias=True, activation="gelu", **kw)
+        cp = {}
+        if context_parallel is not None and context_parallel.size > 1:
+            cp = dict(cp_group=context_parallel.group, cp_global_ranks=list(context_parallel.ranks), cp_stream=cp_stream,
+                      cp_comm_type=context_parallel.comm_type)
         self.core_attention = te.DotProductAttention(
             config.num_heads,
             config.head_dim,
@@ -40,6 +44,7 @@ class TEEsmLayer(EsmLayerBase):
             qkv_format="thd",
             attn_mask_type="padding",
             softmax_scale=config.head_dim**-0.5,
+            **cp,
         )
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:

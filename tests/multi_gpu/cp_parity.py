@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from recipe.data.context_parallel import padded_lengths, real_lengths, real_token_slots, shard_batch, unshard  # noqa: E402
 from recipe.data.dataset import BatchSettings, MLMBatches  # noqa: E402
 from recipe.data.sources import load_sequences  # noqa: E402
-from recipe.model import EsmConfig, build_model  # noqa: E402
-from recipe.parallel import init_distributed, setup_context_parallel  # noqa: E402
+from recipe.model import EsmConfig, Runtime, build_model  # noqa: E402
+from recipe.parallel import init_distributed, setup_mesh  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "data" / "uniprot_sample" / "validation"
 
@@ -30,18 +30,17 @@ DATA = Path(__file__).resolve().parents[2] / "data" / "uniprot_sample" / "valida
 def run(model, batch: dict, cp: bool):
     kw = {k: batch[k].cuda() for k in ("cu_seqlens", "labels")}
     if cp:
-        kw["cu_seqlens_padded"] = batch["cu_seqlens_padded"].cuda()
+        kw |= {k: batch[k].cuda() for k in ("cu_seqlens_padded", "seq_mask_counts")}
     with torch.autocast("cuda", dtype=torch.bfloat16):
         return model(batch["input_ids"].cuda(), max_seqlen=batch["max_seqlen"], return_logits=True, **kw)
 
 
 def main(size: str) -> None:
-    info = setup_context_parallel(init_distributed("cuda"), int(dist.get_world_size()))
+    info = setup_mesh(init_distributed("cuda"), int(dist.get_world_size()))
     cp, rank = info.cp.size, info.cp.rank
     cfg = EsmConfig.from_size(size, backend="te")
     ref = build_model(cfg, device="cuda", seed=0)
-    cpm = build_model(cfg, device="cuda", seed=0)
-    cpm.set_context_parallel(info.cp.group, info.cp.ranks, rank)
+    cpm = build_model(cfg, device="cuda", seed=0, runtime=Runtime(context_parallel=info.cp))
 
     batch = next(iter(MLMBatches(load_sequences(DATA), BatchSettings(max_seq_length=1024, token_micro_batch_size=16384, seed=3), train=False)))
     out_ref = run(ref, batch, cp=False)
