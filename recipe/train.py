@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from recipe import config as config_lib
 from recipe import run_dir
-from recipe.build import build, build_data, compute_dtype, model_name, precision_plan, resume_expectations, resolved_model_config
+from recipe.build import build, build_data, compute_dtype, model_name, precision_plan, resolved_model_config, resume_expectations
 from recipe.metrics import MetricsWriter, Throughput, peak_tflops
 from recipe.model import EsmConfig
 from recipe.model.convert import export_hf

@@ -62,13 +62,10 @@ def losses(out_dir: Path) -> dict[int, float]:
 
 
 def te_available() -> bool:
-    """TransformerEngine imports and the GPU is Hopper or newer."""
-    try:
-        import transformer_engine.pytorch  # noqa: F401
+    """TransformerEngine imports and the GPU is Hopper or newer (what model.backend=te needs)."""
+    from recipe.model import te_status
 
-        return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
-    except Exception:
-        return False
+    return te_status()[0]
 
 
 def pytest_configure(config):

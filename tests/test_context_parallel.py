@@ -122,9 +122,9 @@ def test_each_dp_rank_reads_its_own_data_and_cp_peers_the_same(tmp_path):
     """World 4 as dp 2 x cp 2: ranks 0,1 read one share, ranks 2,3 the other; together every sequence once."""
     from hydra import compose, initialize_config_dir
 
+    from recipe.build import build_data
     from recipe.config import CONFIG_DIR
     from recipe.parallel import ContextParallel, DistInfo
-    from recipe.build import build_data
 
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("L0_sanity_cp", overrides=[f"output_dir={tmp_path}", "dataset.num_workers=0"])
@@ -153,9 +153,9 @@ def test_cp_batches_keep_the_token_budget_and_fixed_shapes(tmp_path, cp_size, pa
     token still lands on exactly one rank."""
     from hydra import compose, initialize_config_dir
 
+    from recipe.build import build_data, cp_shard
     from recipe.config import CONFIG_DIR, token_budget
     from recipe.parallel import ContextParallel, DistInfo
-    from recipe.build import build_data, cp_shard
 
     overrides = [f"output_dir={tmp_path}", "dataset.num_workers=0", f"cp_size={cp_size}", f"dataset.pad_to_fixed={pad_to_fixed}"]
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):

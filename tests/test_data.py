@@ -3,6 +3,7 @@
 import gzip
 import json
 import lzma
+import sys
 
 import numpy as np
 import pytest
@@ -145,7 +146,7 @@ def test_collate_thd_layout():
     assert b["input_ids"].shape == (16,) and b["cu_seqlens"].tolist() == [0, 5, 12, 15, 16]
     assert b["cu_seqlens"].dtype.is_floating_point is False and str(b["cu_seqlens"].dtype) == "torch.int32"
     assert b["max_seqlen"] == 7 and b["num_real_tokens"] == 15
-    assert b["position_ids"].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 0]
+    assert "position_ids" not in b  # the model derives positions from cu_seqlens
     assert b["input_ids"][15] == PAD_ID and b["labels"][15] == -100
     fixed = collate_thd(_samples([5, 7]), pad_to=32)
     assert fixed["input_ids"].shape == (32,) and fixed["cu_seqlens"].tolist() == [0, 5, 12, 32]
@@ -197,5 +198,5 @@ def test_prepare_splits_deterministically(tmp_path):
 
 
 def test_prepare_cli_errors(tmp_path):
-    r = run_cmd(["python", "-m", "recipe.data.prepare", str(tmp_path / "nope.fasta"), str(tmp_path / "o")])
+    r = run_cmd([sys.executable, "-m", "recipe.data.prepare", str(tmp_path / "nope.fasta"), str(tmp_path / "o")])
     assert r.returncode == 2 and "nope.fasta: no such file" in r.stderr

@@ -4,6 +4,7 @@ training on a store (resume exactness, and resume at another world size and stra
 import json
 import logging
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -93,7 +94,7 @@ def test_torn_and_half_written_stores_are_refused(clustered, tmp_path):
     (store / "manifest.json").unlink()  # what an interrupted prepare leaves: data files, no manifest
     with pytest.raises(DataError, match="incomplete store.*interrupted"):
         load_sequences(store)
-    r = run_cmd(["python", "train_ddp.py", *TINY, "num_train_steps=1", f"dataset.train_path={store}", "dataset.val_path=null",
+    r = run_cmd([sys.executable, "train_ddp.py", *TINY, "num_train_steps=1", f"dataset.train_path={store}", "dataset.val_path=null",
                  f"output_dir={tmp_path / 'run'}"])
     assert r.returncode != 0 and "incomplete store" in r.stderr
 

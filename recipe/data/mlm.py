@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from recipe.data.tokenizer import CLS_ID, EOS_ID, MASK_ID, SPECIAL_IDS, STANDARD_AA_IDS
+from recipe.data.tokenizer import MASK_ID, SPECIAL_IDS, STANDARD_AA_IDS
 
 IGNORE_INDEX = -100
 _NOT_MASKABLE = np.zeros(256, dtype=bool)
@@ -54,12 +54,6 @@ def crop_start(length: int, max_residues: int, key: np.uint64 | None) -> int:
         return 0
     return int(uniform(np.asarray([key], dtype=np.uint64))[0] * (length - max_residues + 1))
 
-
-def add_specials(residues: np.ndarray) -> np.ndarray:
-    out = np.empty(len(residues) + 2, dtype=np.int64)
-    out[0], out[-1] = CLS_ID, EOS_ID
-    out[1:-1] = residues
-    return out
 
 
 def mask_tokens(

@@ -42,13 +42,11 @@ def collate_thd(samples: list[Sample], pad_to_multiple_of: int = 16, pad_to: int
     seg = lengths if total == real else np.append(lengths, total - real)
     cu = np.zeros(len(seg) + 1, dtype=np.int32)
     np.cumsum(seg, out=cu[1:])
-    positions = np.arange(total, dtype=np.int64) - np.repeat(cu[:-1], seg)
     return {
         "input_ids": torch.from_numpy(ids),
         "labels": torch.from_numpy(labels),
         "cu_seqlens": torch.from_numpy(cu),
         "max_seqlen": int(seg.max()),
-        "position_ids": torch.from_numpy(positions),
         "num_real_tokens": real,
         "seq_lengths": torch.from_numpy(lengths),
         "sample_index": torch.tensor([s.index for s in samples], dtype=torch.int64),

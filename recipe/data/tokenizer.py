@@ -43,7 +43,11 @@ def count_invalid(sequence: str | bytes) -> int:
 
 def encode(sequence: str | bytes) -> np.ndarray:
     """`<cls>` + residues + `<eos>`, int64: the ids `EsmTokenizer` gives with its default special tokens."""
-    residues = encode_residues(sequence)
+    return add_specials(encode_residues(sequence))
+
+
+def add_specials(residues: np.ndarray) -> np.ndarray:
+    """`<cls>` + the residue ids + `<eos>`, int64."""
     out = np.empty(len(residues) + 2, dtype=np.int64)
     out[0], out[-1] = CLS_ID, EOS_ID
     out[1:-1] = residues

@@ -30,13 +30,9 @@ def te_status() -> tuple[bool, str]:
     return True, f"transformer_engine imports and {name} has compute capability {cap[0]}.{cap[1]}"
 
 
-# `backend: auto` follows measurements, not habit (docs/benchmarks.md, bench/throughput.py on an H100 and an H200,
-# 2026-11-21, BF16 training steps). On the H100, third round (BF16 residual stream):
-# - the plain PyTorch layer is faster below hidden size 1280 (8M: 1.38 M vs 0.58 M tokens/s; 150M: 170 k vs 137 k);
-# - TE is faster from 650M up (90.2 k vs 68.7 k; 3B 23.9 k vs 17.7 k, where eager torch fits only half the micro-batch);
-# - the torch layer under torch.compile beats TE at every size (650M 98.0 k vs te 94.3 k with its MLP compiled;
-#   3B 25.4 k vs 24.9 k).
-# FP8/FP4 layers need TE.
+# `backend: auto` follows measurements, not habit (docs/benchmarks.md: the harness tables and the trainer levers):
+# the plain PyTorch layer is faster below hidden size 1280, TE from 650M up; the torch layer under torch.compile
+# was measured at least as fast as TE at every size; FP8/FP4 layers need TE.
 TE_FASTER_FROM_HIDDEN = 1280
 
 

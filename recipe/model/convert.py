@@ -15,6 +15,7 @@ import torch
 
 from recipe.data.tokenizer import write_vocab
 from recipe.model.config import EsmConfig
+from recipe.model.layers import rotary_inv_freq
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ def export_hf(state_dict: dict[str, torch.Tensor], config: EsmConfig, directory:
     # What EsmForMaskedLM also holds, so that it loads with nothing reported missing: the rotary buffer, and the
     # contact head (which we do not train) as zeros.
     d = config.head_dim
-    hf["esm.rotary_embeddings.inv_freq"] = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float) / d))
+    hf["esm.rotary_embeddings.inv_freq"] = rotary_inv_freq(d, config.rope_theta)
     hf["esm.contact_head.regression.weight"] = torch.zeros(1, config.num_layers * config.num_heads)
     hf["esm.contact_head.regression.bias"] = torch.zeros(1)
     save_file(hf, str(out / "model.safetensors"), metadata={"format": "pt"})

@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recipe.data.mlm import IGNORE_INDEX
 from recipe.model.config import EsmConfig, Runtime
 from recipe.model.layers import PackedInfo, TorchEsmLayer, init_scale, rotary_cos_sin
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 MASK_RATIO_TRAIN = 0.15 * 0.8  # ESM-2's token-dropout constant (mask probability x <mask> share)
 
 
@@ -89,7 +89,7 @@ class EsmForMaskedLM(nn.Module):
     def compile_layers(self) -> None:
         """torch.compile per layer, with dynamic shapes (packed lengths, the number of sequences and max_seqlen vary
         per batch). A te layer compiles only its plain-PyTorch part, the exact-GELU MLP: TE's modules run their own
-        fused kernels and stay eager (measured: 650M te 78.8 k -> 83.2 k tokens/s on an H100, docs/benchmarks.md)."""
+        fused kernels and stay eager (measured faster than leaving the MLP eager: docs/benchmarks.md)."""
         if self.config.backend == "te" and self.config.activation != "gelu":
             log.warning("torch.compile: with the te backend and activation %s every module is TE's own; nothing is compiled",
                         self.config.activation)
@@ -143,8 +143,8 @@ class EsmForMaskedLM(nn.Module):
 
     def to_residual_dtype(self, x: torch.Tensor) -> torch.Tensor:
         """The dtype the layers add into. Under autocast that is the autocast dtype unless `fp32_residual`: a bf16
-        stream halves the memory traffic of every residual add and LayerNorm input (650M, H100: +3.9 % tokens/s
-        with the compiled torch layer, +7.1 % with te; docs/benchmarks.md). Under FSDP2's bf16 parameters the
+        stream halves the memory traffic of every residual add and LayerNorm input (measured faster with both
+        backends: docs/benchmarks.md). Under FSDP2's bf16 parameters the
         embeddings already come out in bf16; `fp32_residual` then casts them up, so both strategies run the same
         arithmetic."""
         device = x.device.type

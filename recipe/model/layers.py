@@ -59,10 +59,14 @@ class PackedInfo:
         return self._cache["off"]
 
 
+def rotary_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
+    """ESM-2's rotary frequencies, fp32 [head_dim / 2] (transformers' `inv_freq`; both backends and the export use it)."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=device) / head_dim))
+
+
 def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 cos/sin tables as transformers' EsmRotaryEmbedding builds them (non-interleaved halves)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=position_ids.device) / head_dim))
-    freqs = position_ids[..., None].float() * inv_freq
+    freqs = position_ids[..., None].float() * rotary_inv_freq(head_dim, theta, position_ids.device)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
 

@@ -11,13 +11,12 @@ from __future__ import annotations
 import torch
 
 from recipe.model.config import ContextParallel, EsmConfig
-from recipe.model.layers import AttentionBlock, EsmLayerBase, PackedInfo, layer_norm_mlp
+from recipe.model.layers import AttentionBlock, EsmLayerBase, PackedInfo, layer_norm_mlp, rotary_inv_freq
 
 
 def rotary_freqs(max_seqlen: int, head_dim: int, theta: float, device) -> torch.Tensor:
     """[S, 1, 1, D] fp32 angles for TE's fused rope (same non-interleaved layout as the torch backend)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=device) / head_dim))
-    freqs = torch.arange(max_seqlen, device=device, dtype=torch.float)[:, None] * inv_freq
+    freqs = torch.arange(max_seqlen, device=device, dtype=torch.float)[:, None] * rotary_inv_freq(head_dim, theta, device)
     return torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
 
 

@@ -8,14 +8,13 @@ be taken over the whole sequence across ranks. Prints the numbers; exits non-zer
     torchrun --standalone --nproc_per_node=2 tests/multi_gpu/cp_parity.py [size]
 """
 
-import transformer_engine.pytorch  # noqa: F401  (before any CUDA work: TE loads its cuDNN first)
-
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import transformer_engine.pytorch  # noqa: F401  (before any CUDA work: TE loads its cuDNN first)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from recipe.data.context_parallel import padded_lengths, real_lengths, real_token_slots, shard_batch, unshard  # noqa: E402
