@@ -189,6 +189,36 @@ def test_layer_norm_under_autocast_keeps_no_fp32_copies(device, param_dtype):
         assert ((g.float() - r.float()).norm() / r.float().norm()).item() < 5e-2
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("shape", [(96, 64), (3, 32, 64)])  # packed [T, h] and padded [B, S, h] inputs
+def test_linear_under_autocast_keeps_no_weight_copy(device, shape):
+    """`layers.linear` with fp32 weights under bf16 autocast gives autocast's F.linear bit for bit (output and every
+    gradient) but keeps no bf16 copy of the weight for backward: the memory of a whole model's weights in bf16 (what
+    training unsharded costs against FSDP2, docs/benchmarks.md lever 21)."""
+    from recipe.model.layers import linear
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=gen).to(device).requires_grad_()
+    w = torch.randn(48, 64, generator=gen).to(device).requires_grad_()
+    b = torch.randn(48, generator=gen).to(device).requires_grad_()
+    weight_copies, results = [], []
+    for fn in (F.linear, linear):
+        saved = []
+
+        def keep(t, saved=saved):
+            saved.append(t)
+            return t
+
+        with torch.autocast(device, dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            y = fn(x, w, b)
+        weight_copies.append([t for t in saved if t.dtype == torch.bfloat16 and t.numel() == w.numel()])
+        grads = torch.autograd.grad((y.float() * torch.linspace(-1, 1, y.numel(), device=device).view_as(y)).sum(), (x, w, b))
+        results.append((y, *grads))
+    assert len(weight_copies[0]) == 1 and weight_copies[1] == []  # autocast keeps one; ours none
+    for ours, ref in zip(results[1], results[0]):
+        assert ours.dtype == ref.dtype and torch.equal(ours, ref)
+
+
 def test_compiled_layers_match_eager():
     """`compile_layers` (what use_torch_compile runs) gives eager's loss and gradients, on batches of two shapes
     (dynamic shapes: packed lengths and the number of sequences change between batches)."""

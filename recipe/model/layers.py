@@ -100,11 +100,44 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
         return F.layer_norm(x, (x.shape[-1],), weight.to(x.dtype), bias.to(x.dtype), eps)
 
 
+class _LinearRecastInBackward(torch.autograd.Function):
+    """`F.linear` in `dtype` with a weight of another dtype (fp32 master weights under autocast), keeping the weight
+    itself for backward and casting it again there, instead of keeping the cast copy that autocast's F.linear holds
+    until backward (2 bytes per parameter of the whole model, alive for the whole step). The arithmetic is autocast's:
+    the same casts, the same bf16 GEMMs, gradients cast back to the parameters' dtype."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, dtype):
+        ctx.save_for_backward(x, weight)
+        ctx.dtype, ctx.has_bias = dtype, bias is not None
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+        grad_x = (g2 @ weight.to(ctx.dtype)).view_as(x) if ctx.needs_input_grad[0] else None
+        grad_w = (g2.t() @ x2).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_b = g2.sum(0).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear, but under autocast with weights of another dtype no cast copy is kept for backward (above)."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        if weight.dtype != dtype and torch.is_grad_enabled() and weight.requires_grad:
+            return _LinearRecastInBackward.apply(x.to(dtype), weight, bias, dtype)
+    return F.linear(x, weight, bias)
+
+
 def layer_norm_mlp(x: torch.Tensor, mlp: nn.Module, eps: float, activation: str) -> torch.Tensor:
     """Pre-LN MLP from LayerNormMLP-named parameters, in plain PyTorch (also TE's exact-GELU path)."""
     h = layer_norm(x, mlp.layer_norm_weight, mlp.layer_norm_bias, eps)
-    h = gelu(F.linear(h, mlp.fc1_weight, mlp.fc1_bias), activation)
-    return F.linear(h, mlp.fc2_weight, mlp.fc2_bias)
+    h = gelu(linear(h, mlp.fc1_weight, mlp.fc1_bias), activation)
+    return linear(h, mlp.fc2_weight, mlp.fc2_bias)
 
 
 def _param(*shape: int, device=None, dtype=None) -> nn.Parameter:
@@ -123,7 +156,14 @@ class LayerNormLinear(nn.Module):
         self.bias = _param(out_features, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(layer_norm(x, self.layer_norm_weight, self.layer_norm_bias, self.eps), self.weight, self.bias)
+        return linear(layer_norm(x, self.layer_norm_weight, self.layer_norm_bias, self.eps), self.weight, self.bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear through `linear`: no cast copy of its weight kept for backward under autocast."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 class LayerNormMLP(nn.Module):
@@ -185,7 +225,7 @@ class TorchEsmLayer(EsmLayerBase):
         super().__init__(config)
         h, eps = config.hidden_size, config.layer_norm_eps
         self.attention = AttentionBlock(
-            LayerNormLinear(h, 3 * h, eps, device=device, dtype=dtype), nn.Linear(h, h, device=device, dtype=dtype)
+            LayerNormLinear(h, 3 * h, eps, device=device, dtype=dtype), Linear(h, h, device=device, dtype=dtype)
         )
         self.mlp = LayerNormMLP(h, config.intermediate_size, eps, config.activation, device=device, dtype=dtype)
 
