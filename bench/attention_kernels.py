@@ -33,8 +33,9 @@ class CudnnVarlen(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen: int):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        out, lse = torch.ops.aten._cudnn_attention_forward(q, k, v, None, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-                                                           True, 0.0, False, False)[:2]
+        out, lse = torch.ops.aten._cudnn_attention_forward(
+            q, k, v, None, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, True, 0.0, False, False
+        )[:2]
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
         ctx.max_seqlen = max_seqlen
         return out
@@ -44,8 +45,9 @@ class CudnnVarlen(torch.autograd.Function):
         q, k, v, out, lse, cu = ctx.saved_tensors
         no_dropout = torch.zeros((), dtype=torch.int64, device=q.device)  # philox seed and offset, unused
         m = ctx.max_seqlen
-        dq, dk, dv = torch.ops.aten._cudnn_attention_backward(grad.contiguous(), q, k, v, out, lse, no_dropout, no_dropout,
-                                                              None, cu, cu, m, m, 0.0, False)
+        dq, dk, dv = torch.ops.aten._cudnn_attention_backward(
+            grad.contiguous(), q, k, v, out, lse, no_dropout, no_dropout, None, cu, cu, m, m, 0.0, False
+        )
         return dq, dk, dv, None, None
 
 
@@ -57,10 +59,17 @@ def kernels(cfg: EsmConfig) -> dict:
         "cudnn_aten": lambda q, k, v, cu, m: CudnnVarlen.apply(q, k, v, cu, m),
     }
     if te is not None:
-        dpa = te.DotProductAttention(cfg.num_heads, cfg.head_dim, attention_dropout=0.0, qkv_format="thd",
-                                     attn_mask_type="padding", softmax_scale=cfg.head_dim**-0.5)
-        out["te"] = lambda q, k, v, cu, m: dpa(q, k, v, cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=m,
-                                               max_seqlen_kv=m).view(q.shape)
+        dpa = te.DotProductAttention(
+            cfg.num_heads,
+            cfg.head_dim,
+            attention_dropout=0.0,
+            qkv_format="thd",
+            attn_mask_type="padding",
+            softmax_scale=cfg.head_dim**-0.5,
+        )
+        out["te"] = lambda q, k, v, cu, m: dpa(q, k, v, cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=m, max_seqlen_kv=m).view(
+            q.shape
+        )
     return out
 
 
@@ -100,8 +109,10 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=20)
     a = p.parse_args()
     store = load_sequences(a.data)
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; ms per forward + backward, and in brackets the "
-          "largest difference from FA2 of out, dq, dk, dv (random bf16 inputs)")
+    print(
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}; ms per forward + backward, and in brackets the "
+        "largest difference from FA2 of out, dq, dk, dv (random bf16 inputs)"
+    )
     names = ["flash2", "te", "cudnn_aten"]
     print("| size | heads × head dim | tokens | " + " | ".join(names) + " |\n|---|---|---|" + "---|" * len(names))
     for size in a.sizes:
@@ -110,13 +121,16 @@ def main() -> None:
         cu, m = b["cu_seqlens"], int(b["max_seqlen"])
         t = int(cu[-1])
         g = torch.Generator(device="cuda").manual_seed(0)
-        q, k, v, grad = (torch.randn(t, cfg.num_heads, cfg.head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
-                         for _ in range(4))
+        q, k, v, grad = (
+            torch.randn(t, cfg.num_heads, cfg.head_dim, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4)
+        )
         for x in (q, k, v):
             x.requires_grad_(True)
         cells = compare(kernels(cfg), (q, k, v, cu, m, grad), a.iters)
-        print(f"| {size} | {cfg.num_heads} × {cfg.head_dim} | {t:,} | " + " | ".join(cells.get(n, "—") for n in names) + " |",
-              flush=True)
+        print(
+            f"| {size} | {cfg.num_heads} × {cfg.head_dim} | {t:,} | " + " | ".join(cells.get(n, "—") for n in names) + " |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

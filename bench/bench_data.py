@@ -59,7 +59,9 @@ def bench_loader(store, seconds: float) -> None:
 
 def bench_padding(store) -> None:
     for budget, fixed in ((4096, False), (16384, False), (4096, True), (16384, True), (65536, True)):
-        batches = list(MLMBatches(store, BatchSettings(max_seq_length=1024, token_micro_batch_size=budget, pad_to_fixed=fixed), train=False))
+        batches = list(
+            MLMBatches(store, BatchSettings(max_seq_length=1024, token_micro_batch_size=budget, pad_to_fixed=fixed), train=False)
+        )
         print(f"padding waste, budget {budget:>6}, {'fixed size' if fixed else 'multiple of 16'}: {padding_waste(batches):.2%}")
 
 
@@ -78,8 +80,11 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as d:
             stats = prepare(a.fasta, d, val_fraction=0.001, progress=False)
         rate = stats["records"] / stats["seconds"]
-        print(f"prepare {Path(a.fasta).name}: {rate:,.0f} sequences/s, {stats['residues'] / stats['seconds'] / 1e6:.1f} M residues/s; "
-              f"UniRef50 (~70 M sequences) projected {70e6 / rate / 60:.0f} min")
+        print(
+            f"prepare {Path(a.fasta).name}: {rate:,.0f} sequences/s, "
+            f"{stats['residues'] / stats['seconds'] / 1e6:.1f} M residues/s; "
+            f"UniRef50 (~70 M sequences) projected {70e6 / rate / 60:.0f} min"
+        )
 
 
 if __name__ == "__main__":

@@ -36,10 +36,12 @@ def main() -> None:
     size = sum(p.stat().st_size for p in files)
     print(f"shard {size / 2**30:.2f} GiB in {len(files)} files; dcp.save {write:.2f} s ({size / write / 1e9:.2f} GB/s)")
     for name, factory in (("xxh3_128", xxhash.xxh3_128), ("sha256", hashlib.sha256)):
+
         def digest_all(factory=factory):
             for p in files:
                 with open(p, "rb") as f:
                     hashlib.file_digest(f, factory)
+
         seconds = min(timed(digest_all) for _ in range(3))
         print(f"{name}: {seconds:.2f} s ({size / seconds / 1e9:.2f} GB/s, {100 * seconds / write:.0f} % of the write)")
     shutil.rmtree(args.dir, ignore_errors=True)

@@ -36,7 +36,9 @@ def memory() -> dict:
         key, _, value = line.partition(":")
         if key in ("VmHWM", "RssAnon", "RssFile"):
             fields[key] = int(value.split()[0]) / 1024
-    pss = next((int(x.split()[1]) / 1024 for x in Path("/proc/self/smaps_rollup").read_text().splitlines() if x.startswith("Pss:")), None)
+    pss = next(
+        (int(x.split()[1]) / 1024 for x in Path("/proc/self/smaps_rollup").read_text().splitlines() if x.startswith("Pss:")), None
+    )
     return {"peak_rss_mb": fields["VmHWM"], "anon_mb": fields["RssAnon"], "file_mb": fields["RssFile"], "pss_mb": pss}
 
 
@@ -85,8 +87,13 @@ def child_prepare(a) -> dict:
 
     start = time.perf_counter()
     stats = prepare(a.path, a.out, val_fraction=0.0005, progress=False)
-    return {"prepare_s": time.perf_counter() - start, "sequences": stats["train"] + stats["validation"],
-            "residues": stats["residues"], "clusters": stats["train_clusters"], **memory()}
+    return {
+        "prepare_s": time.perf_counter() - start,
+        "sequences": stats["train"] + stats["validation"],
+        "residues": stats["residues"],
+        "clusters": stats["train_clusters"],
+        **memory(),
+    }
 
 
 def arrow_vs_flat(store_dir: Path, rows: int = 200_000) -> dict:
@@ -107,7 +114,12 @@ def arrow_vs_flat(store_dir: Path, rows: int = 200_000) -> dict:
                 hi = min(lo + 1_000_000, n)
                 offs = np.asarray(store.offsets[lo : hi + 1]) - store.offsets[lo]
                 data = pa.py_buffer(np.ascontiguousarray(store.tokens[store.offsets[lo] : store.offsets[hi]]))
-                writer.write_batch(pa.record_batch([pa.LargeBinaryArray.from_buffers(pa.large_binary(), hi - lo, [None, pa.py_buffer(offs), data])], schema=schema))
+                writer.write_batch(
+                    pa.record_batch(
+                        [pa.LargeBinaryArray.from_buffers(pa.large_binary(), hi - lo, [None, pa.py_buffer(offs), data])],
+                        schema=schema,
+                    )
+                )
     pick = np.random.default_rng(0).integers(0, n, rows)
     start = time.perf_counter()
     flat = sum(len(store.residues(int(r))) for r in pick)
@@ -132,8 +144,11 @@ def arrow_vs_flat(store_dir: Path, rows: int = 200_000) -> dict:
 def run_child(kind: str, code_root: Path, args: list[str], nproc: int = 1, timeout: int = 3600) -> dict | list:
     env = dict(os.environ, PYTHONPATH=str(code_root), OMP_NUM_THREADS="1")
     script = [str(Path(__file__).resolve()), "child", kind, *args, "--launched", repr(time.time())]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *script] if nproc > 1 \
+    cmd = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *script]
+        if nproc > 1
         else [sys.executable, *script]
+    )
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=code_root, check=False)
     lines = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
     if r.returncode != 0 or not lines:
@@ -144,7 +159,9 @@ def run_child(kind: str, code_root: Path, args: list[str], nproc: int = 1, timeo
 def measure(label: str, code_root: Path, path: Path, seconds: float) -> dict:
     out = {}
     for workers in (0, 1, 2):
-        out[f"workers_{workers}"] = run_child("loader", code_root, ["--path", str(path), "--workers", str(workers), "--seconds", str(seconds)])
+        out[f"workers_{workers}"] = run_child(
+            "loader", code_root, ["--path", str(path), "--workers", str(workers), "--seconds", str(seconds)]
+        )
         print(label, f"workers={workers}", json.dumps(out[f"workers_{workers}"]), flush=True)
     out["gloo_2"] = run_child("gloo", code_root, ["--path", str(path), "--workers", "0", "--seconds", str(seconds)], nproc=2)
     print(label, "2 gloo processes", json.dumps(out["gloo_2"]), flush=True)

@@ -25,8 +25,13 @@ def run(model, batches, device, dtype):
     ctx = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else torch.autocast(device.type, enabled=False)
     with torch.no_grad(), ctx:
         for b in batches:
-            out = model(b["input_ids"].to(device), cu_seqlens=b["cu_seqlens"].to(device), max_seqlen=b["max_seqlen"],
-                        labels=b["labels"].to(device), return_logits=True)
+            out = model(
+                b["input_ids"].to(device),
+                cu_seqlens=b["cu_seqlens"].to(device),
+                max_seqlen=b["max_seqlen"],
+                labels=b["labels"].to(device),
+                return_logits=True,
+            )
             losses.append((out.loss_sum.item(), out.num_tokens.item()))
             logits.append(out.logits[: b["num_real_tokens"]].float().cpu())
     return sum(x for x, _ in losses) / sum(n for _, n in losses), torch.cat(logits)

@@ -65,7 +65,7 @@ def main() -> None:
     torch.manual_seed(a.seed)
     model = hf_model(EsmConfig.from_size(a.size))
     opt = torch.optim.AdamW(model.parameters(), lr=0.0, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01, fused=True)
-    out = open(a.out, "w")
+    out = open(a.out, "w", buffering=1)  # noqa: SIM115 (open for the whole run; line-buffered, so each record is on disk)
     clock, step, tokens = TrainClock(), 0, 0  # training time; validation pauses it, as in our trainer
 
     def log(record: dict) -> None:
@@ -76,8 +76,11 @@ def main() -> None:
         b = next(train)
         set_lr(opt, lr_at(step, a.lr, a.warmup, a.schedule_steps))
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=b["input_ids"].cuda(non_blocking=True), attention_mask=b["attention_mask"].cuda(non_blocking=True),
-                         labels=b["labels"].cuda(non_blocking=True)).loss
+            loss = model(
+                input_ids=b["input_ids"].cuda(non_blocking=True),
+                attention_mask=b["attention_mask"].cuda(non_blocking=True),
+                labels=b["labels"].cuda(non_blocking=True),
+            ).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -93,8 +96,11 @@ def main() -> None:
     seconds = clock.seconds
     val_loss = validate(model, val)
     log({"step": step, "train_seconds": seconds, "val_loss": val_loss, "final": True})
-    print(f"EsmForMaskedLM {a.size}: {step} steps, {tokens:,} tokens in {seconds:.0f} s ({tokens / seconds:,.0f} tokens/s), "
-          f"final validation loss {val_loss:.4f} (perplexity {math.exp(val_loss):.2f})", flush=True)
+    print(
+        f"EsmForMaskedLM {a.size}: {step} steps, {tokens:,} tokens in {seconds:.0f} s ({tokens / seconds:,.0f} tokens/s), "
+        f"final validation loss {val_loss:.4f} (perplexity {math.exp(val_loss):.2f})",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Long protein-like sequences for context-parallel memory runs: Swiss-Prot sequences laid end to end and cut into
 sequences of exactly --length residues (real residue statistics; no real protein is that long).
 
-    python bench/long_sequences.py --source .device/data/swissprot14_train_100k.fasta.xz --length 131070 --count 16 --out /tmp/long.fasta
+    python bench/long_sequences.py --source .device/data/swissprot14_train_100k.fasta.xz --length 131070 --count 16 \
+        --out /tmp/long.fasta
 """
 
 from __future__ import annotations

@@ -70,8 +70,14 @@ def main() -> None:
     for part, lo in enumerate(range(0, a.sequences, ROWS_PER_PART)):
         hi = min(lo + ROWS_PER_PART, a.sequences)
         lengths = np.minimum(np.maximum(rng.lognormal(np.log(100), 0.6, hi - lo).astype(np.int64), 5), 2000)
-        table = pa.table({"id": ids("SYN", np.arange(lo, hi)), "sequence": sequences(lengths, rng),
-                          "ur50_id": ids("UniRef50_S", c50[lo:hi]), "ur90_id": ids("UniRef90_S", c90[lo:hi])})
+        table = pa.table(
+            {
+                "id": ids("SYN", np.arange(lo, hi)),
+                "sequence": sequences(lengths, rng),
+                "ur50_id": ids("UniRef50_S", c50[lo:hi]),
+                "ur90_id": ids("UniRef90_S", c90[lo:hi]),
+            }
+        )
         pq.write_table(table, out / f"part-{part:05d}.parquet", compression="snappy")
         print(f"part {part}: {hi:,} rows, {time.perf_counter() - start:.0f} s", flush=True)
     for k in a.subset_dirs:
@@ -79,8 +85,10 @@ def main() -> None:
         sub.mkdir(exist_ok=True)
         for part in range(k):
             (sub / f"part-{part:05d}.parquet").symlink_to(out / f"part-{part:05d}.parquet")
-    print(f"{a.sequences:,} sequences, {c50.max() + 1:,} UniRef50 clusters, {len(np.unique(c90)):,} UniRef90 groups "
-          f"in {time.perf_counter() - start:.0f} s: {out}")
+    print(
+        f"{a.sequences:,} sequences, {c50.max() + 1:,} UniRef50 clusters, {len(np.unique(c90)):,} UniRef90 groups "
+        f"in {time.perf_counter() - start:.0f} s: {out}"
+    )
 
 
 if __name__ == "__main__":

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def val_curve(path: str) -> list[tuple[float, float]]:
-    rows = [json.loads(x) for x in open(path)]
+    rows = [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
     return sorted((r["train_seconds"], r["val_loss"]) for r in rows if "val_loss" in r)
 
 
@@ -54,8 +55,11 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(a.png)
     ratio = f"{reached / target_t:.2f} of the baseline's time" if reached is not None else "never"
-    print(f"baseline: final validation loss {target:.4f} after {target_t:.0f} s; ours: final {ours[-1][1]:.4f} after {ours[-1][0]:.0f} s; "
-          f"ours reached {target:.4f} after {reached if reached is None else round(reached)} s ({ratio}); plot {a.png}")
+    print(
+        f"baseline: final validation loss {target:.4f} after {target_t:.0f} s; "
+        f"ours: final {ours[-1][1]:.4f} after {ours[-1][0]:.0f} s; "
+        f"ours reached {target:.4f} after {reached if reached is None else round(reached)} s ({ratio}); plot {a.png}"
+    )
 
 
 if __name__ == "__main__":

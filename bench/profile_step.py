@@ -3,12 +3,14 @@ each) of one model size, for any of throughput.py's implementations (torch, torc
 te_fp8_delayed, ...). Prints per-step GPU kernel time by kind, against the unprofiled step time (a gap means the GPU
 waited for the host), and the top kernels.
 
-    python bench/profile_step.py --data .device/data/swissprot14_train_100k.fasta.xz --size 650M --impls torch_compile te --trace-dir $OUT
+    python bench/profile_step.py --data .device/data/swissprot14_train_100k.fasta.xz --size 650M --impls torch_compile te \
+        --trace-dir $OUT
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import re
 import shutil
@@ -18,10 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-try:  # before any CUDA work (TE loads its cuDNN first)
+with contextlib.suppress(ImportError):  # before any CUDA work (TE loads its cuDNN first)
     import transformer_engine.pytorch  # noqa: F401
-except ImportError:
-    pass
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
@@ -72,8 +72,10 @@ def profile_impl(store, size: str, impl: str, steps: int, trace_dir: Path | None
         total += t
         kernels.append((t, e.count, e.key))
     tokens = sum(b["num_real_tokens"] for b in data[warmup:]) / steps
-    print(f"\n{size} {impl}: {wall_ms:.1f} ms per step unprofiled, {total / steps / 1e3:.1f} ms of it in GPU kernels "
-          f"({tokens:,.0f} tokens/step; the rest is the GPU waiting for the host to launch work)")
+    print(
+        f"\n{size} {impl}: {wall_ms:.1f} ms per step unprofiled, {total / steps / 1e3:.1f} ms of it in GPU kernels "
+        f"({tokens:,.0f} tokens/step; the rest is the GPU waiting for the host to launch work)"
+    )
     for g, t in sorted(by_group.items(), key=lambda x: -x[1]):
         print(f"  {g:18} {t / steps / 1e3:8.2f} ms  {t / total:6.1%}")
     print("  top kernels:")

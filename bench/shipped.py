@@ -32,10 +32,22 @@ STEPS = {"L1_8M": (3, 10), "L1_35M": (3, 8), "L1_150M": (2, 4), "L1_650M": (1, 2
 def measure(config: str, data: Path, out: Path, extra: list[str], timeout: float) -> dict:
     warmup, timed = STEPS[config]
     run_dir = out / config
-    cmd = [sys.executable, str(ROOT / "train_fsdp2.py"), "--config-name", config, f"output_dir={run_dir}",
-           f"dataset.train_path={data}", "dataset.val_path=null", f"num_train_steps={warmup + timed}", "log_every_n_steps=1",
-           "checkpoint.save_every_n_steps=0", "checkpoint.save_final_model=false", "checkpoint.save_final_checkpoint=false",
-           "overwrite_output_dir=true", *extra]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train_fsdp2.py"),
+        "--config-name",
+        config,
+        f"output_dir={run_dir}",
+        f"dataset.train_path={data}",
+        "dataset.val_path=null",
+        f"num_train_steps={warmup + timed}",
+        "log_every_n_steps=1",
+        "checkpoint.save_every_n_steps=0",
+        "checkpoint.save_final_model=false",
+        "checkpoint.save_final_checkpoint=false",
+        "overwrite_output_dir=true",
+        *extra,
+    ]
     with open(out / f"{config}.log", "w") as log:
         try:
             done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, cwd=ROOT)
@@ -69,8 +81,16 @@ def main() -> None:
         mem = f"{r['peak_gib']:.1f}" if "peak_gib" in r else "-"
         rows.append(f"| {config} | {rate} | {mem} | {STEPS[config][1]} after {STEPS[config][0]} |")
     command = "python bench/shipped.py " + " ".join(sys.argv[1:])
-    text = "\n".join([f"**{gpu}**, {datetime.date.today()}, torch {torch.__version__}: `{command}`", "",
-                      "| config as shipped | tokens/s per GPU | peak GiB | timed steps |", "|---|---|---|---|", *rows, ""])
+    text = "\n".join(
+        [
+            f"**{gpu}**, {datetime.date.today()}, torch {torch.__version__}: `{command}`",
+            "",
+            "| config as shipped | tokens/s per GPU | peak GiB | timed steps |",
+            "|---|---|---|---|",
+            *rows,
+            "",
+        ]
+    )
     print("\n" + text)
     if a.docs and not a.set:
         write_docs(a.docs, gpu, text, tool="shipped.py")

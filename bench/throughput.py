@@ -12,13 +12,15 @@ A row that runs out of memory is retried without gradient accumulation, then wit
 column says what ran (micro-batch × micro-batches per optimizer step).
 
 Same sequences and masking for every implementation (our loader, BSHD batches for the baseline). Each row: warm-up
-optimizer steps, then timed optimizer steps between CUDA events. Prints a markdown table: unpadded tokens/s, TFLOP/s and MFU per GPU
+optimizer steps, then timed optimizer steps between CUDA events. Prints a markdown table: unpadded tokens/s, TFLOP/s and
+MFU per GPU
 (against 989 TFLOP/s dense BF16 and against the bf16 matmul rate measured here at start), peak memory.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import gc
@@ -44,10 +46,13 @@ FP8_ROWS = {
     "te_fp8_partial": ("Float8BlockScaling", "middle"),
 }
 LABELS = {
-    "hf": "transformers EsmForMaskedLM (padded, SDPA)", "torch": "ours, torch (THD, varlen)",
-    "torch_compile": "ours, torch + torch.compile (fixed-size THD)", "te": "ours, te BF16 (THD)",
+    "hf": "transformers EsmForMaskedLM (padded, SDPA)",
+    "torch": "ours, torch (THD, varlen)",
+    "torch_compile": "ours, torch + torch.compile (fixed-size THD)",
+    "te": "ours, te BF16 (THD)",
     "te_compile": "ours, te BF16, exact-GELU MLP under torch.compile (fixed-size THD)",
-    "te_fp8": "ours, te FP8 block scaling, all layers", "te_fp8_delayed": "ours, te FP8 delayed scaling, all layers",
+    "te_fp8": "ours, te FP8 block scaling, all layers",
+    "te_fp8_delayed": "ours, te FP8 delayed scaling, all layers",
     "te_fp8_current": "ours, te FP8 current scaling, all layers",
     "te_fp8_partial": "ours, te FP8 block scaling, layers 3..L-2 (first/last two BF16)",
     # Precision levers (not in the default table): the residual stream in fp32 as transformers keeps it
@@ -142,7 +147,11 @@ def make_model(size: str, impl: str):
     if impl in FP8_ROWS:
         cfg = dataclasses.replace(cfg, activation="gelu_tanh")
     recipes = tuple(fp8_layer_recipes(impl, cfg.num_layers)) if impl in FP8_ROWS else None
-    model = hf_model(cfg) if impl == "hf" else build_model(cfg, device="cuda", seed=0, runtime=Runtime(layer_recipes=recipes, check_inputs=False))
+    model = (
+        hf_model(cfg)
+        if impl == "hf"
+        else build_model(cfg, device="cuda", seed=0, runtime=Runtime(layer_recipes=recipes, check_inputs=False))
+    )
     if "_bf16params" in impl:
         model.to(torch.bfloat16)
     if impl.endswith("compile"):
@@ -165,8 +174,11 @@ def run_row(store, size: str, impl: str, a, peak_measured: float, batch: int, ac
     tokens = sum(b["num_real_tokens"] for b in timed)
     flops = sum(batch_flops(cfg, b["seq_lengths"].tolist()) for b in timed)
     row = {
-        "size": size, "impl": impl, "batch": (f"{batch} seqs" if impl == "hf" else f"{batch:,} tokens") + f" × {accum}",
-        "tokens_per_s": tokens / seconds, "tflops": flops / seconds / 1e12,
+        "size": size,
+        "impl": impl,
+        "batch": (f"{batch} seqs" if impl == "hf" else f"{batch:,} tokens") + f" × {accum}",
+        "tokens_per_s": tokens / seconds,
+        "tflops": flops / seconds / 1e12,
         "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
     }
     row["mfu"] = row["tflops"] / DATASHEET_TFLOPS
@@ -189,12 +201,18 @@ def measure(store, size: str, impl: str, a, peak: float) -> dict | None:
         t0 = time.time()
         try:
             r = run_row(store, size, impl, a, peak, batch, accum)
-            print(f"{size:>5} {impl:15} {r['tokens_per_s']:>12,.0f} tok/s {r['tflops']:7.1f} TFLOP/s mfu {r['mfu']:.1%} "
-                  f"peak {r['peak_gb']:.1f} GB, batch {r['batch']} ({time.time() - t0:.0f} s)", flush=True)
+            print(
+                f"{size:>5} {impl:15} {r['tokens_per_s']:>12,.0f} tok/s {r['tflops']:7.1f} TFLOP/s mfu {r['mfu']:.1%} "
+                f"peak {r['peak_gb']:.1f} GB, batch {r['batch']} ({time.time() - t0:.0f} s)",
+                flush=True,
+            )
             return r
         except Exception as exc:  # a failed row (OOM, missing TE) is reported; the others still run
-            print(f"{size:>5} {impl:15} failed with batch {batch} × {accum}: {type(exc).__name__}: "
-                  f"{str(exc).splitlines()[0][:160]}", flush=True)
+            print(
+                f"{size:>5} {impl:15} failed with batch {batch} × {accum}: {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:160]}",
+                flush=True,
+            )
             gc.collect()
             torch.cuda.empty_cache()
             if not isinstance(exc, torch.OutOfMemoryError):
@@ -211,11 +229,17 @@ def per_size(items: list[str], sizes: list[str]) -> dict[str, int]:
 
 
 def table(rows: list[dict], header: str) -> str:
-    lines = [header, "", "| size | implementation | batch | unpadded tokens/s | TFLOP/s | MFU (989) | MFU (measured peak) | peak memory |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        header,
+        "",
+        "| size | implementation | batch | unpadded tokens/s | TFLOP/s | MFU (989) | MFU (measured peak) | peak memory |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['size']} | {LABELS[r['impl']]} | {r['batch']} | {r['tokens_per_s']:,.0f} | {r['tflops']:.1f} | "
-                     f"{r['mfu']:.1%} | {r['mfu_measured']:.1%} | {r['peak_gb']:.1f} GB |")
+        lines.append(
+            f"| {r['size']} | {LABELS[r['impl']]} | {r['batch']} | {r['tokens_per_s']:,.0f} | {r['tflops']:.1f} | "
+            f"{r['mfu']:.1%} | {r['mfu_measured']:.1%} | {r['peak_gb']:.1f} GB |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -235,29 +259,38 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True)
     p.add_argument("--sizes", nargs="+", default=["8M", "35M", "150M", "650M", "3B"])
-    p.add_argument("--impls", nargs="+", default=["hf", "torch", "torch_compile", "te", "te_compile", "te_fp8"], choices=list(LABELS))
+    p.add_argument(
+        "--impls", nargs="+", default=["hf", "torch", "torch_compile", "te", "te_compile", "te_fp8"], choices=list(LABELS)
+    )
     p.add_argument("--fp8-sizes", nargs="*", default=["650M", "3B"], help="sizes that also get every FP8 recipe row")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--accum", nargs="+", default=["4", "3B=1"], metavar="N|SIZE=N",
-                   help="micro-batches per optimizer step (every row of a size, baseline too); SIZE=N for one size")
-    p.add_argument("--budget", nargs="*", default=[], metavar="SIZE=TOKENS", help="our THD tokens per micro-batch, e.g. 650M=32768")
+    p.add_argument(
+        "--accum",
+        nargs="+",
+        default=["4", "3B=1"],
+        metavar="N|SIZE=N",
+        help="micro-batches per optimizer step (every row of a size, baseline too); SIZE=N for one size",
+    )
+    p.add_argument(
+        "--budget", nargs="*", default=[], metavar="SIZE=TOKENS", help="our THD tokens per micro-batch, e.g. 650M=32768"
+    )
     p.add_argument("--docs", type=Path, help="write the table into this markdown file")
     a = p.parse_args()
     a.budget = {**TOKEN_BUDGET, **{k: int(v) for k, v in (item.split("=") for item in a.budget)}}
     a.accum = per_size(a.accum, a.sizes)
-    try:  # before any CUDA work: TE loads the system cuDNN, which fails once torch has loaded its own
+    with contextlib.suppress(ImportError):  # before any CUDA work: TE loads the system cuDNN, which fails once torch has its own
         import transformer_engine.pytorch  # noqa: F401
-    except ImportError:
-        pass
     store = load_sequences(a.data)
     peak = matmul_peak()
     name = torch.cuda.get_device_name()
     print(f"{name}: bf16 8192^3 matmul {peak:.0f} TFLOP/s measured here", flush=True)
     command = "python bench/throughput.py " + " ".join(sys.argv[1:])
-    header = (f"**{name}**, {datetime.date.today()}, torch {torch.__version__}: `{command}`. Matmul peak measured here: "
-              f"{peak:.0f} TFLOP/s. Per row {a.warmup} warm-up (+3 for compiled rows) and {a.steps} timed optimizer steps, "
-              "each of the micro-batches in the batch column (tokens or sequences × micro-batches per optimizer step).")
+    header = (
+        f"**{name}**, {datetime.date.today()}, torch {torch.__version__}: `{command}`. Matmul peak measured here: "
+        f"{peak:.0f} TFLOP/s. Per row {a.warmup} warm-up (+3 for compiled rows) and {a.steps} timed optimizer steps, "
+        "each of the micro-batches in the batch column (tokens or sequences × micro-batches per optimizer step)."
+    )
     rows = []
     for size in a.sizes:
         impls = a.impls + ([i for i in FP8_ROWS if i not in a.impls] if size in a.fp8_sizes else [])

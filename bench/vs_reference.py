@@ -39,8 +39,11 @@ sys.path.insert(0, str(ROOT))
 
 from bench.throughput import write_docs  # noqa: E402
 
-FP8_BLOCK_THEIRS = ["fp8_config.enabled=true", "fp8_config.fp8_recipe=transformer_engine.common.recipe.Float8BlockScaling",
-                    "fp8_config.fp8_format=E4M3"]
+FP8_BLOCK_THEIRS = [
+    "fp8_config.enabled=true",
+    "fp8_config.fp8_recipe=transformer_engine.common.recipe.Float8BlockScaling",
+    "fp8_config.fp8_format=E4M3",
+]
 FP8_BLOCK_OURS = [*FP8_BLOCK_THEIRS, "model.activation=gelu_tanh"]
 
 
@@ -70,12 +73,23 @@ GIB = 2**30
 def ours_command(row: Row, data: Path, out_dir: Path, extra: list[str], trainer: Path = ROOT / "train_fsdp2.py") -> list[str]:
     steps = row.warmup + row.timed
     return [
-        sys.executable, str(trainer), "--config-name", row.config,
-        f"output_dir={out_dir}", f"dataset.train_path={data}", "dataset.val_path=null",
-        f"dataset.micro_batch_size={row.tokens // 1024}", f"dataset.token_micro_batch_size={row.tokens}",
-        "grad_acc_steps=1", f"num_train_steps={steps}", f"log_every_n_steps={row.warmup}",
-        "checkpoint.save_every_n_steps=0", "checkpoint.save_final_model=false", "checkpoint.save_final_checkpoint=false",
-        *(FP8_BLOCK_OURS if row.fp8 else []), *extra,
+        sys.executable,
+        str(trainer),
+        "--config-name",
+        row.config,
+        f"output_dir={out_dir}",
+        f"dataset.train_path={data}",
+        "dataset.val_path=null",
+        f"dataset.micro_batch_size={row.tokens // 1024}",
+        f"dataset.token_micro_batch_size={row.tokens}",
+        "grad_acc_steps=1",
+        f"num_train_steps={steps}",
+        f"log_every_n_steps={row.warmup}",
+        "checkpoint.save_every_n_steps=0",
+        "checkpoint.save_final_model=false",
+        "checkpoint.save_final_checkpoint=false",
+        *(FP8_BLOCK_OURS if row.fp8 else []),
+        *extra,
     ]
 
 
@@ -101,30 +115,81 @@ class Reference:
         if not (self.recipe / "train_fsdp2.py").exists():
             raise SystemExit(f"--reference {path}: no recipe/train_fsdp2.py there (bash ../shared/device/prepare.sh --peers)")
         site = work / "site"
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--target",
-                        str(site), *map(str, sorted((self.support / "wheels").glob("*.whl")))], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-index",
+                "--no-deps",
+                "--no-compile",
+                "--target",
+                str(site),
+                *map(str, sorted((self.support / "wheels").glob("*.whl"))),
+            ],
+            check=True,
+        )
         paths = [str(site)] + ([] if _has_module("wandb") else [str(self.support / "shims")])
-        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([*paths, os.environ.get("PYTHONPATH", "")]),
-                    "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1", "TRANSFORMERS_OFFLINE": "1"}
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([*paths, os.environ.get("PYTHONPATH", "")]),
+            "WANDB_MODE": "disabled",
+            "HYDRA_FULL_ERROR": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+        }
         self.parquet = work / "parquet"
-        subprocess.run([sys.executable, str(self.support / "fasta_to_parquet.py"), str(fasta), str(self.parquet), "--shards", "16"],
-                       check=True, env=self.env)
+        subprocess.run(
+            [sys.executable, str(self.support / "fasta_to_parquet.py"), str(fasta), str(self.parquet), "--shards", "16"],
+            check=True,
+            env=self.env,
+        )
 
     def command(self, row: Row, name: str) -> tuple[list[str], Path]:
         out = self.work / f"{name}.json"
         model = self.support / "model_configs" / row.their_model
         overrides = [
-            "--config-name", "L0_sanity", f"config_name_or_path={model}", f"dataset.tokenizer_name={self.recipe}/tokenizers/esm2",
-            "dataset.load_dataset_kwargs.path=parquet", f"dataset.load_dataset_kwargs.data_files={self.parquet}/*.parquet",
-            "dataset.load_dataset_kwargs.split=train", "dataset.load_dataset_kwargs.streaming=true", "use_sequence_packing=true",
-            f"dataset.micro_batch_size={row.tokens // 1024}", f"dataset.num_workers={row.their_workers}", "use_torch_compile=false",
-            f"num_train_steps={row.warmup + row.timed + 1}", "logger.frequency=10", "checkpoint.ckpt_dir=null",
-            "checkpoint.save_final_model=false", "checkpoint.resume_from_checkpoint=false", "wandb_init_args.mode=disabled",
-            f"hydra.run.dir={self.work}/hydra/{name}", "use_fp32_master_weights=true", *(FP8_BLOCK_THEIRS if row.fp8 else []),
+            "--config-name",
+            "L0_sanity",
+            f"config_name_or_path={model}",
+            f"dataset.tokenizer_name={self.recipe}/tokenizers/esm2",
+            "dataset.load_dataset_kwargs.path=parquet",
+            f"dataset.load_dataset_kwargs.data_files={self.parquet}/*.parquet",
+            "dataset.load_dataset_kwargs.split=train",
+            "dataset.load_dataset_kwargs.streaming=true",
+            "use_sequence_packing=true",
+            f"dataset.micro_batch_size={row.tokens // 1024}",
+            f"dataset.num_workers={row.their_workers}",
+            "use_torch_compile=false",
+            f"num_train_steps={row.warmup + row.timed + 1}",
+            "logger.frequency=10",
+            "checkpoint.ckpt_dir=null",
+            "checkpoint.save_final_model=false",
+            "checkpoint.resume_from_checkpoint=false",
+            "wandb_init_args.mode=disabled",
+            f"hydra.run.dir={self.work}/hydra/{name}",
+            "use_fp32_master_weights=true",
+            *(FP8_BLOCK_THEIRS if row.fp8 else []),
         ]
-        cmd = [sys.executable, str(self.support / "bench_wrap.py"), "--recipe", str(self.recipe), "--script", "train_fsdp2.py",
-               "--out", str(out), "--warmup", str(row.warmup), "--label", name, "--config-json", str(model / "config.json"),
-               "--", *overrides]
+        cmd = [
+            sys.executable,
+            str(self.support / "bench_wrap.py"),
+            "--recipe",
+            str(self.recipe),
+            "--script",
+            "train_fsdp2.py",
+            "--out",
+            str(out),
+            "--warmup",
+            str(row.warmup),
+            "--label",
+            name,
+            "--config-json",
+            str(model / "config.json"),
+            "--",
+            *overrides,
+        ]
         return cmd, out
 
 
@@ -150,7 +215,9 @@ def run_logged(cmd: list[str], log: Path, gpu: str | None, env: dict | None, tim
     start = time.perf_counter()
     with log.open("w") as f:
         try:
-            rc = subprocess.run(cmd, check=False, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout, cwd=ROOT).returncode
+            rc = subprocess.run(
+                cmd, check=False, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout, cwd=ROOT
+            ).returncode
         except subprocess.TimeoutExpired:
             rc = 124
     return rc, time.perf_counter() - start
@@ -165,12 +232,17 @@ def measure_theirs(ref: Reference, name: str, row: Row, logs: Path, gpu: str | N
     r = json.loads(out.read_text())
     if not r.get("timed_steps"):
         return {"error": f"no timed steps ({r.get('error')})", "wall_s": wall}
-    return {"tokens_per_s": r["unpadded_tokens_per_s"], "timed_steps": r["timed_steps"], "peak_gib": r["peak_mem_allocated_gib"],
-            "wall_s": wall}
+    return {
+        "tokens_per_s": r["unpadded_tokens_per_s"],
+        "timed_steps": r["timed_steps"],
+        "peak_gib": r["peak_mem_allocated_gib"],
+        "wall_s": wall,
+    }
 
 
-def measure_ours(name: str, row: Row, data: Path, work: Path, logs: Path, gpu: str | None, extra: list[str], timeout: float,
-                 trainer: Path) -> dict:
+def measure_ours(
+    name: str, row: Row, data: Path, work: Path, logs: Path, gpu: str | None, extra: list[str], timeout: float, trainer: Path
+) -> dict:
     out_dir = work / f"ours_{name}"
     log = logs / f"ours_{name}.log"
     rc, wall = run_logged(ours_command(row, data, out_dir, extra, trainer), log, gpu, None, timeout)
@@ -180,13 +252,20 @@ def measure_ours(name: str, row: Row, data: Path, work: Path, logs: Path, gpu: s
 
 
 def table(results: dict, header: str) -> str:
-    lines = [header, "", "| row | tokens per micro-batch | theirs, tokens/s | ours, tokens/s | ours / theirs | peak GiB theirs / ours |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        header,
+        "",
+        "| row | tokens per micro-batch | theirs, tokens/s | ours, tokens/s | ours / theirs | peak GiB theirs / ours |",
+        "|---|---|---|---|---|---|",
+    ]
     for row, theirs, ours in results.values():
+
         def rate(r):
             return f"{r['tokens_per_s']:,.0f}" if "tokens_per_s" in r else r.get("error", "-")
 
-        ratio = f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}" if "tokens_per_s" in ours and "tokens_per_s" in theirs else "-"
+        ratio = (
+            f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}" if "tokens_per_s" in ours and "tokens_per_s" in theirs else "-"
+        )
         mem = " / ".join(f"{r['peak_gib']:.1f}" if "peak_gib" in r else "-" for r in (theirs, ours))
         precision = "FP8 block scaling" if row.fp8 else "BF16"
         lines.append(f"| {row.size} {precision} | {row.tokens:,} | {rate(theirs)} | {rate(ours)} | {ratio} | {mem} |")
@@ -198,12 +277,21 @@ def main() -> None:
     p.add_argument("--reference", type=Path, default=ROOT / ".device/peers/bionemo-esm2-native-te")
     p.add_argument("--data", type=Path, default=ROOT / ".device/data/swissprot14_train_100k.fasta.xz")
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
-    p.add_argument("--gpus", nargs="+", default=None, metavar="ID",
-                   help="one id: both sides on it, one after the other; two ids: theirs on the first, ours on the second, at once")
+    p.add_argument(
+        "--gpus",
+        nargs="+",
+        default=None,
+        metavar="ID",
+        help="one id: both sides on it, one after the other; two ids: theirs on the first, ours on the second, at once",
+    )
     p.add_argument("--ours-only", action="store_true", help="skip the reference (lever runs)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra overrides for our runs (levers)")
-    p.add_argument("--trainer", type=Path, default=ROOT / "train_fsdp2.py",
-                   help="our entrypoint to run (train_ddp.py, or another checkout's, for an A/B)")
+    p.add_argument(
+        "--trainer",
+        type=Path,
+        default=ROOT / "train_fsdp2.py",
+        help="our entrypoint to run (train_ddp.py, or another checkout's, for an A/B)",
+    )
     p.add_argument("--timeout", type=float, default=300, help="seconds per run")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", tempfile.gettempdir())) / "vs_reference")
     p.add_argument("--docs", type=Path, help="write the table into this markdown file")
@@ -223,13 +311,15 @@ def main() -> None:
     def theirs_all():
         for name in a.rows:
             results.setdefault(name, [ROWS[name], {}, {}])[1] = (
-                measure_theirs(ref, name, ROWS[name], a.out, their_gpu, a.timeout) if ref else {"error": "not run"})
+                measure_theirs(ref, name, ROWS[name], a.out, their_gpu, a.timeout) if ref else {"error": "not run"}
+            )
             print(f"theirs {name}: {results[name][1]}", flush=True)
 
     def ours_all():
         for name in a.rows:
             results.setdefault(name, [ROWS[name], {}, {}])[2] = measure_ours(
-                name, ROWS[name], a.data.resolve(), work, a.out, our_gpu, a.set, a.timeout, a.trainer.resolve())
+                name, ROWS[name], a.data.resolve(), work, a.out, our_gpu, a.set, a.timeout, a.trainer.resolve()
+            )
             print(f"ours {name}: {results[name][2]}", flush=True)
 
     for name in a.rows:
@@ -245,8 +335,11 @@ def main() -> None:
         ours_all()
     command = "python bench/vs_reference.py " + " ".join(sys.argv[1:])
     placement = "theirs on GPU 0, ours on GPU 1, at once" if len(gpus) > 1 else "one after the other on one GPU"
-    header = (f"**{gpu_name}**, {datetime.date.today()}, torch {torch.__version__}, {placement}: `{command}`. Timed steps per row: "
-              + ", ".join(f"{n} {ROWS[n].timed} after {ROWS[n].warmup}" for n in a.rows) + ".")
+    header = (
+        f"**{gpu_name}**, {datetime.date.today()}, torch {torch.__version__}, {placement}: `{command}`. Timed steps per row: "
+        + ", ".join(f"{n} {ROWS[n].timed} after {ROWS[n].warmup}" for n in a.rows)
+        + "."
+    )
     text = table({k: tuple(v) for k, v in results.items()}, header)
     (a.out / "vs_reference.json").write_text(json.dumps({k: v[1:] for k, v in results.items()}, indent=1))
     print("\n" + text)

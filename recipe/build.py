@@ -108,7 +108,9 @@ def precision_plan(
     return plan, {fmt: quantization.build_recipe(sections[fmt], fmt) for fmt in plan.recipes}
 
 
-def build(cfg: DictConfig, strategy: Strategy, mcfg: EsmConfig, plan: quantization.PrecisionPlan, recipes: dict) -> torch.nn.Module:
+def build(
+    cfg: DictConfig, strategy: Strategy, mcfg: EsmConfig, plan: quantization.PrecisionPlan, recipes: dict
+) -> torch.nn.Module:
     """The model that trains: built with its run-time settings (context parallelism, layer recipes), parallelised
     (recipe/parallel.py `parallelize`), initialised (in place, shard by shard, when built on the meta device), and
     loaded from `model.init_from` if given."""
@@ -122,8 +124,14 @@ def build(cfg: DictConfig, strategy: Strategy, mcfg: EsmConfig, plan: quantizati
     contexts = [quantization.init_context(recipes.get(p)) for p in plan.layers] if cfg.quantized_model_init else None
     # Quantized weights are made on the device (TE quantizes them as they are initialised), then sharded.
     on_meta = strategy.meta_init and contexts is None
-    model = build_model(mcfg, device="meta" if on_meta else info.device, seed=None if on_meta else cfg.seed,
-                        dtype=strategy.param_dtype, layer_init_contexts=contexts, runtime=runtime)
+    model: torch.nn.Module = build_model(
+        mcfg,
+        device="meta" if on_meta else info.device,
+        seed=None if on_meta else cfg.seed,
+        dtype=strategy.param_dtype,
+        layer_init_contexts=contexts,
+        runtime=runtime,
+    )
     model = parallelize(model, strategy, cfg.use_torch_compile)
     if on_meta:
         model.to_empty(device=info.device)
@@ -178,8 +186,15 @@ def build_data(cfg: DictConfig, info: DistInfo) -> Data:
     if d.streaming:
         from recipe.data.streaming import StreamingMLMBatches, open_stream
 
-        train = StreamingMLMBatches(open_stream(d.train_path, d.format), settings, info.dp_rank, info.dp_size, d.column,
-                                    d.streaming_shuffle_buffer, source=str(d.train_path))
+        train: MLMBatches | StreamingMLMBatches = StreamingMLMBatches(
+            open_stream(d.train_path, d.format),
+            settings,
+            info.dp_rank,
+            info.dp_size,
+            d.column,
+            d.streaming_shuffle_buffer,
+            source=str(d.train_path),
+        )
         summary, cluster = f"{d.train_path} (streaming)", False
     else:
         train_store = load_sequences(d.train_path, d.format, d.column)

@@ -111,11 +111,20 @@ def batch_settings(masking: str, max_length: int, batch_tokens: int, seed: int, 
     if max_length < 3:
         raise InputError(f"--max-length={max_length} leaves no room for a residue (it counts <cls> and <eos>)")
     if batch_tokens < max_length or batch_tokens % PAD_MULTIPLE:
-        raise InputError(f"--batch-tokens={batch_tokens} must be a multiple of {PAD_MULTIPLE} and at least --max-length={max_length}")
+        raise InputError(
+            f"--batch-tokens={batch_tokens} must be a multiple of {PAD_MULTIPLE} and at least --max-length={max_length}"
+        )
     mask_frac, random_frac = MASKING[masking]
     return BatchSettings(
-        max_seq_length=max_length, layout=layout, token_micro_batch_size=batch_tokens, micro_batch_size=max(1, batch_tokens // max_length),
-        pad_to_multiple_of=PAD_MULTIPLE, mask_prob=MASK_PROB, seed=seed, mask_token_frac=mask_frac, random_token_frac=random_frac,
+        max_seq_length=max_length,
+        layout=layout,
+        token_micro_batch_size=batch_tokens,
+        micro_batch_size=max(1, batch_tokens // max_length),
+        pad_to_multiple_of=PAD_MULTIPLE,
+        mask_prob=MASK_PROB,
+        seed=seed,
+        mask_token_frac=mask_frac,
+        random_token_frac=random_frac,
     )
 
 
@@ -193,8 +202,10 @@ def score(args: argparse.Namespace) -> dict:
 
 def report(r: dict) -> str:
     mask_frac, random_frac = MASKING[r["masking"]]
-    protocol = (f"{r['masking']}: {MASK_PROB:.0%} of residues selected; {mask_frac:.0%} <mask>, {random_frac:.0%} random, "
-                f"{1 - mask_frac - random_frac:.0%} kept; seed {r['seed']}")
+    protocol = (
+        f"{r['masking']}: {MASK_PROB:.0%} of residues selected; {mask_frac:.0%} <mask>, {random_frac:.0%} random, "
+        f"{1 - mask_frac - random_frac:.0%} kept; seed {r['seed']}"
+    )
     rows = [
         ("model", f"{r['model']}, backend {r['backend']}, {r['device']}"),
         ("data", f"{r['data']}, up to {r['max_length']} tokens each"),
@@ -209,8 +220,12 @@ def report(r: dict) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m recipe.evaluate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        prog="python -m recipe.evaluate",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     p.add_argument("model", help="exported / Hugging Face ESM-2 directory, or a checkpoint (checkpoints/step_N)")
     p.add_argument("data", help="FASTA (.gz/.xz), parquet file or directory, CSV, or a datasets directory")
     p.add_argument("--masking", choices=sorted(MASKING), default="esm", help="esm (80/10/10, default) or all-mask")
@@ -219,12 +234,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="score only the first N sequences")
     p.add_argument("--seed", type=int, default=0, help="masking seed: the same seed gives the same masks and numbers")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: cuda if present")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 autocast on cuda, fp32 on cpu")
+    p.add_argument(
+        "--precision", choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 autocast on cuda, fp32 on cpu"
+    )
     p.add_argument("--backend", choices=("auto", "torch", "te"), default="auto", help="our layer implementation to run it with")
     p.add_argument("--format", default="auto", help="data format: auto, fasta, parquet, csv, hf")
     p.add_argument("--column", default="sequence", help="column that holds sequences (parquet, csv, hf)")
     p.add_argument("--split", default="train", help="split of a datasets directory")
-    p.add_argument("--json", action="store_true", help="end stdout with one JSON object (loss, perplexity, accuracy, tokens, sequences)")
+    p.add_argument(
+        "--json", action="store_true", help="end stdout with one JSON object (loss, perplexity, accuracy, tokens, sequences)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.limit is not None and args.limit <= 0:

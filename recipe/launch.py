@@ -13,6 +13,7 @@ Linux only (the trainers are found through /proc).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -43,13 +44,15 @@ def forward(signum: int, frame) -> None:
     pids = children(os.getpid())
     if not pids:  # no trainer started yet (or all gone): nothing to checkpoint, stop as torchrun does
         _terminate_process_handler(signum, frame)
-    print(f"recipe.launch: passing {signal.Signals(signum).name} to the trainers {pids}; they stop after their current step "
-          f"with a checkpoint{' (Ctrl-C again aborts)' if signum == signal.SIGINT else ''}", file=sys.stderr, flush=True)
+    print(
+        f"recipe.launch: passing {signal.Signals(signum).name} to the trainers {pids}; they stop after their current step "
+        f"with a checkpoint{' (Ctrl-C again aborts)' if signum == signal.SIGINT else ''}",
+        file=sys.stderr,
+        flush=True,
+    )
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
 
 
 def main(argv: list[str] | None = None) -> None:

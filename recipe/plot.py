@@ -99,8 +99,10 @@ def plot(runs: list[Run], out: Path) -> Path:
     for ax in axes[1]:
         ax.set_ylim(bottom=0)
     handles = [Line2D([], [], color=colors[i % len(colors)], linewidth=2, label=run.label) for i, run in enumerate(runs)]
-    handles += [Line2D([], [], color="gray", label="training loss"),
-                Line2D([], [], color="gray", linestyle="--", marker="o", markersize=4, label="validation loss")]
+    handles += [
+        Line2D([], [], color="gray", label="training loss"),
+        Line2D([], [], color="gray", linestyle="--", marker="o", markersize=4, label="validation loss"),
+    ]
     axes[0, 1].legend(handles=handles, loc="upper right", fontsize=9)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -110,8 +112,12 @@ def plot(runs: list[Run], out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m recipe.plot", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        prog="python -m recipe.plot",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     p.add_argument("runs", nargs="+", type=Path, metavar="OUTPUT_DIR", help="a training run's output_dir (holds metrics.jsonl)")
     p.add_argument("-o", "--output", type=Path, default=None, help="PNG to write (default: curves.png in the first OUTPUT_DIR)")
     args = p.parse_args(argv)

@@ -23,6 +23,7 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
 import torch.distributed as dist
 from omegaconf import DictConfig
@@ -61,7 +62,7 @@ def previous_outputs(output_dir: Path, ckpt_dir: Path) -> list[Path]:
     return found
 
 
-def _lock(directory: Path) -> object:
+def _lock(directory: Path) -> TextIO:
     """Take the directory's run lock or raise RunDirError naming who holds it."""
     directory.mkdir(parents=True, exist_ok=True)
     f = open(directory / LOCK_FILE, "a+")  # noqa: SIM115 (held open for the run's life: closing it releases the lock)
@@ -71,8 +72,10 @@ def _lock(directory: Path) -> object:
         f.seek(0)
         holder = f.read().strip() or "a process that has not yet written its name"
         f.close()
-        raise RunDirError(f"{directory} is in use by another run ({holder}): wait for it to finish, or give this run "
-                          f"another output_dir (two runs in one directory would mix their metrics and checkpoints)") from None
+        raise RunDirError(
+            f"{directory} is in use by another run ({holder}): wait for it to finish, or give this run "
+            f"another output_dir (two runs in one directory would mix their metrics and checkpoints)"
+        ) from None
     f.truncate(0)
     f.write(f"pid {os.getpid()} on host {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
     f.flush()
@@ -90,8 +93,12 @@ def _claim_on_main(cfg: DictConfig, stack: contextlib.ExitStack) -> None:
     names = ", ".join(str(p) for p in found[:6]) + (f" and {len(found) - 6} more" if len(found) > 6 else "")
     if cfg.checkpoint.resume_from_checkpoint:  # continue that run from its newest verified checkpoint
         if not any(STEP_DIR.match(p.name) for p in found):
-            log.warning("checkpoint.resume_from_checkpoint=true but the earlier run in %s left no checkpoint: starting "
-                        "fresh, replacing %s", output_dir, names)
+            log.warning(
+                "checkpoint.resume_from_checkpoint=true but the earlier run in %s left no checkpoint: starting "
+                "fresh, replacing %s",
+                output_dir,
+                names,
+            )
         return
     if not cfg.overwrite_output_dir:
         raise RunDirError(
@@ -107,10 +114,12 @@ def _claim_on_main(cfg: DictConfig, stack: contextlib.ExitStack) -> None:
 def claim(cfg: DictConfig, info: DistInfo) -> Iterator[None]:
     """Hold the run directory for the life of the block (see the module doc); RunDirError on every rank if not."""
     if cfg.overwrite_output_dir and cfg.checkpoint.resume_from_checkpoint:
-        raise config_lib.ConfigError("overwrite_output_dir=true and checkpoint.resume_from_checkpoint=true contradict "
-                                     "each other: resume continues the run in output_dir, overwrite deletes it")
+        raise config_lib.ConfigError(
+            "overwrite_output_dir=true and checkpoint.resume_from_checkpoint=true contradict "
+            "each other: resume continues the run in output_dir, overwrite deletes it"
+        )
     with contextlib.ExitStack() as stack:
-        verdict = [None]
+        verdict: list[str | None] = [None]
         if info.is_main:
             try:
                 _claim_on_main(cfg, stack)

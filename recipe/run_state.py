@@ -57,8 +57,12 @@ class TrainState:
     clock: TrainClock = field(default_factory=TrainClock)
 
     def to_meta(self) -> dict:
-        return {"step": self.step, "consumed_tokens": self.consumed_tokens, "consumed_samples": self.consumed_samples,
-                "train_seconds": self.clock.seconds}
+        return {
+            "step": self.step,
+            "consumed_tokens": self.consumed_tokens,
+            "consumed_samples": self.consumed_samples,
+            "train_seconds": self.clock.seconds,
+        }
 
 
 class DataTracker:
@@ -78,7 +82,7 @@ class DataTracker:
         """Every rank's streams merged (a collective: every rank calls it at the same point)."""
         p, w = self.position, self.position.world_size
         mine = (self.dp_rank, {t: p.cursors[t] for t in range(self.dp_rank, p.streams, w)}, p.next_worker[self.dp_rank])
-        gathered = [None] * dist.get_world_size() if dist.is_initialized() else [mine]
+        gathered: list = [None] * dist.get_world_size() if dist.is_initialized() else [mine]
         if dist.is_initialized():
             dist.all_gather_object(gathered, mine)
         merged = DataPosition.from_dict(p.to_dict())
@@ -94,14 +98,19 @@ class RunCheckpointer:
     TrainState, the config, the resolved model, what a resume must match, the data position, each rank's RNG), and
     the resume that restores all of it (`resume`)."""
 
-    def __init__(self, cfg: DictConfig, info: DistInfo, strategy_name: str, mcfg: EsmConfig, expect: dict, model, optimizer, loader):
+    def __init__(
+        self, cfg: DictConfig, info: DistInfo, strategy_name: str, mcfg: EsmConfig, expect: dict, model, optimizer, loader
+    ):
         c = cfg.checkpoint
         self.ckpt = Checkpointer(config_lib.ckpt_dir(cfg), info, c.max_checkpoints, c.async_save)
         self.every, self.last_step, self.seed = c.save_every_n_steps, cfg.num_train_steps, cfg.seed
         self.info, self.model, self.optimizer, self.loader, self.expect = info, model, optimizer, loader, expect
-        self.static_meta = {"world_size": info.world_size, "strategy": strategy_name,
-                            "config": OmegaConf.to_container(cfg, resolve=True),
-                            "model_config": mcfg.to_dict()}  # the resolved model: what recipe.evaluate builds
+        self.static_meta = {
+            "world_size": info.world_size,
+            "strategy": strategy_name,
+            "config": OmegaConf.to_container(cfg, resolve=True),
+            "model_config": mcfg.to_dict(),
+        }  # the resolved model: what recipe.evaluate builds
         self.num_workers = cfg.dataset.num_workers
         self.tracker = self._tracker() if isinstance(loader.dataset, MLMBatches) else None
         self.resumed_from: Path | None = None
@@ -143,32 +152,45 @@ class RunCheckpointer:
         meta, rank_state = self.ckpt.load(latest, self.model, self.optimizer, self.expect)
         step = meta["step"]
         if step > self.last_step:
-            raise config_lib.ConfigError(f"num_train_steps={self.last_step} is below the step of the checkpoint to resume, "
-                                         f"{latest} (step {step}): raise num_train_steps to train on from it")
+            raise config_lib.ConfigError(
+                f"num_train_steps={self.last_step} is below the step of the checkpoint to resume, "
+                f"{latest} (step {step}): raise num_train_steps to train on from it"
+            )
         if "train_seconds" not in meta:
             log.warning("%s was written without train_seconds: train_seconds restarts from 0", latest)
         self._resume_data(meta, rank_state, latest)
         self._restore_rng(meta, rank_state, step)
         self.resumed_from = latest
-        log.info("resumed from %s at step %d (written by %s processes, now %d)", latest, step, meta.get("world_size"),
-                 self.info.world_size)
+        log.info(
+            "resumed from %s at step %d (written by %s processes, now %d)",
+            latest,
+            step,
+            meta.get("world_size"),
+            self.info.world_size,
+        )
         if step == self.last_step:
             log.info("that checkpoint ends this run (num_train_steps=%d): nothing left to train", step)
-        return TrainState(step, meta["consumed_tokens"], meta.get("consumed_samples", 0), TrainClock(meta.get("train_seconds", 0.0)))
+        return TrainState(
+            step, meta["consumed_tokens"], meta.get("consumed_samples", 0), TrainClock(meta.get("train_seconds", 0.0))
+        )
 
     def _resume_data(self, meta: dict, rank_state: dict | None, path: Path) -> None:
         """Put the training data where the checkpoint left it: the global position (any world size and worker count),
         or, for a stream, this rank's loader state (the same world size only)."""
         if self.tracker is not None:
             if "data_position" not in meta:
-                raise RuntimeError(f"cannot resume from {path}: it has no global data position (written by an older version "
-                                   "with per-rank loader state); resume it with that version")
+                raise RuntimeError(
+                    f"cannot resume from {path}: it has no global data position (written by an older version "
+                    "with per-rank loader state); resume it with that version"
+                )
             self.loader.dataset.position = DataPosition.from_dict(meta["data_position"])
             self.tracker = self._tracker()
             return
         if meta.get("world_size") != self.info.world_size or rank_state is None or "loader" not in rank_state:
-            raise RuntimeError(f"cannot resume from {path}: dataset.streaming=true resumes only with the world size that wrote it "
-                               f"({meta.get('world_size')}, this run has {self.info.world_size}); the prepared store resumes at any size")
+            raise RuntimeError(
+                f"cannot resume from {path}: dataset.streaming=true resumes only with the world size that wrote it "
+                f"({meta.get('world_size')}, this run has {self.info.world_size}); the prepared store resumes at any size"
+            )
         self.loader.load_state_dict(rank_state["loader"])
 
     def _restore_rng(self, meta: dict, rank_state: dict | None, step: int) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -30,7 +30,7 @@ def model_inputs(batch: dict, device: torch.device) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, dataset: MLMBatches, device, amp, max_batches: int | None, shard=lambda b: b) -> dict:
+def evaluate(model, dataset: Iterable[dict], device, amp, max_batches: int | None, shard=lambda b: b) -> dict:
     """Full deterministic pass over this rank's share of the validation split; token-weighted across ranks.
 
     Ranks may hold different numbers of batches; a rank that has run out joins with a batch whose labels are all
@@ -38,7 +38,8 @@ def evaluate(model, dataset: MLMBatches, device, amp, max_batches: int | None, s
     """
     model.eval()
     sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss_sum, tokens, correct, real batches
-    it, spare, count = iter(dataset), None, 0
+    it, count = iter(dataset), 0
+    spare: dict = {}
     while True:
         batch = next(it, None) if max_batches is None or count < max_batches else None
         batch = shard(batch) if batch is not None else None
@@ -56,27 +57,46 @@ def evaluate(model, dataset: MLMBatches, device, amp, max_batches: int | None, s
     loss_sum, tokens, correct, batches = all_reduce(sums).tolist()
     if tokens == 0:
         source = getattr(getattr(dataset, "store", None), "source", "the validation split")
-        why = "it yielded no batches" if batches == 0 else (
-            f"its {int(batches)} micro-batch(es) hold no masked residue (no standard residue selected at "
-            f"dataset.mask_prob={dataset.settings.mask_prob}: sequences too short or of unknown characters only)")
+        why = (
+            "it yielded no batches"
+            if batches == 0
+            else (
+                f"its {int(batches)} micro-batch(es) hold no masked residue (no standard residue selected at "
+                f"dataset.mask_prob={getattr(getattr(dataset, 'settings', None), 'mask_prob', '?')}: sequences too short or of unknown characters only)"
+            )
+        )
         raise RuntimeError(f"validation on {source} gave no masked token to score: {why}")
     val_loss = loss_sum / tokens
-    return {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50)), "val_accuracy": correct / tokens,
-            "val_tokens": int(tokens)}
+    return {
+        "val_loss": val_loss,
+        "val_perplexity": math.exp(min(val_loss, 50)),
+        "val_accuracy": correct / tokens,
+        "val_tokens": int(tokens),
+    }
 
 
 class Validator:
     """Runs `evaluate` on the run's schedule and writes the result to the metrics; does nothing without a
     validation split. Its time is left out of the training clock."""
 
-    def __init__(self, model, data: MLMBatches | None, device: torch.device, amp, max_batches: int | None,
-                 shard: Callable[[dict], dict], every_n_steps: int | None, last_step: int, metrics: MetricsWriter):
+    def __init__(
+        self,
+        model,
+        data: MLMBatches | None,
+        device: torch.device,
+        amp,
+        max_batches: int | None,
+        shard: Callable[[dict], dict],
+        every_n_steps: int | None,
+        last_step: int,
+        metrics: MetricsWriter,
+    ):
         self.model, self.data, self.device, self.amp, self.max_batches, self.shard = model, data, device, amp, max_batches, shard
         self.every, self.last_step, self.metrics = every_n_steps, last_step, metrics
 
     def should_validate(self, step: int) -> bool:
         """On validation.every_n_steps during training; the last step's validation is `finish`'s."""
-        return bool(self.every) and step % self.every == 0 and step < self.last_step
+        return self.every is not None and self.every > 0 and step % self.every == 0 and step < self.last_step
 
     def run(self, state: TrainState) -> None:
         if self.data is None:
@@ -85,8 +105,13 @@ class Validator:
         with state.clock.pause():
             result = evaluate(self.model, self.data, self.device, self.amp, self.max_batches, self.shard)
         self.metrics.log({"step": state.step, "train_seconds": seconds, **result})
-        log.info("validation at step %d: loss %.4f, perplexity %.3f, accuracy %.4f", state.step, result["val_loss"],
-                 result["val_perplexity"], result["val_accuracy"])
+        log.info(
+            "validation at step %d: loss %.4f, perplexity %.3f, accuracy %.4f",
+            state.step,
+            result["val_loss"],
+            result["val_perplexity"],
+            result["val_accuracy"],
+        )
 
     def done_at(self, step: int) -> bool:
         """Whether the metrics already hold a validation of `step` (a finished run, resumed), agreed by all ranks."""

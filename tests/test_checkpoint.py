@@ -21,8 +21,11 @@ INFO = DistInfo(0, 1, 0, torch.device("cpu"))
 
 def test_te_extra_state_travels_as_bytes_including_empty():
     """TE's _extra_state (FP8 scales; empty for a BF16 module) crosses DCP as bytes and comes back unchanged."""
-    sd = {"a._extra_state": torch.tensor([1, 2, 250], dtype=torch.uint8), "b._extra_state": torch.empty(0, dtype=torch.uint8),
-          "w": torch.ones(2)}
+    sd = {
+        "a._extra_state": torch.tensor([1, 2, 250], dtype=torch.uint8),
+        "b._extra_state": torch.empty(0, dtype=torch.uint8),
+        "w": torch.ones(2),
+    }
     back = extra_state_from_bytes(extra_state_to_bytes(sd))
     assert all(torch.equal(back[k], v) for k, v in sd.items())
 
@@ -183,16 +186,25 @@ def enospc(*args, **kwargs):
 
 
 def torch_zip_writer_failure(*args, **kwargs):
-    raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/0: "
-                       "file write failed")
+    raise RuntimeError(
+        "[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/0: file write failed"
+    )
 
 
-@pytest.mark.parametrize("where, patch", [
-    ("DCP shard writer, ENOSPC", lambda mp: mp.setattr("torch.distributed.checkpoint.filesystem._write_item", enospc)),
-    ("rank file, torch's zip writer", lambda mp: (mp.setattr(ckpt_lib.torch, "save", torch_zip_writer_failure),
-                                                 mp.setattr(ckpt_lib.shutil, "disk_usage", no_space_left))),
-    ("manifest, ENOSPC", lambda mp: mp.setattr(ckpt_lib, "_write_atomically", enospc)),
-])
+@pytest.mark.parametrize(
+    "where, patch",
+    [
+        ("DCP shard writer, ENOSPC", lambda mp: mp.setattr("torch.distributed.checkpoint.filesystem._write_item", enospc)),
+        (
+            "rank file, torch's zip writer",
+            lambda mp: (
+                mp.setattr(ckpt_lib.torch, "save", torch_zip_writer_failure),
+                mp.setattr(ckpt_lib.shutil, "disk_usage", no_space_left),
+            ),
+        ),
+        ("manifest, ENOSPC", lambda mp: mp.setattr(ckpt_lib, "_write_atomically", enospc)),
+    ],
+)
 def test_disk_full_is_named_cleaned_up_and_spares_older_checkpoints(tmp_path, monkeypatch, where, patch):
     saver = save_steps(tmp_path, [1, 2], max_checkpoints=2)
     patch(monkeypatch)

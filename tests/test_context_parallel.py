@@ -49,11 +49,18 @@ def test_shards_reassemble_exactly(cp_size, lengths, chunk_multiple):
 
 
 def test_real_batch_every_token_once():
-    ds = MLMBatches(load_sequences("data/uniprot_sample/validation"), BatchSettings(max_seq_length=1024, token_micro_batch_size=8192), train=False)
+    ds = MLMBatches(
+        load_sequences("data/uniprot_sample/validation"),
+        BatchSettings(max_seq_length=1024, token_micro_batch_size=8192),
+        train=False,
+    )
     batch = next(iter(ds))
     n = len(batch["seq_lengths"])
-    batch = {"input_ids": batch["input_ids"][: batch["num_real_tokens"]], "labels": batch["labels"][: batch["num_real_tokens"]],
-             "cu_seqlens": batch["cu_seqlens"][: n + 1]}
+    batch = {
+        "input_ids": batch["input_ids"][: batch["num_real_tokens"]],
+        "labels": batch["labels"][: batch["num_real_tokens"]],
+        "cu_seqlens": batch["cu_seqlens"][: n + 1],
+    }
     shards = [shard_batch(batch, 4, r) for r in range(4)]
     real = sum(int((s["input_ids"] != PAD_ID).sum()) for s in shards)
     assert real == batch["input_ids"].numel()
@@ -67,7 +74,11 @@ def test_bad_rank():
 
 def test_pad_segment_is_not_sharded_and_real_tokens_counted():
     """A packer batch (with its trailing pad segment): only real sequences are split, every real token lands once."""
-    ds = MLMBatches(load_sequences("data/uniprot_sample/validation"), BatchSettings(max_seq_length=1024, token_micro_batch_size=8192), train=False)
+    ds = MLMBatches(
+        load_sequences("data/uniprot_sample/validation"),
+        BatchSettings(max_seq_length=1024, token_micro_batch_size=8192),
+        train=False,
+    )
     batch = next(iter(ds))
     assert batch["input_ids"].numel() > batch["num_real_tokens"]  # has a pad segment
     for cp in (2, 4):
@@ -115,7 +126,12 @@ def test_cu_seqlens_padded_refused_on_torch_backend():
     model = build_model(EsmConfig.from_size("tiny", backend="torch"), seed=0)
     shard = shard_batch(odd_batch([7, 9]), 1, 0, chunk_multiple=8)
     with pytest.raises(ValueError, match="needs the te backend"):
-        model(shard["input_ids"], cu_seqlens=shard["cu_seqlens"], max_seqlen=shard["max_seqlen"], cu_seqlens_padded=shard["cu_seqlens_padded"])
+        model(
+            shard["input_ids"],
+            cu_seqlens=shard["cu_seqlens"],
+            max_seqlen=shard["max_seqlen"],
+            cu_seqlens_padded=shard["cu_seqlens_padded"],
+        )
 
 
 def test_each_dp_rank_reads_its_own_data_and_cp_peers_the_same(tmp_path):
@@ -180,8 +196,10 @@ def test_cp_batches_keep_the_token_budget_and_fixed_shapes(tmp_path, cp_size, pa
 
 @pytest.mark.parametrize(
     "max_len, fixed, message",
-    [(4080, False, r"cannot hold one sequence of dataset.max_seq_length=4080 \(padded for context parallelism: 4096\)"),
-     (1024, True, "to be a multiple of 64")],
+    [
+        (4080, False, r"cannot hold one sequence of dataset.max_seq_length=4080 \(padded for context parallelism: 4096\)"),
+        (1024, True, "to be a multiple of 64"),
+    ],
 )
 def test_cp_budget_that_cannot_hold_padded_sequences_is_refused(max_len, fixed, message):
     from recipe.data.dataset import BatchSettings

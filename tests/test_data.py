@@ -177,7 +177,10 @@ def test_packing_never_splits_drops_or_overflows(budget, max_len, fixed, capsys)
         cu = b["cu_seqlens"].numpy()
         assert (ids[cu[:-1][: len(lengths)]] == CLS_ID).all() and (ids[cu[1 : len(lengths) + 1] - 1] == EOS_ID).all()
     with capsys.disabled():
-        print(f"\n  padding waste budget={budget} max_len={max_len} fixed={fixed}: {padding_waste(batches):.2%} over {len(batches)} batches")
+        print(
+            f"\n  padding waste budget={budget} max_len={max_len} fixed={fixed}: "
+            f"{padding_waste(batches):.2%} over {len(batches)} batches"
+        )
 
 
 # ------------------------------------------------------------------------------------------- prepare
@@ -192,7 +195,9 @@ def test_prepare_splits_deterministically(tmp_path):
     assert 200 < s1["validation"] < 400 and s1["validation"] == s2["validation"]
     a = load_sequences(tmp_path / "a" / "validation")
     b = load_sequences(tmp_path / "b" / "validation")
-    assert sorted(map(bytes, (a.residues(i) for i in range(len(a))))) == sorted(map(bytes, (b.residues(i) for i in range(len(b)))))
+    assert sorted(map(bytes, (a.residues(i) for i in range(len(a))))) == sorted(
+        map(bytes, (b.residues(i) for i in range(len(b))))
+    )
     assert json.loads((tmp_path / "a" / "prepare_stats.json").read_text())["records"] == 3001
     assert record_id("UniRef50_Q6GZX4 Putative n=2 Tax=x") == "UniRef50_Q6GZX4" and record_id("sp|P1|X y") == "P1"
 

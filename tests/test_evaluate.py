@@ -117,7 +117,16 @@ def test_report_lines_and_json_last(exported, capsys):
     code, out, err = run_main(capsys, exported, BUNDLED_VAL, "--limit", "3", "--json")
     assert code == 0
     lines = out.strip().splitlines()
-    assert [line.split()[0] for line in lines[:-1]] == ["model", "data", "masking", "loss", "perplexity", "accuracy", "tokens", "sequences"]
+    assert [line.split()[0] for line in lines[:-1]] == [
+        "model",
+        "data",
+        "masking",
+        "loss",
+        "perplexity",
+        "accuracy",
+        "tokens",
+        "sequences",
+    ]
     assert set(json.loads(lines[-1])) >= {"loss", "perplexity", "accuracy", "tokens", "sequences"}
     assert "evaluate" in err and "3/3" in err  # the progress bar goes to stderr
 
@@ -133,14 +142,17 @@ def empty_fasta(tmp_path):
     return tmp_path / "empty.fasta"
 
 
-@pytest.mark.parametrize("case, expected", [
-    ("missing model", "no such model directory"),
-    ("not a model", "neither a Hugging Face ESM-2 directory"),
-    ("not ESM-2", "model_type is 'bert', expected 'esm'"),
-    ("empty data", "empty file"),
-    ("missing data", "no such file or directory"),
-    ("batch too small", "--batch-tokens=64 must be"),
-])
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing model", "no such model directory"),
+        ("not a model", "neither a Hugging Face ESM-2 directory"),
+        ("not ESM-2", "model_type is 'bert', expected 'esm'"),
+        ("empty data", "empty file"),
+        ("missing data", "no such file or directory"),
+        ("batch too small", "--batch-tokens=64 must be"),
+    ],
+)
 def test_bad_input_gets_one_line_and_status_2(exported, tmp_path, capsys, case, expected):
     model, data, extra = exported, BUNDLED_VAL, []
     if case == "missing model":

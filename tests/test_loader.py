@@ -230,6 +230,7 @@ def test_streaming_resume_gives_the_identical_next_batches(parquet_shards, worke
     from recipe.data.streaming import StreamingMLMBatches, open_stream
 
     path, _ = parquet_shards
+
     def fresh():
         return make_loader(StreamingMLMBatches(open_stream(path), SETTINGS, 0, 1), num_workers=workers)
 
@@ -264,6 +265,7 @@ def test_streaming_a_file_of_empty_rows_fails_naming_it(tmp_path, workers):
 @contextlib.contextmanager
 def alarm(seconds: int):
     """Fail instead of hanging the suite (the bug this guards against was a hang)."""
+
     def timeout(signum, frame):
         raise TimeoutError(f"still waiting after {seconds} s")
 

@@ -132,8 +132,16 @@ def test_positions_restart_per_sequence():
     ids, attn, labels = random_batch(seed=4, batch=2)
     a, b = ids[0][attn[0].bool()], ids[1][attn[1].bool()]
     with torch.no_grad():
-        ab = ours(torch.cat([a, b]), cu_seqlens=torch.tensor([0, len(a), len(a) + len(b)], dtype=torch.int32), max_seqlen=max(len(a), len(b))).logits
-        ba = ours(torch.cat([b, a]), cu_seqlens=torch.tensor([0, len(b), len(a) + len(b)], dtype=torch.int32), max_seqlen=max(len(a), len(b))).logits
+        ab = ours(
+            torch.cat([a, b]),
+            cu_seqlens=torch.tensor([0, len(a), len(a) + len(b)], dtype=torch.int32),
+            max_seqlen=max(len(a), len(b)),
+        ).logits
+        ba = ours(
+            torch.cat([b, a]),
+            cu_seqlens=torch.tensor([0, len(b), len(a) + len(b)], dtype=torch.int32),
+            max_seqlen=max(len(a), len(b)),
+        ).logits
     torch.testing.assert_close(ab[: len(a)], ba[len(b) :], atol=1e-5, rtol=0)
 
 
@@ -359,9 +367,18 @@ def test_auto_backend_says_what_it_picked(caplog):
     assert model.config.backend in ("torch", "te")
 
 
-@pytest.mark.parametrize("size, layers, hidden, heads", [(k, v["num_layers"], v["hidden_size"], v["num_heads"]) for k, v in SIZES.items()])
+@pytest.mark.parametrize(
+    "size, layers, hidden, heads", [(k, v["num_layers"], v["hidden_size"], v["num_heads"]) for k, v in SIZES.items()]
+)
 def test_size_presets(size, layers, hidden, heads):
-    published = {"8M": (6, 320, 20), "35M": (12, 480, 20), "150M": (30, 640, 20), "650M": (33, 1280, 20), "3B": (36, 2560, 40), "15B": (48, 5120, 40)}
+    published = {
+        "8M": (6, 320, 20),
+        "35M": (12, 480, 20),
+        "150M": (30, 640, 20),
+        "650M": (33, 1280, 20),
+        "3B": (36, 2560, 40),
+        "15B": (48, 5120, 40),
+    }
     cfg = EsmConfig.from_size(size)
     if size in published:
         assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads) == published[size]
@@ -378,7 +395,12 @@ def test_init_statistics_and_meta_device():
     for (name, a), (_, b) in zip(meta.named_parameters(), direct.named_parameters()):
         assert torch.equal(a, b), name
     sd = dict(direct.named_parameters())
-    for name in ("layers.0.mlp.fc1_weight", "layers.0.attention.layernorm_qkv.weight", "layers.1.attention.proj.weight", "lm_head.dense.weight"):
+    for name in (
+        "layers.0.mlp.fc1_weight",
+        "layers.0.attention.layernorm_qkv.weight",
+        "layers.1.attention.proj.weight",
+        "lm_head.dense.weight",
+    ):
         w = sd[name]
         assert abs(w.std().item() - 0.02) < 0.001 and abs(w.mean().item()) < 0.001, name
     assert torch.all(sd["layers.0.attention.layernorm_qkv.layer_norm_weight"] == 1)
@@ -402,8 +424,15 @@ def test_flops_formula():
 
 @pytest.mark.parametrize(
     "size, compiled, quantized, expected",
-    [("8M", False, False, "torch"), ("150M", False, False, "torch"), ("650M", False, False, "te"), ("3B", False, False, "te"),
-     ("650M", True, False, "torch"), ("8M", False, True, "te"), ("8M", True, True, "te")],
+    [
+        ("8M", False, False, "torch"),
+        ("150M", False, False, "torch"),
+        ("650M", False, False, "te"),
+        ("3B", False, False, "te"),
+        ("650M", True, False, "torch"),
+        ("8M", False, True, "te"),
+        ("8M", True, True, "te"),
+    ],
 )
 def test_auto_backend_follows_measurements(size, compiled, quantized, expected):
     from recipe.model import auto_backend

@@ -12,8 +12,16 @@ def write_run(directory, speed: float, steps: int = 30):
     directory.mkdir(parents=True)
     lines = []
     for step in range(1, steps + 1):
-        lines.append({"step": step, "loss": 3.5 - step * 0.02, "lr": 1e-3, "tokens_per_second_per_gpu": 1000 * speed,
-                      "mfu": None, "train_seconds": step / speed})
+        lines.append(
+            {
+                "step": step,
+                "loss": 3.5 - step * 0.02,
+                "lr": 1e-3,
+                "tokens_per_second_per_gpu": 1000 * speed,
+                "mfu": None,
+                "train_seconds": step / speed,
+            }
+        )
         if step % 10 == 0:
             lines.append({"step": step, "train_seconds": step / speed, "val_loss": 3.4 - step * 0.015, "val_tokens": 100})
     (directory / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
@@ -46,12 +54,15 @@ def test_two_runs_on_one_figure(tmp_path):
     assert [len(r.train) for r in runs] == [30, 20] and [len(r.val) for r in runs] == [3, 2]
 
 
-@pytest.mark.parametrize("case, expected", [
-    ("no directory", "no such output directory"),
-    ("no metrics", "metrics.jsonl: no such file"),
-    ("not json", "metrics.jsonl:2: not a JSON line"),
-    ("no records", "no training or validation records"),
-])
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("no directory", "no such output directory"),
+        ("no metrics", "metrics.jsonl: no such file"),
+        ("not json", "metrics.jsonl:2: not a JSON line"),
+        ("no records", "no training or validation records"),
+    ],
+)
 def test_bad_input(tmp_path, capsys, case, expected):
     run = tmp_path / "run"
     if case != "no directory":

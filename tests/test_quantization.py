@@ -47,7 +47,10 @@ def test_trainer_plan_names_the_compute_dtype(tmp_path, dtype, name):
 def test_plan_description_and_record():
     plan = resolve(6, FP8, [1, 2, 3], FP4, None)
     assert plan.describe() == "layers 1-3: fp8 (Float8BlockScaling); layers 4-6: fp4 (NVFP4BlockScaling)"
-    assert plan.to_dict() == {"layers": ["fp8"] * 3 + ["fp4"] * 3, "recipes": {"fp8": "Float8BlockScaling", "fp4": "NVFP4BlockScaling"}}
+    assert plan.to_dict() == {
+        "layers": ["fp8"] * 3 + ["fp4"] * 3,
+        "recipes": {"fp8": "Float8BlockScaling", "fp4": "NVFP4BlockScaling"},
+    }
 
 
 @pytest.mark.parametrize(
@@ -71,11 +74,39 @@ def test_resolution_errors(args, match):
 @pytest.mark.parametrize(
     "recipe, device, backend, gpu, cap, match",
     [
-        ("DelayedScaling", "cpu", "torch", None, None, "DelayedScaling needs a CUDA GPU with TransformerEngine; this run is on cpu"),
-        ("Float8CurrentScaling", "cuda", "torch", "NVIDIA H100", (9, 0), "needs model.backend=te; this run uses the torch backend"),
-        ("MXFP8BlockScaling", "cuda", "te", "NVIDIA H200", (9, 0),
-         r"MXFP8BlockScaling needs MXFP8 \(Blackwell, compute capability 10.0, or newer\), i.e. compute capability 10.0 or newer; NVIDIA H200 has compute capability 9.0"),
-        ("Float8BlockScaling", "cuda", "te", "NVIDIA A100", (8, 0), "Float8BlockScaling needs FP8 block scaling .* NVIDIA A100 has compute capability 8.0"),
+        (
+            "DelayedScaling",
+            "cpu",
+            "torch",
+            None,
+            None,
+            "DelayedScaling needs a CUDA GPU with TransformerEngine; this run is on cpu",
+        ),
+        (
+            "Float8CurrentScaling",
+            "cuda",
+            "torch",
+            "NVIDIA H100",
+            (9, 0),
+            "needs model.backend=te; this run uses the torch backend",
+        ),
+        (
+            "MXFP8BlockScaling",
+            "cuda",
+            "te",
+            "NVIDIA H200",
+            (9, 0),
+            r"MXFP8BlockScaling needs MXFP8 \(Blackwell, compute capability 10.0, or newer\), "
+            r"i.e. compute capability 10.0 or newer; NVIDIA H200 has compute capability 9.0",
+        ),
+        (
+            "Float8BlockScaling",
+            "cuda",
+            "te",
+            "NVIDIA A100",
+            (8, 0),
+            "Float8BlockScaling needs FP8 block scaling .* NVIDIA A100 has compute capability 8.0",
+        ),
         ("DelayedScaling", "cuda", "te", "NVIDIA L4", (8, 9), None),
         ("Float8BlockScaling", "cuda", "te", "NVIDIA H100", (9, 0), None),
     ],

@@ -30,8 +30,10 @@ LEFTOVERS = {
 @pytest.mark.parametrize("kind", LEFTOVERS)
 def test_a_fresh_run_refuses_another_runs_outputs(tmp_path, kind):
     LEFTOVERS[kind](tmp_path)
-    refused = rf"output_dir={tmp_path} holds another run's outputs .*checkpoint.resume_from_checkpoint=true" \
-              r".*overwrite_output_dir=true"
+    refused = (
+        rf"output_dir={tmp_path} holds another run's outputs .*checkpoint.resume_from_checkpoint=true"
+        r".*overwrite_output_dir=true"
+    )
     with pytest.raises(RunDirError, match=refused), claim(cfg_for(tmp_path), INFO):
         pass
 

@@ -30,9 +30,18 @@ def sbatch_env(tmp_path, nodes=2):
     return dict(
         os.environ,
         PATH=f"{STANDINS}:{os.environ['PATH']}",
-        SLURM_NNODES=str(nodes), SLURM_JOB_NODELIST="node[1-2]", SLURM_JOB_ID="4242", SLURM_JOB_NAME="esm2-test",
-        SLURM_SUBMIT_DIR=str(ROOT), GPUS_PER_NODE="1", OUTPUT_DIR=str(tmp_path / "run"), MASTER_PORT=str(free_port()),
-        SCONTROL_LOG=str(tmp_path / "scontrol.log"), OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1",
+        SLURM_NNODES=str(nodes),
+        SLURM_JOB_NODELIST="node[1-2]",
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NAME="esm2-test",
+        SLURM_SUBMIT_DIR=str(ROOT),
+        GPUS_PER_NODE="1",
+        OUTPUT_DIR=str(tmp_path / "run"),
+        MASTER_PORT=str(free_port()),
+        SCONTROL_LOG=str(tmp_path / "scontrol.log"),
+        OMP_NUM_THREADS="1",
+        WANDB_MODE="disabled",
+        PYTHONUNBUFFERED="1",
     )
 
 
@@ -43,7 +52,9 @@ def steps(run):
 def test_slurm_two_nodes_preempt_requeue_resume(tmp_path):
     env = sbatch_env(tmp_path)
     run = tmp_path / "run"
-    proc = subprocess.Popen(["bash", "slurm.sh", *RUN], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        ["bash", "slurm.sh", *RUN], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None:
         if (run / "metrics.jsonl").exists() and len(steps(run)) >= 3:
@@ -71,8 +82,18 @@ def test_slurm_two_nodes_preempt_requeue_resume(tmp_path):
     assert (tmp_path / "scontrol.log").read_text().count("requeue") == 1  # no requeue after a normal finish
 
 
-@pytest.mark.parametrize("script", ["slurm.sh", "scripts/slurm_node.sh", "scripts/setup.sh", ".ci/run", "bench/device_foundation.sh",
-                                    "tests/slurm_standins/srun", "tests/slurm_standins/scontrol"])
+@pytest.mark.parametrize(
+    "script",
+    [
+        "slurm.sh",
+        "scripts/slurm_node.sh",
+        "scripts/setup.sh",
+        ".ci/run",
+        "bench/device_foundation.sh",
+        "tests/slurm_standins/srun",
+        "tests/slurm_standins/scontrol",
+    ],
+)
 def test_shellcheck_clean(script):
     tool = shutil.which("shellcheck")
     if tool is None:
@@ -112,8 +133,19 @@ def test_pytorchjob_uses_valid_fields():
     spec = job["spec"]
     assert set(spec) <= {"elasticPolicy", "pytorchReplicaSpecs", "runPolicy", "nprocPerNode"}
     elastic = spec["elasticPolicy"]
-    assert set(elastic) <= {"minReplicas", "maxReplicas", "rdzvBackend", "rdzvPort", "rdzvHost", "rdzvId", "rdzvConf",
-                            "standalone", "nProcPerNode", "maxRestarts", "metrics"}
+    assert set(elastic) <= {
+        "minReplicas",
+        "maxReplicas",
+        "rdzvBackend",
+        "rdzvPort",
+        "rdzvHost",
+        "rdzvId",
+        "rdzvConf",
+        "standalone",
+        "nProcPerNode",
+        "maxRestarts",
+        "metrics",
+    }
     assert elastic["rdzvBackend"] == "c10d" and elastic["minReplicas"] <= elastic["maxReplicas"]
     assert set(spec["pytorchReplicaSpecs"]) == {"Worker"}  # elastic jobs have workers only
     worker = spec["pytorchReplicaSpecs"]["Worker"]
@@ -122,8 +154,12 @@ def test_pytorchjob_uses_valid_fields():
     assert elastic["minReplicas"] <= worker["replicas"] <= elastic["maxReplicas"]
     template = worker["template"]
     assert template["spec"]["containers"][0]["name"] == "pytorch"  # the operator looks for this container
-    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": template.get("metadata", {"name": "worker"}) | {"name": "worker"},
-           "spec": template["spec"]}
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": template.get("metadata", {"name": "worker"}) | {"name": "worker"},
+        "spec": template["spec"],
+    }
     kv.validate(pod, "1.33.0", strict=True)
     volumes = {v["name"]: v for v in template["spec"]["volumes"]}
     assert any("persistentVolumeClaim" in v for v in volumes.values())

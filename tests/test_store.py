@@ -56,7 +56,9 @@ def test_prepare_writes_a_store_with_the_cluster_index(clustered):
     c50 = set(table.column("ur50_id").to_pylist())
     assert stats["train_clusters"]["ur50"] + stats["validation_clusters"]["ur50"] == len(c50)  # whole clusters held out
     # the memory-mapped index groups rows exactly as the ids do
-    assert isinstance(train.tokens.base, np.memmap) and isinstance(train.cluster_index().order.base, np.memmap)  # mapped, not read
+    assert isinstance(train.tokens.base, np.memmap) and isinstance(
+        train.cluster_index().order.base, np.memmap
+    )  # mapped, not read
     sizes = []
     for split in (train, val):
         index = split.cluster_index()
@@ -66,6 +68,7 @@ def test_prepare_writes_a_store_with_the_cluster_index(clustered):
     # every training sequence is in the input, token for token
     seqs = set(table.column("sequence").to_pylist())
     from recipe.data.tokenizer import decode
+
     assert all(decode(train.residues(i)) in seqs for i in range(0, len(train), 97))
 
 
@@ -94,8 +97,17 @@ def test_torn_and_half_written_stores_are_refused(clustered, tmp_path):
     (store / "manifest.json").unlink()  # what an interrupted prepare leaves: data files, no manifest
     with pytest.raises(DataError, match="incomplete store.*interrupted"):
         load_sequences(store)
-    r = run_cmd([sys.executable, "train_ddp.py", *TINY, "num_train_steps=1", f"dataset.train_path={store}", "dataset.val_path=null",
-                 f"output_dir={tmp_path / 'run'}"])
+    r = run_cmd(
+        [
+            sys.executable,
+            "train_ddp.py",
+            *TINY,
+            "num_train_steps=1",
+            f"dataset.train_path={store}",
+            "dataset.val_path=null",
+            f"output_dir={tmp_path / 'run'}",
+        ]
+    )
     assert r.returncode != 0 and "incomplete store" in r.stderr
 
 
@@ -179,12 +191,18 @@ def test_cluster_sampling_statistics(clustered):
     dof = len(store) - n50
     limit = dof + 5 * np.sqrt(2 * dof)
     assert chi_square(counts, prob * epochs) < limit
-    wrong = np.bincount(order[sub_start[first[items]] + (np.random.default_rng(0).random(len(items)) *
-                                                        (sub_start[first[items + 1]] - sub_start[first[items]])).astype(int)],
-                        minlength=len(store))
+    wrong = np.bincount(
+        order[
+            sub_start[first[items]]
+            + (np.random.default_rng(0).random(len(items)) * (sub_start[first[items + 1]] - sub_start[first[items]])).astype(int)
+        ],
+        minlength=len(store),
+    )
     assert chi_square(wrong, prob * epochs) > limit  # members uniform within UniRef50: caught
-    assert chi_square(np.bincount(np.random.default_rng(1).integers(0, len(store), len(items)), minlength=len(store)),
-                      prob * epochs) > limit  # sequences uniformly: caught
+    assert (
+        chi_square(np.bincount(np.random.default_rng(1).integers(0, len(store), len(items)), minlength=len(store)), prob * epochs)
+        > limit
+    )  # sequences uniformly: caught
     assert prob_flat.sum() == pytest.approx(n50) and prob.sum() == pytest.approx(n50)
 
 
@@ -214,8 +232,18 @@ def store_run(clustered, tmp_path_factory):
     root, _, _ = clustered
     data = [f"dataset.train_path={(root / 'store' / 'train').resolve()}", f"dataset.val_path={root / 'store' / 'validation'}"]
     out = tmp_path_factory.mktemp("store_runs") / "full"
-    r = check(torchrun("train_ddp.py", 2, *TINY, *data, "dataset.num_workers=2", "num_train_steps=8",
-                       "checkpoint.save_every_n_steps=4", f"output_dir={out}"))
+    r = check(
+        torchrun(
+            "train_ddp.py",
+            2,
+            *TINY,
+            *data,
+            "dataset.num_workers=2",
+            "num_train_steps=8",
+            "checkpoint.save_every_n_steps=4",
+            f"output_dir={out}",
+        )
+    )
     assert "cluster sampling on" in r.stderr
     return out, data
 
@@ -235,8 +263,20 @@ def test_store_resume_is_bitwise_identical_and_a_relative_path_is_the_same_data(
     full, data = store_run
     relative = os.path.relpath(data[0].split("=", 1)[1], ROOT)
     run = copy_checkpoint(full, tmp_path / "resumed", 4)
-    check(torchrun("train_ddp.py", 2, *TINY, f"dataset.train_path={relative}", data[1], "dataset.num_workers=2",
-                   "num_train_steps=8", "checkpoint.save_every_n_steps=4", "checkpoint.resume_from_checkpoint=true", f"output_dir={run}"))
+    check(
+        torchrun(
+            "train_ddp.py",
+            2,
+            *TINY,
+            f"dataset.train_path={relative}",
+            data[1],
+            "dataset.num_workers=2",
+            "num_train_steps=8",
+            "checkpoint.save_every_n_steps=4",
+            "checkpoint.resume_from_checkpoint=true",
+            f"output_dir={run}",
+        )
+    )
     a, b = train_losses(full), train_losses(run)
     assert sorted(b) == [5, 6, 7, 8] and all(a[s] == b[s] for s in b), (a, b)
     assert np.array_equal(consumed(full, 8), consumed(run, 8))
@@ -246,8 +286,19 @@ def test_store_resume_is_bitwise_identical_and_a_relative_path_is_the_same_data(
 def test_same_world_size_ddp_to_fsdp2_continues_with_the_same_data(store_run, tmp_path):
     full, data = store_run
     run = copy_checkpoint(full, tmp_path / "fsdp2", 4)
-    check(torchrun("train_fsdp2.py", 2, *TINY, *data, "dataset.num_workers=2", "num_train_steps=8", "checkpoint.save_every_n_steps=4",
-                   "checkpoint.resume_from_checkpoint=true", f"output_dir={run}"))
+    check(
+        torchrun(
+            "train_fsdp2.py",
+            2,
+            *TINY,
+            *data,
+            "dataset.num_workers=2",
+            "num_train_steps=8",
+            "checkpoint.save_every_n_steps=4",
+            "checkpoint.resume_from_checkpoint=true",
+            f"output_dir={run}",
+        )
+    )
     a, b = train_losses(full), train_losses(run)
     assert sorted(b) == [5, 6, 7, 8] and all(b[s] == pytest.approx(a[s], rel=1e-5) for s in b), (a, b)
     assert np.array_equal(consumed(full, 8), consumed(run, 8))
@@ -261,8 +312,14 @@ def test_elastic_resume_2_to_1_to_2_processes_across_ddp_and_fsdp2(store_run, tm
     count)."""
     full, data = store_run
     run = copy_checkpoint(full, tmp_path / "elastic", 4)
-    common = [*TINY, *data, "checkpoint.save_every_n_steps=4", "checkpoint.max_checkpoints=null", "checkpoint.resume_from_checkpoint=true",
-              f"output_dir={run}"]
+    common = [
+        *TINY,
+        *data,
+        "checkpoint.save_every_n_steps=4",
+        "checkpoint.max_checkpoints=null",
+        "checkpoint.resume_from_checkpoint=true",
+        f"output_dir={run}",
+    ]
     r = check(torchrun("train_fsdp2.py", 1, *common, "dataset.num_workers=0", "num_train_steps=8"))
     assert "written by 2 processes, now 1" in r.stderr
     check(torchrun("train_fsdp2.py", 2, *common, "dataset.num_workers=1", "num_train_steps=12"))

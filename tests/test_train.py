@@ -15,7 +15,6 @@ from conftest import ROOT, TINY, losses, read_metrics, torchrun
 pytestmark = pytest.mark.slow
 
 
-
 def check(result):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
@@ -28,8 +27,17 @@ def two_process_runs(tmp_path_factory):
     runs = {}
     for strategy, extra in (("ddp", []), ("fsdp2", ["checkpoint.async_save=true", "dataset.num_workers=2"])):
         out = root / strategy
-        check(torchrun(f"train_{strategy}.py", 2, *TINY, "num_train_steps=8", "checkpoint.save_every_n_steps=4",
-                       *(extra if strategy == "fsdp2" else ["dataset.num_workers=2"]), f"output_dir={out}"))
+        check(
+            torchrun(
+                f"train_{strategy}.py",
+                2,
+                *TINY,
+                "num_train_steps=8",
+                "checkpoint.save_every_n_steps=4",
+                *(extra if strategy == "fsdp2" else ["dataset.num_workers=2"]),
+                f"output_dir={out}",
+            )
+        )
         runs[strategy] = out
     return runs
 
@@ -55,8 +63,19 @@ def test_resume_is_bitwise_identical(two_process_runs, tmp_path, strategy):
     resumed = resume_copy(full, tmp_path / "resumed", 4)
     workers = ["dataset.num_workers=2"]
     extra = ["checkpoint.async_save=true"] if strategy == "fsdp2" else []
-    check(torchrun(f"train_{strategy}.py", 2, *TINY, *workers, *extra, "num_train_steps=8", "checkpoint.save_every_n_steps=4",
-                   "checkpoint.resume_from_checkpoint=true", f"output_dir={resumed}"))
+    check(
+        torchrun(
+            f"train_{strategy}.py",
+            2,
+            *TINY,
+            *workers,
+            *extra,
+            "num_train_steps=8",
+            "checkpoint.save_every_n_steps=4",
+            "checkpoint.resume_from_checkpoint=true",
+            f"output_dir={resumed}",
+        )
+    )
     a, b = losses(full), losses(resumed)
     assert sorted(b) == [5, 6, 7, 8]
     assert all(a[s] == b[s] for s in b), (a, b)
@@ -71,27 +90,57 @@ def test_torn_checkpoint_is_ignored(two_process_runs, tmp_path):
     (torn / "COMPLETE").unlink()
     for shard in (torn / "dcp").glob("*.distcp"):
         shard.write_bytes(shard.read_bytes()[:100])
-    r = check(torchrun("train_ddp.py", 2, *TINY, "dataset.num_workers=2", "num_train_steps=8", "checkpoint.save_every_n_steps=4",
-                       "checkpoint.resume_from_checkpoint=true", f"output_dir={run}"))
+    r = check(
+        torchrun(
+            "train_ddp.py",
+            2,
+            *TINY,
+            "dataset.num_workers=2",
+            "num_train_steps=8",
+            "checkpoint.save_every_n_steps=4",
+            "checkpoint.resume_from_checkpoint=true",
+            f"output_dir={run}",
+        )
+    )
     assert "resumed from" in r.stderr and "step_4 at step 4" in r.stderr
     assert losses(run)[8] == losses(full)[8]
 
 
 def test_resume_with_changed_model_shape_fails_clearly(two_process_runs, tmp_path):
     run = resume_copy(two_process_runs["ddp"], tmp_path / "shape", 4)
-    r = torchrun("train_ddp.py", 1, *TINY, "num_train_steps=8", "model.num_layers=3", "checkpoint.resume_from_checkpoint=true", f"output_dir={run}")
+    r = torchrun(
+        "train_ddp.py",
+        1,
+        *TINY,
+        "num_train_steps=8",
+        "model.num_layers=3",
+        "checkpoint.resume_from_checkpoint=true",
+        f"output_dir={run}",
+    )
     assert r.returncode != 0
     assert "cannot resume from" in r.stderr and "model_shape" in r.stderr
 
 
 def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
-    args = [*TINY, "num_train_steps=40", "checkpoint.save_every_n_steps=0", "checkpoint.save_final_checkpoint=false", "dataset.num_workers=0"]
+    args = [
+        *TINY,
+        "num_train_steps=40",
+        "checkpoint.save_every_n_steps=0",
+        "checkpoint.save_final_checkpoint=false",
+        "dataset.num_workers=0",
+    ]
     reference = tmp_path / "reference"
     check(torchrun("train_fsdp2.py", 1, *args, f"output_dir={reference}"))
     run = tmp_path / "preempted"
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
-    proc = subprocess.Popen([sys.executable, "train_fsdp2.py", *args, f"output_dir={run}"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "train_fsdp2.py", *args, f"output_dir={run}"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3:
@@ -110,8 +159,17 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
 
 
 def test_non_finite_loss_stops_before_writing(tmp_path):
-    r = torchrun("train_ddp.py", 1, *TINY, "num_train_steps=30", "optimizer.lr=1e12", "max_grad_norm=null",
-                 "lr_scheduler.warmup_steps=0", "checkpoint.save_every_n_steps=1", f"output_dir={tmp_path}")
+    r = torchrun(
+        "train_ddp.py",
+        1,
+        *TINY,
+        "num_train_steps=30",
+        "optimizer.lr=1e12",
+        "max_grad_norm=null",
+        "lr_scheduler.warmup_steps=0",
+        "checkpoint.save_every_n_steps=1",
+        f"output_dir={tmp_path}",
+    )
     assert r.returncode != 0
     found = re.search(r"NonFiniteError: non-finite (loss|gradient norm) at step (\d+)", r.stderr)
     assert found, r.stderr[-3000:]
@@ -129,7 +187,17 @@ def test_l0_sanity_from_the_readme_command(tmp_path):
     elapsed = time.time() - start
     assert f"output_dir: {out}" in r.stdout
     train, val = read_metrics(out)
-    assert {"step", "loss", "lr", "grad_norm", "tokens_per_second_per_gpu", "tflops_per_gpu", "mfu", "max_memory_gb", "consumed_tokens"} <= set(train[0])
+    assert {
+        "step",
+        "loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_second_per_gpu",
+        "tflops_per_gpu",
+        "mfu",
+        "max_memory_gb",
+        "consumed_tokens",
+    } <= set(train[0])
     assert {"step", "val_loss", "val_perplexity", "val_accuracy"} <= set(val[0])
     assert len(val) == 2 and val[0]["val_tokens"] == val[1]["val_tokens"] > 0  # two full, identical passes
     assert val[-1]["val_loss"] < val[0]["val_loss"]
@@ -155,7 +223,10 @@ def test_l0_sanity_from_the_readme_command(tmp_path):
     ids = torch.tensor([[0, 1, 2, 3, 4, 5]])
     with torch.no_grad():
         assert (ours(ids).logits - model(input_ids=ids).logits).abs().max() <= 1e-4
-    print(f"\n  L0_sanity on this CPU: {elapsed:.0f} s, loss {train[0]['loss']:.3f} -> {train[-1]['loss']:.3f}, val loss {val[-1]['val_loss']:.3f}")
+    print(
+        f"\n  L0_sanity on this CPU: {elapsed:.0f} s, loss {train[0]['loss']:.3f} -> {train[-1]['loss']:.3f}, "
+        f"val loss {val[-1]['val_loss']:.3f}"
+    )
 
 
 def test_continued_pretraining_from_a_hugging_face_directory(tmp_path):
@@ -169,8 +240,18 @@ def test_continued_pretraining_from_a_hugging_face_directory(tmp_path):
     torch.manual_seed(0)
     EsmForMaskedLM(hf_config(num_layers=2, hidden_size=64, num_heads=4, intermediate_size=256)).save_pretrained(tmp_path / "hf")
     out = tmp_path / "run"
-    r = check(torchrun("train_ddp.py", 1, *TINY[1:], "num_train_steps=2", "optimizer.lr=0", "checkpoint.save_final_model=true",
-                       f"model.init_from={tmp_path / 'hf'}", f"output_dir={out}"))
+    r = check(
+        torchrun(
+            "train_ddp.py",
+            1,
+            *TINY[1:],
+            "num_train_steps=2",
+            "optimizer.lr=0",
+            "checkpoint.save_final_model=true",
+            f"model.init_from={tmp_path / 'hf'}",
+            f"output_dir={out}",
+        )
+    )
     assert "skipped 2 tensors we do not use" in r.stderr and "initialised from" in r.stderr
     before, after = load_file(tmp_path / "hf" / "model.safetensors"), load_file(out / "final_model" / "model.safetensors")
     rename = {".gamma": ".weight", ".beta": ".bias"}
@@ -187,13 +268,22 @@ STOP_ARGS = [*TINY, "num_train_steps=400", "checkpoint.save_every_n_steps=0", "c
 def stop_run(out, launcher, sig, target):
     """Start a run (2 gloo processes under `launcher`, or one plain process), send `sig` to the launcher or to its
     whole process group once a step is logged, and return (exit status, stderr)."""
-    cmd = [sys.executable, "train_ddp.py"] if launcher is None else \
-        [sys.executable, "-m", launcher, "--standalone", "--nproc_per_node=2", "train_ddp.py"]
+    cmd = (
+        [sys.executable, "train_ddp.py"]
+        if launcher is None
+        else [sys.executable, "-m", launcher, "--standalone", "--nproc_per_node=2", "train_ddp.py"]
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
     log = out.parent / f"{out.name}.stderr"  # a file, not a pipe: nothing blocks on a full buffer while we wait
     with open(log, "w") as stderr:
-        proc = subprocess.Popen([*cmd, *STOP_ARGS, f"output_dir={out}"], cwd=ROOT, env=env, start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=stderr)
+        proc = subprocess.Popen(
+            [*cmd, *STOP_ARGS, f"output_dir={out}"],
+            cwd=ROOT,
+            env=env,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
         metrics, deadline = out / "metrics.jsonl", time.time() + 180
         while proc.poll() is None and time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
             time.sleep(0.05)
@@ -230,8 +320,17 @@ def test_stop_signal_ends_in_a_checkpoint_that_resumes(tmp_path, launcher, sig, 
     if not resume:  # the resume path is the same for every stop; tested where it is cheapest to vary nothing else
         return
     nproc = 1 if launcher is None else 2
-    r = check(torchrun("train_ddp.py", nproc, *STOP_ARGS[:-3], f"num_train_steps={stopped + 2}",
-                       "checkpoint.save_final_checkpoint=false", "checkpoint.resume_from_checkpoint=true", f"output_dir={out}"))
+    r = check(
+        torchrun(
+            "train_ddp.py",
+            nproc,
+            *STOP_ARGS[:-3],
+            f"num_train_steps={stopped + 2}",
+            "checkpoint.save_final_checkpoint=false",
+            "checkpoint.resume_from_checkpoint=true",
+            f"output_dir={out}",
+        )
+    )
     assert f"at step {stopped}" in r.stderr and sorted(losses(out)) == list(range(1, stopped + 3))
 
 
@@ -242,8 +341,15 @@ def test_validation_failure_after_the_last_step_keeps_checkpoint_and_export(tmp_
     val = tmp_path / "val.fasta"
     val.write_text(">a\n****\n>b\n**\n")
     out = tmp_path / "run"
-    r = torchrun("train_ddp.py", 1, *TINY, "num_train_steps=2", "checkpoint.save_final_model=true", f"dataset.val_path={val}",
-                 f"output_dir={out}")
+    r = torchrun(
+        "train_ddp.py",
+        1,
+        *TINY,
+        "num_train_steps=2",
+        "checkpoint.save_final_model=true",
+        f"dataset.val_path={val}",
+        f"output_dir={out}",
+    )
     assert r.returncode != 0
     why = rf"validation on {val} gave no masked token to score: its 1 micro-batch\(es\) hold no masked residue"
     assert re.search(why, r.stderr), r.stderr[-3000:]
@@ -295,8 +401,18 @@ def test_corrupt_newest_checkpoint_resumes_the_older_one(two_process_runs, tmp_p
     data = bytearray(shard.read_bytes())
     data[2000:2064] = bytes(b ^ 0xFF for b in data[2000:2064])
     shard.write_bytes(bytes(data))
-    r = check(torchrun("train_ddp.py", 2, *TINY, "dataset.num_workers=2", "num_train_steps=8", "checkpoint.save_every_n_steps=4",
-                       "checkpoint.resume_from_checkpoint=true", f"output_dir={run}"))
+    r = check(
+        torchrun(
+            "train_ddp.py",
+            2,
+            *TINY,
+            "dataset.num_workers=2",
+            "num_train_steps=8",
+            "checkpoint.save_every_n_steps=4",
+            "checkpoint.resume_from_checkpoint=true",
+            f"output_dir={run}",
+        )
+    )
     assert f"{shard}: contents differ from the manifest's digest" in r.stderr
     assert "RESUMING FROM AN OLDER CHECKPOINT" in r.stderr and "step_4 at step 4" in r.stderr
     assert losses(run)[8] == losses(full)[8]
@@ -308,15 +424,21 @@ def test_a_fresh_run_never_clobbers_another_runs_directory(tmp_path):
     replaces the old run, and a later resume loads the new run's checkpoint, not the old run's higher step."""
     out, args = tmp_path / "run", [*TINY, "dataset.num_workers=0", "checkpoint.save_every_n_steps=2"]
     check(torchrun("train_ddp.py", 1, *args, "num_train_steps=4", f"output_dir={out}"))
-    before = {p: p.read_bytes() for p in sorted(out.rglob("*"))
-              if p.is_file() and p.suffix not in (".log", ".lock") and ".hydra" not in p.parts}
+    before = {
+        p: p.read_bytes()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and p.suffix not in (".log", ".lock") and ".hydra" not in p.parts
+    }
     r = torchrun("train_ddp.py", 1, *args, "num_train_steps=4", "seed=1", f"output_dir={out}")
     assert r.returncode != 0 and f"output_dir={out} holds another run's outputs" in r.stderr
     assert {p: p.read_bytes() for p in before} == before
     check(torchrun("train_ddp.py", 1, *args, "num_train_steps=2", "seed=1", "overwrite_output_dir=true", f"output_dir={out}"))
     assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_2"]
-    r = check(torchrun("train_ddp.py", 1, *args, "num_train_steps=3", "seed=1", "checkpoint.resume_from_checkpoint=true",
-                       f"output_dir={out}"))
+    r = check(
+        torchrun(
+            "train_ddp.py", 1, *args, "num_train_steps=3", "seed=1", "checkpoint.resume_from_checkpoint=true", f"output_dir={out}"
+        )
+    )
     assert "step_2 at step 2" in r.stderr and sorted(losses(out)) == [1, 2, 3]
 
 
@@ -332,8 +454,9 @@ def test_multirun_jobs_get_their_own_directories(tmp_path):
 def test_a_second_run_in_a_running_runs_directory_is_refused(tmp_path):
     args = [*TINY, "num_train_steps=100000", "checkpoint.save_every_n_steps=0", "dataset.num_workers=0", f"output_dir={tmp_path}"]
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
-    first = subprocess.Popen([sys.executable, "train_ddp.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "train_ddp.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.time() + 120
         while time.time() < deadline and first.poll() is None and not (tmp_path / "metrics.jsonl").exists():

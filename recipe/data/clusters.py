@@ -30,7 +30,11 @@ def group_index(c50: np.ndarray, c90: np.ndarray | None = None) -> tuple[np.ndar
     new50 = np.ones(len(sub50), dtype=bool)
     new50[1:] = sub50[1:] != sub50[:-1]
     first_sub = np.flatnonzero(new50)
-    return order.astype(np.int64), np.append(sub_start, len(order)).astype(np.int64), np.append(first_sub, len(sub_start)).astype(np.int64)
+    return (
+        order.astype(np.int64),
+        np.append(sub_start, len(order)).astype(np.int64),
+        np.append(first_sub, len(sub_start)).astype(np.int64),
+    )
 
 
 class ClusterIndex:

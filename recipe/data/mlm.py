@@ -55,7 +55,6 @@ def crop_start(length: int, max_residues: int, key: np.uint64 | None) -> int:
     return int(uniform(np.asarray([key], dtype=np.uint64))[0] * (length - max_residues + 1))
 
 
-
 def mask_tokens(
     tokens: np.ndarray,
     keys: np.ndarray,

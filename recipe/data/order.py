@@ -15,6 +15,7 @@ positions beyond it, is consumed" and starts fresh streams over what is left, so
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -69,13 +70,25 @@ class DataPosition:
         return self.world_size * self.workers
 
     def to_dict(self) -> dict:
-        return {"frontier": int(self.frontier), "skip": [int(x) for x in self.skip], "world_size": self.world_size,
-                "workers": self.workers, "cursors": [int(c) for c in self.cursors], "next_worker": [int(w) for w in self.next_worker]}
+        return {
+            "frontier": int(self.frontier),
+            "skip": [int(x) for x in self.skip],
+            "world_size": self.world_size,
+            "workers": self.workers,
+            "cursors": [int(c) for c in self.cursors],
+            "next_worker": [int(w) for w in self.next_worker],
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> DataPosition:
-        return cls(int(d["frontier"]), np.asarray(d["skip"], dtype=np.int64), int(d["world_size"]), int(d["workers"]),
-                   [int(c) for c in d["cursors"]], [int(w) for w in d["next_worker"]])
+        return cls(
+            int(d["frontier"]),
+            np.asarray(d["skip"], dtype=np.int64),
+            int(d["world_size"]),
+            int(d["workers"]),
+            [int(c) for c in d["cursors"]],
+            [int(w) for w in d["next_worker"]],
+        )
 
     def positions(self, k: np.ndarray) -> np.ndarray:
         """Global positions of the k-th unconsumed positions at or after the frontier (k: array of counts)."""
@@ -104,14 +117,21 @@ class DataPosition:
         new frontier plus the positions beyond it that some stream has already read."""
         if (world_size, workers) == (self.world_size, self.workers):
             return self
-        fresh = {"world_size": world_size, "workers": workers, "cursors": [0] * (world_size * workers), "next_worker": [0] * world_size}
+        fresh: dict[str, Any] = {
+            "world_size": world_size,
+            "workers": workers,
+            "cursors": [0] * (world_size * workers),
+            "next_worker": [0] * world_size,
+        }
         if not self.cursors:
             return DataPosition(self.frontier, self.skip, **fresh)
         T = self.streams
         first_free = min(t + T * c for t, c in enumerate(self.cursors))  # in unconsumed-slot numbering
-        ahead = [t + T * np.arange(-(-(first_free - t) // T) if first_free > t else 0, c, dtype=np.int64)
-                 for t, c in enumerate(self.cursors)]
-        ahead = self.positions(np.concatenate(ahead)) if ahead else np.zeros(0, np.int64)
+        slots = [
+            t + T * np.arange(-(-(first_free - t) // T) if first_free > t else 0, c, dtype=np.int64)
+            for t, c in enumerate(self.cursors)
+        ]
+        ahead = self.positions(np.concatenate(slots)) if slots else np.zeros(0, np.int64)
         frontier = int(self.positions(np.array([first_free]))[0])
         skip = np.union1d(self.skip[self.skip >= frontier], ahead).astype(np.int64)
         return DataPosition(frontier, skip, **fresh)

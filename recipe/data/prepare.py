@@ -16,7 +16,8 @@ A row whose ur50_id is null (or, with --membership, absent from the file) become
 Each record goes to validation when a hash of (seed, its UniRef50 cluster | its id | its sequence) falls under
 --val-fraction: whole clusters are held out, and the split is deterministic, independent of file order and needs no
 second pass. Residues stream straight to disk; building the cluster index at the end needs memory in proportion to
-the number of sequences (one sort of their cluster keys; docs/data_store.md). Output: `OUT/train/`, `OUT/validation/` (stores) and `OUT/prepare_stats.json`. OUT must be new or empty;
+the number of sequences (one sort of their cluster keys; docs/data_store.md). Output: `OUT/train/`, `OUT/validation/`
+(stores) and `OUT/prepare_stats.json`. OUT must be new or empty;
 --overwrite removes a previous prepare's output first (and refuses when OUT holds anything else).
 """
 
@@ -79,7 +80,10 @@ class Batch:
         np.cumsum(self.lengths, out=offsets[1:])
         edges = np.flatnonzero(np.diff(np.concatenate([[False], keep, [False]]).astype(np.int8)))
         raw = np.concatenate([self.raw[offsets[a] : offsets[b]] for a, b in zip(edges[::2], edges[1::2])] or [self.raw[:0]])
-        pick = (lambda a: a[keep] if a is not None else None)
+
+        def pick(a):
+            return a[keep] if a is not None else None
+
         return Batch(raw, self.lengths[keep], self.split_keys[keep], pick(self.ur50), pick(self.ur90))
 
 
@@ -141,7 +145,8 @@ def _keys_with_nulls(values, counters: Counters, level: str, null: np.ndarray | 
 
 def read_membership(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """UniRef90 -> UniRef50 as two aligned uint64 arrays sorted by the UniRef90 key (16 bytes per UniRef90 cluster)."""
-    k90, k50 = [], []
+    k90s: list[np.ndarray] = []
+    k50s: list[np.ndarray] = []
     with open_text(path) as f:
         lines = []
         for lineno, line in enumerate(f, 1):
@@ -149,13 +154,13 @@ def read_membership(path: Path) -> tuple[np.ndarray, np.ndarray]:
                 continue
             lines.append(line.rstrip(b"\r\n").split(b"\t"))
             if len(lines) >= BATCH:
-                _membership_block(path, lines, lineno, k90, k50)
+                _membership_block(path, lines, lineno, k90s, k50s)
                 lines = []
         if lines:
-            _membership_block(path, lines, lineno, k90, k50)
-    if not k90:
+            _membership_block(path, lines, lineno, k90s, k50s)
+    if not k90s:
         raise DataError(f"{path}: no UniRef90 -> UniRef50 rows")
-    k90, k50 = np.concatenate(k90), np.concatenate(k50)
+    k90, k50 = np.concatenate(k90s), np.concatenate(k50s)
     order = np.argsort(k90, kind="stable")
     return k90[order], k50[order]
 
@@ -232,7 +237,10 @@ def _arrow_batch(path: Path, rb, column: str, counters: Counters) -> Batch:
     offs = np.frombuffer(offs_buf, dtype=np.int64)[col.offset : col.offset + len(col) + 1]
     raw = np.frombuffer(data_buf, dtype=np.uint8)[offs[0] : offs[-1]] if data_buf is not None else np.zeros(0, np.uint8)
     names = rb.schema.names
-    get = (lambda name: rb.column(names.index(name)).filter(pa.array(keep)) if name in names else None)
+
+    def get(name):
+        return rb.column(names.index(name)).filter(pa.array(keep)) if name in names else None
+
     ur50, ur90, ids = get("ur50_id"), get("ur90_id"), get("id")
     k50 = _arrow_keys(ur50, counters, "ur50") if ur50 is not None else None
     k90 = _arrow_keys(ur90, counters, "ur90") if (ur90 is not None and k50 is not None) else None
@@ -262,8 +270,10 @@ def clear_output(out: Path, overwrite: bool) -> None:
         return
     entries = sorted(p.name for p in out.iterdir())
     if not overwrite:
-        raise DataError(f"{out}: not empty ({', '.join(entries[:5])}); choose a new directory or pass --overwrite "
-                        "to replace a previous prepare's output (stale shards would otherwise be read by training)")
+        raise DataError(
+            f"{out}: not empty ({', '.join(entries[:5])}); choose a new directory or pass --overwrite "
+            "to replace a previous prepare's output (stale shards would otherwise be read by training)"
+        )
     foreign = [e for e in entries if e not in OUTPUTS]
     if foreign:
         raise DataError(f"{out}: --overwrite only removes a previous prepare's output, but it also holds {foreign[:5]}")
@@ -315,16 +325,35 @@ def prepare(
             writers[split].add(part.raw, part.lengths, part.ur50, part.ur90)
         bar.update(len(batch.lengths))
     bar.close()
-    stats = {"records": counters.records, "empty_skipped": counters.empty, "ur50_null_rows": counters.ur50_missing,
-             "ur90_null_rows": counters.ur90_missing, "source": str(source), "seed": seed, "val_fraction": val_fraction}
+    stats = {
+        "records": counters.records,
+        "empty_skipped": counters.empty,
+        "ur50_null_rows": counters.ur50_missing,
+        "ur90_null_rows": counters.ur90_missing,
+        "source": str(source),
+        "seed": seed,
+        "val_fraction": val_fraction,
+    }
     if writers["train"].rows + writers["validation"].rows == 0:
         raise DataError(f"{source}: no non-empty sequences")
     if counters.ur50_missing:
-        log.warning("%s: %d of %d rows have no UniRef50 id (null, or not in --membership): each is its own cluster",
-                    source, counters.ur50_missing, counters.records - counters.empty)
+        log.warning(
+            "%s: %d of %d rows have no UniRef50 id (null, or not in --membership): each is its own cluster",
+            source,
+            counters.ur50_missing,
+            counters.records - counters.empty,
+        )
     for split, w in writers.items():
-        manifest = w.close({"source": str(source), "split": split, "empty_skipped": counters.empty if split == "train" else 0,
-                            "ur50_null_rows": counters.ur50_missing, "seed": seed, "val_fraction": val_fraction})
+        manifest = w.close(
+            {
+                "source": str(source),
+                "split": split,
+                "empty_skipped": counters.empty if split == "train" else 0,
+                "ur50_null_rows": counters.ur50_missing,
+                "seed": seed,
+                "val_fraction": val_fraction,
+            }
+        )
         stats[split] = manifest["sequences"]
         stats[f"{split}_residues"] = manifest["residues"]
         stats[f"{split}_clusters"] = manifest["clusters"]

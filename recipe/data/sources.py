@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from recipe.data.tokenizer import UNK_ID, _LUT, _VALID
+from recipe.data.tokenizer import _LUT, _VALID, UNK_ID
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,9 @@ class SequenceStore:
         """ESM-2's cluster sampling index over these rows, or None without ur50 ids."""
         from recipe.data.clusters import ClusterIndex
 
-        return ClusterIndex.from_ids(self.clusters["ur50_id"], self.clusters.get("ur90_id")) if "ur50_id" in self.clusters else None
+        return (
+            ClusterIndex.from_ids(self.clusters["ur50_id"], self.clusters.get("ur90_id")) if "ur50_id" in self.clusters else None
+        )
 
     def summary(self) -> str:
         return (
@@ -99,7 +101,8 @@ def open_text(path: Path):
 def iter_fasta(path: str | Path):
     """Yield (header, sequence bytes, header line number); raise DataError for what is not FASTA."""
     path = Path(path)
-    header, parts, header_line, lineno = None, [], 0, 0
+    parts: list[bytes] = []
+    header, header_line, lineno = None, 0, 0
     try:
         with open_text(path) as f:
             for lineno, line in enumerate(f, 1):
@@ -163,10 +166,17 @@ def check_sequence_column(dtype, source, column: str) -> None:
     """Sequences are strings (or bytes); integers or floats in that column mean a wrong file or column."""
     import pyarrow as pa
 
-    if not (pa.types.is_string(dtype) or pa.types.is_large_string(dtype) or pa.types.is_binary(dtype)
-            or pa.types.is_large_binary(dtype) or pa.types.is_null(dtype)):
-        raise DataError(f"{source}: column {column!r} holds {dtype}, not protein sequences (strings); "
-                        "set dataset.column (or --column) to the sequence column")
+    if not (
+        pa.types.is_string(dtype)
+        or pa.types.is_large_string(dtype)
+        or pa.types.is_binary(dtype)
+        or pa.types.is_large_binary(dtype)
+        or pa.types.is_null(dtype)
+    ):
+        raise DataError(
+            f"{source}: column {column!r} holds {dtype}, not protein sequences (strings); "
+            "set dataset.column (or --column) to the sequence column"
+        )
 
 
 def cluster_codes(ids, source: str, name: str) -> np.ndarray:
@@ -183,7 +193,9 @@ def cluster_codes(ids, source: str, name: str) -> np.ndarray:
     if missing:
         base = int(codes[~null].max()) + 1 if (~null).any() else 0
         codes[null] = base + np.arange(missing)
-        log.warning("%s: %d of %d rows have a null %s: each of them is sampled as its own cluster", source, missing, len(null), name)
+        log.warning(
+            "%s: %d of %d rows have a null %s: each of them is sampled as its own cluster", source, missing, len(null), name
+        )
     return codes
 
 

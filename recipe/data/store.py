@@ -97,9 +97,16 @@ class StoreWriter:
             for name in _KEY_FILES:
                 (self.dir / name).unlink(missing_ok=True)
         files = DATA_FILES + (CLUSTER_FILES if clusters else ())
-        manifest = {"format": FORMAT, "version": VERSION, "sequences": self.rows, "residues": self.residues,
-                    "invalid_characters": self.invalid, "clusters": clusters,
-                    "files": {f: (self.dir / f).stat().st_size for f in files}, **(extra or {})}
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "sequences": self.rows,
+            "residues": self.residues,
+            "invalid_characters": self.invalid,
+            "clusters": clusters,
+            "files": {f: (self.dir / f).stat().st_size for f in files},
+            **(extra or {}),
+        }
         _write_synced(self.dir / f".{MANIFEST}.tmp", (json.dumps(manifest, indent=2) + "\n").encode())
         os.replace(self.dir / f".{MANIFEST}.tmp", self.dir / MANIFEST)  # the store exists from this moment on
         return manifest
@@ -133,7 +140,7 @@ class MappedStore:
         return {"dir": self.dir}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["dir"])
+        type(self).__init__(self, state["dir"])
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -160,8 +167,10 @@ def read_manifest(directory: Path) -> dict:
     """The manifest, after checking that the store is complete: every file there with the size it was written at."""
     path = directory / MANIFEST
     if not path.exists():
-        raise StoreError(f"{directory}: incomplete store (no {MANIFEST}): `prepare` was interrupted or is still running; "
-                         "run it again into an empty directory (or with --overwrite)")
+        raise StoreError(
+            f"{directory}: incomplete store (no {MANIFEST}): `prepare` was interrupted or is still running; "
+            "run it again into an empty directory (or with --overwrite)"
+        )
     try:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -171,8 +180,10 @@ def read_manifest(directory: Path) -> dict:
     for name, size in manifest["files"].items():
         have = (directory / name).stat().st_size if (directory / name).exists() else None
         if have != size:
-            raise StoreError(f"{directory}: torn store: {name} is {have if have is not None else 'missing'} bytes, "
-                             f"the manifest says {size}; copy it again or re-run prepare")
+            raise StoreError(
+                f"{directory}: torn store: {name} is {have if have is not None else 'missing'} bytes, "
+                f"the manifest says {size}; copy it again or re-run prepare"
+            )
     if manifest["files"]["offsets.i64"] != 8 * (manifest["sequences"] + 1):
         raise StoreError(f"{directory}: manifest counts {manifest['sequences']} sequences but offsets.i64 disagrees")
     return manifest

@@ -46,8 +46,16 @@ def open_stream(path: str | Path, fmt: str = "auto", split: str = "train"):
 
 
 class StreamingMLMBatches(IterableDataset):
-    def __init__(self, stream, settings: BatchSettings, rank: int = 0, world_size: int = 1, column: str = "sequence",
-                 shuffle_buffer: int = 0, source: str = "the stream"):
+    def __init__(
+        self,
+        stream,
+        settings: BatchSettings,
+        rank: int = 0,
+        world_size: int = 1,
+        column: str = "sequence",
+        shuffle_buffer: int = 0,
+        source: str = "the stream",
+    ):
         super().__init__()
         from datasets.distributed import split_dataset_by_node
 
@@ -60,14 +68,26 @@ class StreamingMLMBatches(IterableDataset):
         self.skipped_empty = 0
 
     def state_dict(self) -> dict:
-        return {"stream": self.stream.state_dict(), "epoch": self.epoch, "count": self.count, "pending": self.pending,
-                "rank": self.rank, "world_size": self.world_size}
+        return {
+            "stream": self.stream.state_dict(),
+            "epoch": self.epoch,
+            "count": self.count,
+            "pending": self.pending,
+            "rank": self.rank,
+            "world_size": self.world_size,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if (state["rank"], state["world_size"]) != (self.rank, self.world_size):
-            raise ValueError(f"stream state was saved by rank {state['rank']} of {state['world_size']}, this is rank {self.rank} of {self.world_size}")
+            raise ValueError(
+                f"stream state was saved by rank {state['rank']} of {state['world_size']}, "
+                f"this is rank {self.rank} of {self.world_size}"
+            )
         if self.shuffle_buffer:
-            log.warning("resuming a shuffled stream: datasets does not checkpoint its shuffle buffer, so the order differs from the interrupted run")
+            log.warning(
+                "resuming a shuffled stream: datasets does not checkpoint its shuffle buffer, "
+                "so the order differs from the interrupted run"
+            )
         self.stream.load_state_dict(state["stream"])
         self.epoch, self.count, self.pending = state["epoch"], state["count"], state["pending"]
 

@@ -4,15 +4,29 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 
 from recipe.model.config import SIZES, ContextParallel, EsmConfig, Runtime
 from recipe.model.esm import EsmForMaskedLM, EsmOutput, init_weights
 
+if TYPE_CHECKING:
+    from recipe.model.hf import HFEsmForMaskedLM
+
 log = logging.getLogger(__name__)
 
-__all__ = ["SIZES", "ContextParallel", "EsmConfig", "Runtime", "EsmForMaskedLM", "EsmOutput", "build_model", "init_weights", "resolve_backend"]
+__all__ = [
+    "SIZES",
+    "ContextParallel",
+    "EsmConfig",
+    "Runtime",
+    "EsmForMaskedLM",
+    "EsmOutput",
+    "build_model",
+    "init_weights",
+    "resolve_backend",
+]
 
 
 def te_status() -> tuple[bool, str]:
@@ -69,9 +83,13 @@ def resolve_backend(requested: str, config: EsmConfig | None = None, compiled: b
 
 
 def build_model(
-    config: EsmConfig, device: torch.device | str = "cpu", seed: int | None = 0, dtype=None, layer_init_contexts=None,
+    config: EsmConfig,
+    device: torch.device | str = "cpu",
+    seed: int | None = 0,
+    dtype=None,
+    layer_init_contexts=None,
     runtime: Runtime | None = None,
-) -> EsmForMaskedLM:
+) -> EsmForMaskedLM | HFEsmForMaskedLM:
     """Resolve the backend, build on `device` ('meta' builds without memory) and, unless meta or `seed` is None,
     initialise. `runtime`: context parallelism, per-layer quantization and input checks (fixed at construction)."""
     config = dataclasses.replace(config, backend=resolve_backend(config.backend, config))
@@ -80,7 +98,7 @@ def build_model(
             raise ValueError("model.backend=hf has no quantized (FP8/FP4) layers to initialise")
         from recipe.model.hf import HFEsmForMaskedLM
 
-        model = HFEsmForMaskedLM(config, device=device, dtype=dtype, runtime=runtime)
+        model: EsmForMaskedLM | HFEsmForMaskedLM = HFEsmForMaskedLM(config, device=device, dtype=dtype, runtime=runtime)
     else:
         model = EsmForMaskedLM(config, device=device, dtype=dtype, layer_init_contexts=layer_init_contexts, runtime=runtime)
     if str(device) != "meta" and seed is not None:

@@ -67,10 +67,10 @@ class EsmConfig:
         return self.hidden_size // self.num_heads
 
     @classmethod
-    def from_size(cls, size: str, **overrides: Any) -> "EsmConfig":
+    def from_size(cls, size: str, **overrides: Any) -> EsmConfig:
         if size not in SIZES:
             raise ValueError(f"model.size={size!r} is not a known ESM-2 size; choose one of {sorted(SIZES)}")
-        fields = dict(SIZES[size])
+        fields: dict[str, Any] = dict(SIZES[size])
         fields.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**fields)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -210,8 +211,9 @@ def config_from_hf(directory: str | Path, **overrides) -> EsmConfig:
     return EsmConfig(**fields)
 
 
-def load_hf_into(model: torch.nn.Module, directory: str | Path) -> None:
-    """Load a local HF ESM-2 checkpoint into an already built model of the same shape (strict)."""
+def load_hf_into(model: Any, directory: str | Path) -> None:
+    """Load a local HF ESM-2 checkpoint into an already built model of the same shape (strict): ours, or the hf
+    backend's adapter (which holds transformers' names and loads through `load_ours`)."""
     ours = hf_to_ours(read_hf_state_dict(directory), model.config.num_layers)
     if hasattr(model, "load_ours"):  # the hf backend's adapter holds transformers' names (recipe/model/hf.py)
         model.load_ours({k: v.to(torch.float32) for k, v in ours.items()})

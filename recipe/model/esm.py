@@ -12,6 +12,7 @@ import logging
 import zlib
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -91,12 +92,14 @@ class EsmForMaskedLM(nn.Module):
         per batch). A te layer compiles only its plain-PyTorch part, the exact-GELU MLP: TE's modules run their own
         fused kernels and stay eager (measured faster than leaving the MLP eager: docs/benchmarks.md)."""
         if self.config.backend == "te" and self.config.activation != "gelu":
-            log.warning("torch.compile: with the te backend and activation %s every module is TE's own; nothing is compiled",
-                        self.config.activation)
+            log.warning(
+                "torch.compile: with the te backend and activation %s every module is TE's own; nothing is compiled",
+                self.config.activation,
+            )
             return
         for layer in self.layers:
             if self.config.backend == "te":
-                layer.feed_forward = torch.compile(layer.feed_forward, dynamic=True)
+                layer.feed_forward = torch.compile(layer.feed_forward, dynamic=True)  # type: ignore[assignment,arg-type]
             else:
                 layer.compile(dynamic=True)
 
@@ -116,7 +119,11 @@ class EsmForMaskedLM(nn.Module):
 
     # ---------------------------------------------------------------- embeddings
     def embed(
-        self, input_ids: torch.Tensor, seq_of_token: torch.Tensor | None, lengths: torch.Tensor, masked: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        seq_of_token: torch.Tensor | None,
+        lengths: torch.Tensor,
+        masked: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Word embeddings with ESM token dropout: zero `<mask>` rows, rescale each sequence by its own mask ratio.
         With context parallelism a rank holds part of each sequence: `masked` then gives the `<mask>` count of every
@@ -173,12 +180,16 @@ class EsmForMaskedLM(nn.Module):
             check_inputs(self.config, input_ids, cu_seqlens, max_seqlen, attention_mask, labels, cu_seqlens_padded, cp.size)
         if cu_seqlens_padded is not None and self.config.backend != "te":
             raise ValueError("cu_seqlens_padded (context-parallel batches) needs the te backend")
-        if cp.size > 1 and (input_ids.dim() != 1 or cu_seqlens_padded is None or (self.config.token_dropout and seq_mask_counts is None)):
+        if cp.size > 1 and (
+            input_ids.dim() != 1 or cu_seqlens_padded is None or (self.config.token_dropout and seq_mask_counts is None)
+        ):
             raise ValueError(
                 f"this model was built for context parallelism over {cp.size} ranks: it takes this rank's share of a "
                 "packed batch (recipe.data.context_parallel.shard_batch: cu_seqlens_padded, seq_mask_counts)"
             )
         if input_ids.dim() == 1:
+            if cu_seqlens is None or max_seqlen is None:
+                raise ValueError("packed (1-D) input_ids need cu_seqlens and max_seqlen")
             packed = PackedInfo(cu_seqlens, int(max_seqlen), input_ids.numel(), cu_seqlens_padded, cp.size, cp.rank)
             hidden = self._forward_packed(input_ids, packed, position_ids, seq_mask_counts)
         else:
@@ -192,6 +203,7 @@ class EsmForMaskedLM(nn.Module):
 
     def _run_layers(self, x, packed: PackedInfo, position_ids=None) -> torch.Tensor:
         cfg = self.config
+        rope: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
         if cfg.backend == "te":
             from recipe.model.te_layers import rotary_freqs
 
@@ -257,7 +269,9 @@ def masked_lm_output(hidden: torch.Tensor, labels: torch.Tensor | None, return_l
     )
 
 
-def check_inputs(config: EsmConfig, input_ids, cu_seqlens, max_seqlen, attention_mask, labels, cu_seqlens_padded=None, cp_size=1) -> None:
+def check_inputs(
+    config: EsmConfig, input_ids, cu_seqlens, max_seqlen, attention_mask, labels, cu_seqlens_padded=None, cp_size=1
+) -> None:
     """Clear errors for malformed batches, instead of an index error deep inside a kernel."""
     if input_ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
@@ -271,7 +285,9 @@ def check_inputs(config: EsmConfig, input_ids, cu_seqlens, max_seqlen, attention
         if cu_seqlens is None or max_seqlen is None:
             raise ValueError("packed (1-D) input_ids need cu_seqlens and max_seqlen")
         if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or len(cu_seqlens) < 2:
-            raise ValueError(f"cu_seqlens must be a 1-D int32 tensor of N+1 >= 2 offsets, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+            raise ValueError(
+                f"cu_seqlens must be a 1-D int32 tensor of N+1 >= 2 offsets, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
+            )
         cu = cu_seqlens.cpu()
         if cu_seqlens_padded is not None:
             _check_cp_offsets(cu, cu_seqlens_padded.cpu(), input_ids.numel(), cp_size)
@@ -315,7 +331,7 @@ def param_seed(seed: int, name: str) -> int:
 
 
 @torch.no_grad()
-def init_weights(model: nn.Module, seed: int) -> None:
+def init_weights(model: Any, seed: int) -> None:
     """ESM-2 init (normal(0, 0.02), zero biases, unit norm weights, zero pad row), the same for any sharding.
 
     Each parameter draws from its own generator seeded by (seed, name) over its *full* shape; a sharded (DTensor)
@@ -325,8 +341,9 @@ def init_weights(model: nn.Module, seed: int) -> None:
     if hasattr(model, "init_from_seed"):  # the hf backend's adapter maps these same values to transformers' names
         model.init_from_seed(seed)
         return
-    std = model.config.initializer_range if hasattr(model, "config") else 0.02
-    pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+    config = getattr(model, "config", None)
+    std = float(getattr(config, "initializer_range", 0.02))
+    pad = getattr(config, "pad_token_id", None)
     for name, param in model.named_parameters():
         full_shape, local, _ = _local_view(param)
         kind = init_scale(name)
@@ -362,10 +379,8 @@ def copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
 
 def _local_view(param: torch.Tensor):
     """(global shape, the local tensor to write, its offset in the global tensor) for plain or DTensor params."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover
-        DTensor = ()
+    from torch.distributed.tensor import DTensor
+
     if isinstance(param, DTensor):
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 

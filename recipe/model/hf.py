@@ -35,7 +35,8 @@ def transformers_config(config: EsmConfig):
     from transformers import EsmConfig as HFConfig
 
     skip = ("recipe", "architectures", "model_type", "torch_dtype")
-    return HFConfig(**{k: v for k, v in hf_config_dict(config).items() if k not in skip}, attn_implementation="sdpa")
+    fields = {k: v for k, v in hf_config_dict(config).items() if k not in skip}
+    return HFConfig(**fields, attn_implementation="sdpa")  # type: ignore[call-arg]  # a PretrainedConfig keyword
 
 
 class HFEsmForMaskedLM(nn.Module):
@@ -49,7 +50,9 @@ class HFEsmForMaskedLM(nn.Module):
         from transformers import EsmForMaskedLM as TransformersEsm
 
         if config.activation != "gelu":
-            raise HFBackendError(f"model.backend=hf has only ESM-2's exact GELU: set model.activation=gelu, not {config.activation}")
+            raise HFBackendError(
+                f"model.backend=hf has only ESM-2's exact GELU: set model.activation=gelu, not {config.activation}"
+            )
         self.config = config
         with torch.device(device if device is not None else "cpu"):
             hf = TransformersEsm(transformers_config(config))
@@ -94,8 +97,10 @@ class HFEsmForMaskedLM(nn.Module):
         ours = EsmForMaskedLM(dataclasses.replace(self.config, backend="torch"), device="meta")
         device = self.hf.esm.embeddings.word_embeddings.weight.device
         cfg = self.config
-        values = {n: initial_value(n, tuple(p.shape), seed, cfg.initializer_range, cfg.pad_token_id, device)
-                  for n, p in ours.named_parameters()}
+        values = {
+            n: initial_value(n, tuple(p.shape), seed, cfg.initializer_range, cfg.pad_token_id, device)
+            for n, p in ours.named_parameters()
+        }
         self.load_ours(values)
 
     @torch.no_grad()
@@ -106,8 +111,10 @@ class HFEsmForMaskedLM(nn.Module):
         mapped = ours_to_hf(values, self.config.num_layers)
         params = dict(self.hf.named_parameters())  # the tied decoder weight appears once, as the word embeddings
         if set(params) != set(mapped):
-            raise KeyError(f"hf backend: parameters without a value {sorted(set(params) - set(mapped))}, "
-                           f"values without a parameter {sorted(set(mapped) - set(params))}")
+            raise KeyError(
+                f"hf backend: parameters without a value {sorted(set(params) - set(mapped))}, "
+                f"values without a parameter {sorted(set(mapped) - set(params))}"
+            )
         for name, value in mapped.items():
             if tuple(value.shape) != tuple(params[name].shape):
                 raise ValueError(f"tensor {name} has shape {tuple(value.shape)}, the model expects {tuple(params[name].shape)}")
@@ -126,6 +133,7 @@ class HFEsmForMaskedLM(nn.Module):
     def init_buffers(self) -> None:
         """The rotary inverse frequencies: a buffer, left uninitialised when the model is built on the meta device."""
         rotary = self.hf.esm.rotary_embeddings
+        assert rotary is not None, "ESM-2 uses rotary position embeddings"
         inv_freq, _ = rotary.compute_default_rope_parameters(rotary.config)
         rotary.inv_freq.copy_(inv_freq.to(rotary.inv_freq.device))
 
@@ -135,13 +143,14 @@ def ours_from_adapter(state_dict: dict[str, torch.Tensor], num_layers: int) -> d
     stray = [k for k in state_dict if not k.startswith(PREFIX)]
     if stray:
         raise KeyError(f"not a hf-backend state dict: {stray[:5]}")
-    return hf_to_ours({k[len(PREFIX):]: v for k, v in state_dict.items()}, num_layers)
+    return hf_to_ours({k[len(PREFIX) :]: v for k, v in state_dict.items()}, num_layers)
 
 
 def prepare_config(cfg: DictConfig) -> None:
     """Refuse what the hf backend cannot run, naming the key; switch packed batches to padded ones (logged)."""
     refused = {
-        "fp8_config.enabled / fp4_config.enabled (FP8/FP4 layers are TransformerEngine's)": cfg.fp8_config.enabled or cfg.fp4_config.enabled,
+        "fp8_config.enabled / fp4_config.enabled (FP8/FP4 layers are TransformerEngine's)": cfg.fp8_config.enabled
+        or cfg.fp4_config.enabled,
         "quantized_model_init": cfg.quantized_model_init,
         "cp_size > 1 (context parallelism needs the te backend)": cfg.cp_size > 1,
         "use_torch_compile (it compiles our own layers)": cfg.use_torch_compile,
@@ -151,9 +160,14 @@ def prepare_config(cfg: DictConfig) -> None:
     if bad:
         raise HFBackendError(f"model.backend=hf (transformers' EsmForMaskedLM) cannot run with {'; '.join(bad)}")
     if cfg.dataset.layout != "bshd":
-        log.warning("model.backend=hf takes padded batches: dataset.layout %s -> bshd (micro_batch_size=%d sequences)",
-                    cfg.dataset.layout, cfg.dataset.micro_batch_size)
+        log.warning(
+            "model.backend=hf takes padded batches: dataset.layout %s -> bshd (micro_batch_size=%d sequences)",
+            cfg.dataset.layout,
+            cfg.dataset.micro_batch_size,
+        )
         cfg.dataset.layout = "bshd"
     if not cfg.model.fp32_residual:
-        log.info("model.backend=hf: model.fp32_residual has no effect (transformers' residual stream keeps the dtype of its "
-                 "embeddings: fp32 under autocast, bf16 under FSDP2's bf16 parameters)")
+        log.info(
+            "model.backend=hf: model.fp32_residual has no effect (transformers' residual stream keeps the dtype of its "
+            "embeddings: fp32 under autocast, bf16 under FSDP2's bf16 parameters)"
+        )

@@ -9,6 +9,7 @@ a backend supplies its modules and its attention kernel.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -133,8 +134,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     return F.linear(x, weight, bias)
 
 
-def layer_norm_mlp(x: torch.Tensor, mlp: nn.Module, eps: float, activation: str) -> torch.Tensor:
-    """Pre-LN MLP from LayerNormMLP-named parameters, in plain PyTorch (also TE's exact-GELU path)."""
+def layer_norm_mlp(x: torch.Tensor, mlp: Any, eps: float, activation: str) -> torch.Tensor:
+    """Pre-LN MLP from LayerNormMLP-named parameters (`mlp`: ours or TE's module), in plain PyTorch (also TE's
+    exact-GELU path)."""
     h = layer_norm(x, mlp.layer_norm_weight, mlp.layer_norm_bias, eps)
     h = gelu(linear(h, mlp.fc1_weight, mlp.fc1_bias), activation)
     return linear(h, mlp.fc2_weight, mlp.fc2_bias)
@@ -261,15 +263,16 @@ def packed_attention(q, k, v, packed: PackedInfo) -> torch.Tensor:
         cu = packed.cu_seqlens
         # The kernel keeps its inputs for backward. q and k arrive as fresh tensors from the rotary; v is still a view
         # of the fused QKV projection, and keeping it would keep all of QKV alive: a copy of v frees two thirds of it.
-        return varlen_attn(q, k, v.contiguous(), cu, cu, packed.max_seqlen, packed.max_seqlen)  # default scale 1/sqrt(D)
+        out = varlen_attn(q, k, v.contiguous(), cu, cu, packed.max_seqlen, packed.max_seqlen)  # default scale 1/sqrt(D)
+        return cast(torch.Tensor, out)  # without return_aux, only the output
     n = len(packed.cu_seqlens) - 1
     seq, off = packed.seq_index, packed.offsets
     shape = (n, packed.max_seqlen, *q.shape[1:])
-    padded = [x.new_zeros(shape).index_put_((seq, off), x) for x in (q, k, v)]
+    q_pad, k_pad, v_pad = (x.new_zeros(shape).index_put_((seq, off), x) for x in (q, k, v))
     mask = torch.zeros(n, packed.max_seqlen, dtype=torch.bool, device=q.device).index_put_(
         (seq, off), torch.ones_like(seq, dtype=torch.bool)
     )
-    return padded_attention(*padded, mask)[seq, off]
+    return padded_attention(q_pad, k_pad, v_pad, mask)[seq, off]
 
 
 def is_norm_param(name: str) -> bool:

@@ -21,21 +21,25 @@ def rotary_freqs(max_seqlen: int, head_dim: int, theta: float, device) -> torch.
 
 
 class TEEsmLayer(EsmLayerBase):
-    def __init__(self, config: EsmConfig, device=None, dtype=None, context_parallel: ContextParallel | None = None, cp_stream=None):
+    def __init__(
+        self, config: EsmConfig, device=None, dtype=None, context_parallel: ContextParallel | None = None, cp_stream=None
+    ):
         super().__init__(config)
         import transformer_engine.pytorch as te
 
         h, eps = config.hidden_size, config.layer_norm_eps
         kw = dict(params_dtype=dtype or torch.float32, device=device if device is not None else "cuda")
         self.eps, self.activation = eps, config.activation
-        self.attention = AttentionBlock(
-            te.LayerNormLinear(h, 3 * h, eps=eps, bias=True, **kw), te.Linear(h, h, bias=True, **kw)
-        )
+        self.attention = AttentionBlock(te.LayerNormLinear(h, 3 * h, eps=eps, bias=True, **kw), te.Linear(h, h, bias=True, **kw))
         self.mlp = te.LayerNormMLP(h, config.intermediate_size, eps=eps, bias=True, activation="gelu", **kw)
         cp = {}
         if context_parallel is not None and context_parallel.size > 1:
-            cp = dict(cp_group=context_parallel.group, cp_global_ranks=list(context_parallel.ranks), cp_stream=cp_stream,
-                      cp_comm_type=context_parallel.comm_type)
+            cp = dict(
+                cp_group=context_parallel.group,
+                cp_global_ranks=list(context_parallel.ranks),
+                cp_stream=cp_stream,
+                cp_comm_type=context_parallel.comm_type,
+            )
         self.core_attention = te.DotProductAttention(
             config.num_heads,
             config.head_dim,
@@ -61,7 +65,13 @@ class TEEsmLayer(EsmLayerBase):
         # offsets and this rank's place in the dual-chunk-swap layout.
         # q and k stay strided views of the fused QKV output: the fused rope kernel reads any layout and writes
         # contiguous outputs, so a copy first would only add a pass over both.
-        rope_kw = dict(tensor_format="thd", fused=True, cu_seqlens=cu if cu_pad is None else cu_pad, cp_size=packed.cp_size, cp_rank=packed.cp_rank)
+        rope_kw = dict(
+            tensor_format="thd",
+            fused=True,
+            cu_seqlens=cu if cu_pad is None else cu_pad,
+            cp_size=packed.cp_size,
+            cp_rank=packed.cp_rank,
+        )
         q = apply_rotary_pos_emb(q, rope, **rope_kw)
         k = apply_rotary_pos_emb(k, rope, **rope_kw)
         out = self.core_attention(

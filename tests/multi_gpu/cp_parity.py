@@ -41,7 +41,13 @@ def main(size: str) -> None:
     ref = build_model(cfg, device="cuda", seed=0)
     cpm = build_model(cfg, device="cuda", seed=0, runtime=Runtime(context_parallel=info.cp))
 
-    batch = next(iter(MLMBatches(load_sequences(DATA), BatchSettings(max_seq_length=1024, token_micro_batch_size=16384, seed=3), train=False)))
+    batch = next(
+        iter(
+            MLMBatches(
+                load_sequences(DATA), BatchSettings(max_seq_length=1024, token_micro_batch_size=16384, seed=3), train=False
+            )
+        )
+    )
     out_ref = run(ref, batch, cp=False)
     out_ref.loss.backward()
 
@@ -67,15 +73,21 @@ def main(size: str) -> None:
     per_token = F.cosine_similarity(cp_logits, ref_logits, dim=-1).min().item()
 
     ref_grads = dict(ref.named_parameters())
-    grad_cos = {n: F.cosine_similarity(p.grad.float().flatten(), ref_grads[n].grad.float().flatten(), dim=0).item()
-                for n, p in cpm.named_parameters() if ref_grads[n].grad.norm() > 0}
+    grad_cos = {
+        n: F.cosine_similarity(p.grad.float().flatten(), ref_grads[n].grad.float().flatten(), dim=0).item()
+        for n, p in cpm.named_parameters()
+        if ref_grads[n].grad.norm() > 0
+    }
     worst = min(grad_cos, key=grad_cos.get)
     rel = abs(loss_cp - loss_ref) / loss_ref
     if info.rank == 0:
-        print(f"cp={cp} vs cp=1, ESM-2 {size} te bf16, {len(lengths)} sequences ({int(lengths.sum())} tokens, longest "
-              f"{int(lengths.max())}), token dropout on: loss {loss_cp:.6f} vs {loss_ref:.6f} (relative difference {rel:.2e}); "
-              f"logits cosine {cosine:.6f} (worst token {per_token:.5f}); worst gradient cosine {grad_cos[worst]:.5f} ({worst}), "
-              f"{len(grad_cos)} tensors", flush=True)
+        print(
+            f"cp={cp} vs cp=1, ESM-2 {size} te bf16, {len(lengths)} sequences ({int(lengths.sum())} tokens, longest "
+            f"{int(lengths.max())}), token dropout on: loss {loss_cp:.6f} vs {loss_ref:.6f} (relative difference {rel:.2e}); "
+            f"logits cosine {cosine:.6f} (worst token {per_token:.5f}); worst gradient cosine {grad_cos[worst]:.5f} ({worst}), "
+            f"{len(grad_cos)} tensors",
+            flush=True,
+        )
     failed = rel > 1e-3 or cosine < 0.999 or grad_cos[worst] < 0.99
     dist.destroy_process_group()
     sys.exit(1 if failed else 0)

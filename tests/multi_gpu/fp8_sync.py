@@ -9,13 +9,12 @@ step makes it common again, and a checkpoint restores one copy on every rank).
     torchrun --standalone --nproc_per_node=2 tests/multi_gpu/fp8_sync.py ddp|fsdp2 OUTPUT_DIR [overrides...]
 """
 
-import transformer_engine.pytorch  # noqa: F401  (before any CUDA work)
-
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import transformer_engine.pytorch  # noqa: F401  (before any CUDA work)
 from hydra import compose, initialize_config_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -38,9 +37,18 @@ def recipe_state(model) -> list[tuple[str, torch.Tensor]]:
 
 def main(strategy: str, output_dir: str, overrides: list[str]) -> None:
     info = init_distributed("cuda")
-    args = ["model.backend=te", "model.activation=gelu_tanh", "fp8_config.enabled=true", "num_train_steps=30",
-            "dataset.val_path=null", "checkpoint.save_every_n_steps=0", "checkpoint.save_final_checkpoint=false",
-            "checkpoint.save_final_model=false", f"output_dir={output_dir}", *overrides]
+    args = [
+        "model.backend=te",
+        "model.activation=gelu_tanh",
+        "fp8_config.enabled=true",
+        "num_train_steps=30",
+        "dataset.val_path=null",
+        "checkpoint.save_every_n_steps=0",
+        "checkpoint.save_final_checkpoint=false",
+        "checkpoint.save_final_model=false",
+        f"output_dir={output_dir}",
+        *overrides,
+    ]
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("L0_sanity", overrides=args)
     model = fit(cfg, STRATEGIES[strategy](info, torch.bfloat16, cfg.fsdp.fp32_master_weights, cfg.fsdp.reshard_after_forward))
@@ -51,8 +59,12 @@ def main(strategy: str, output_dir: str, overrides: list[str]) -> None:
     diff = max((g - gathered[0]).abs().max().item() for g in gathered)
     nonzero = int((flat != 0).sum())
     if info.rank == 0:
-        print(f"FP8 recipe state, {strategy} x {dist.get_world_size()}: {len(state)} tensors ({flat.numel()} values, {nonzero} non-zero), "
-              f"largest difference between ranks {diff}", flush=True)
+        print(
+            f"FP8 recipe state, {strategy} x {dist.get_world_size()}: {len(state)} tensors "
+            f"({flat.numel()} values, {nonzero} non-zero), "
+            f"largest difference between ranks {diff}",
+            flush=True,
+        )
     dist.destroy_process_group()
     sys.exit(0 if state and nonzero and diff == 0 else 1)
 

@@ -15,8 +15,15 @@ from recipe.parallel import FSDP2Strategy, init_distributed, setup_mesh  # noqa:
 info = setup_mesh(init_distributed("cpu"), int(sys.argv[1]))
 model = FSDP2Strategy(info, torch.float32).wrap(build_model(EsmConfig.from_size("tiny", backend="torch"), device="meta"))
 param = model.layers[0].attention.layernorm_qkv.weight
-mine = {"rank": info.rank, "cp_rank": info.cp.rank, "cp_ranks": list(info.cp.ranks), "dp_rank": info.dp_rank, "dp_size": info.dp_size,
-        "shard_mesh_size": param.device_mesh.size(), "placements": str(param.placements)}
+mine = {
+    "rank": info.rank,
+    "cp_rank": info.cp.rank,
+    "cp_ranks": list(info.cp.ranks),
+    "dp_rank": info.dp_rank,
+    "dp_size": info.dp_size,
+    "shard_mesh_size": param.device_mesh.size(),
+    "placements": str(param.placements),
+}
 everyone = [None] * dist.get_world_size()
 dist.all_gather_object(everyone, mine)
 if info.rank == 0:
