@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from recipe import config as config_lib
-from recipe import quantization
+from recipe import quant_stats, quantization
 from recipe.data.context_parallel import shard_batch
 from recipe.data.dataset import BatchSettings, MLMBatches, make_loader
 from recipe.data.sources import load_sequences
@@ -94,6 +94,7 @@ def precision_plan(
     base = {torch.bfloat16: "bf16", torch.float32: "fp32"}[compute]
     plan = quantization.resolve(mcfg.num_layers, cfg.fp8_config, cfg.fp8_layers, cfg.fp4_config, cfg.fp4_layers, base)
     quantization.check_quantized_init(plan, cfg.quantized_model_init)
+    quant_stats.check(cfg, plan, mcfg.backend, info.device.type)
     if not plan.quantized:
         return plan, {}
     gpu = torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else None
@@ -132,6 +133,8 @@ def build(
         layer_init_contexts=contexts,
         runtime=runtime,
     )
+    if cfg.model.init_from is not None and strategy.load_before_wrap:
+        load_hf_into(model, cfg.model.init_from)
     model = parallelize(model, strategy, cfg.use_torch_compile)
     if on_meta:
         model.to_empty(device=info.device)
@@ -143,7 +146,8 @@ def build(
         held = [n for n, p in raw.named_parameters() if isinstance(getattr(p, "_local_tensor", p), QuantizedTensor)]
         log.info("quantized model init: %d weights held quantized, FP32 master copies in the optimizer", len(held))
     if cfg.model.init_from is not None:
-        load_hf_into(raw, cfg.model.init_from)
+        if not strategy.load_before_wrap:
+            load_hf_into(raw, cfg.model.init_from)
         log.info("initialised from %s", cfg.model.init_from)
     return model
 

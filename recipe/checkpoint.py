@@ -41,9 +41,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import xxhash
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-from recipe.parallel import DistInfo, all_reduce, barrier
+from recipe.parallel import STRATEGIES, DistInfo, Strategy, all_reduce, barrier
 
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -203,8 +203,9 @@ def _bytes_to_tensor(b: bytes) -> torch.Tensor:
 
 class Checkpointer:
     def __init__(self, root: Path, info: DistInfo, max_checkpoints: int | None = 3, async_save: bool = False,
-                 run_id: str | None = None):
+                 run_id: str | None = None, strategy: Strategy | None = None):
         self.root, self.info, self.max_checkpoints, self.async_save = Path(root), info, max_checkpoints, async_save
+        self.strategy = strategy or Strategy(info, torch.float32)  # whose state dicts (torch's own unless Megatron-FSDP)
         # Pruning only ever touches checkpoints that carry this id; a resume adopts the id of what it loads.
         self.run_id = run_id or uuid.uuid4().hex
         self._pending: tuple | None = None  # (future, tmp dir, final dir) of an async save not yet finalised
@@ -264,7 +265,7 @@ class Checkpointer:
                 shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save of the same step
                 tmp.mkdir(parents=True)
             barrier()
-            model_sd, optim_sd = get_state_dict(model, optimizer)
+            model_sd, optim_sd = self.strategy.get_state_dict(model, optimizer)
             state = {"model": extra_state_to_bytes(model_sd), "optim": optim_sd}
             torch.save(rank_state, tmp / f"rank_{self.info.rank}.pt")
             if self.info.is_main:
@@ -341,7 +342,8 @@ class Checkpointer:
         changed = [f"{key}: checkpoint {meta.get(key)} vs this run {want}" for key, want in expect.items() if meta.get(key) != want]
         if changed:
             raise RuntimeError(f"cannot resume from {path}: " + "; ".join(changed))
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        self._check_strategy(path, meta.get("strategy"))
+        model_sd, optim_sd = self.strategy.get_state_dict(model, optimizer)
         model_sd = extra_state_to_bytes(self._check_keys(path, model_sd))
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=str(path / "dcp"))
@@ -350,8 +352,7 @@ class Checkpointer:
         # TE keeps delayed-scaling FP8 metadata as a pickle and refuses to unpickle it unless told the source is
         # trusted: every file of this checkpoint matched its manifest above, so allow it for this load.
         with _env(NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE="1"):
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                           options=StateDictOptions(strict=False))
+            self.strategy.set_state_dict(model, optimizer, state["model"], state["optim"])
         rank_file = path / f"rank_{self.info.rank}.pt"
         if not rank_file.exists():  # a rank the writing run did not have: its state is re-derived (train.restore_rng)
             return meta, None
@@ -361,6 +362,16 @@ class Checkpointer:
             raise CheckpointError(f"cannot resume from {path}: {rank_file.name} does not load as plain data and "
                                   f"tensors ({type(exc).__name__}: {str(exc)[:300]})") from exc
         return meta, rank_state
+
+    def _check_strategy(self, path: Path, written_by: str | None) -> None:
+        """DDP's and FSDP2's checkpoints resume under either; a strategy with state dicts of its own (Megatron-FSDP)
+        resumes only its own checkpoints, and its checkpoints only under it."""
+        own = {name for name, cls in STRATEGIES.items() if cls.own_checkpoints}
+        mine = self.strategy.name
+        if written_by != mine and (written_by in own or self.strategy.own_checkpoints):
+            raise RuntimeError(f"cannot resume from {path}: it was written by strategy {written_by} and this run uses {mine}; "
+                               f"{', '.join(sorted(own))} checkpoints hold state dicts of their own and resume only under "
+                               "the strategy that wrote them")
 
     @staticmethod
     def _check_keys(path: Path, model_sd: dict) -> dict:

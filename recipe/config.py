@@ -109,6 +109,10 @@ RULES = {
     "fsdp.reshard_after_forward": Rule(bool),
     "tensorboard.enabled": Rule(bool),
     "tensorboard.log_dir": Rule(str, null=True),
+    "quant_stats_config.enabled": Rule(bool),
+    "quant_stats_config.quant_stats_file": Rule(str, null=True),
+    "quant_stats_config.quant_log_dir": Rule(str, null=True),
+    "quant_stats_config.log_to_wandb": Rule(bool),
 }
 
 

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from recipe.config import ConfigError
 from recipe.model.config import ContextParallel
 
 log = logging.getLogger(__name__)
@@ -140,10 +141,13 @@ def barrier() -> None:
 
 
 class Strategy:
-    """Builds the wrapped model and switches gradient synchronisation for gradient accumulation."""
+    """Builds the wrapped model and switches gradient synchronisation for gradient accumulation. The defaults of
+    the optimizer, clipping and state-dict hooks are torch's own, which DDP and FSDP2 share."""
 
     name = "base"
     meta_init = False
+    own_checkpoints = False  # its checkpoints resume under this strategy only (DDP's and FSDP2's resume under either)
+    load_before_wrap = False  # model.init_from goes into the plain module before `wrap` (it cannot go into the wrapped one)
 
     def __init__(self, info: DistInfo, compute_dtype: torch.dtype, fp32_master_weights: bool = True, reshard_after_forward: bool = True):
         self.info, self.compute_dtype = info, compute_dtype
@@ -158,6 +162,34 @@ class Strategy:
     @property
     def param_dtype(self) -> torch.dtype:
         return torch.float32
+
+    def check(self, cfg, backend: str) -> None:
+        """Refuse, before anything is built, what this strategy cannot do (`backend` resolved)."""
+
+    def wrap_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        return optimizer
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float | None) -> torch.Tensor:
+        """Clip the gradients to `max_norm` (None: no clipping) and return their total L2 norm before clipping."""
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm else float("inf"))
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def get_state_dict(self, model: nn.Module, optimizer) -> tuple[dict, dict]:
+        """(model, optimizer) state dicts for torch.distributed.checkpoint, loaded into in place on resume."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        return get_state_dict(model, optimizer)
+
+    def set_state_dict(self, model: nn.Module, optimizer, model_sd: dict, optim_sd: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=StateDictOptions(strict=False))
+
+    def full_state_dict(self, model: nn.Module) -> dict:
+        """The whole model's weights on the CPU, for the Hugging Face export (a collective; rank 0 uses them)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 class DDPStrategy(Strategy):
@@ -212,7 +244,124 @@ class FSDP2Strategy(Strategy):
         yield
 
 
-STRATEGIES = {"ddp": DDPStrategy, "fsdp2": FSDP2Strategy}
+class MegatronFSDPStrategy(Strategy):
+    """NVIDIA's Megatron-FSDP (the `megatron-fsdp` package, `pip install .[mfsdp]`): every transformer layer an FSDP
+    unit, parameters, gradients and optimizer state sharded over all ranks (ZeRO-3; fsdp.reshard_after_forward=false
+    keeps parameters whole: ZeRO-2). Parameters and gradients stay FP32 and compute runs under the trainer's
+    autocast, as with DDP, so the two give the same arithmetic. Megatron-FSDP needs CUDA (it builds CUDA streams
+    and buffers), so it is refused on the CPU. The model is built on the device with its initial weights, then
+    sharded; its optimizer is wrapped (`fully_shard_optimizer`), and checkpoints hold its own state dicts (uneven
+    DTensors; the optimizer's state is keyed by parameter index, so a checkpoint resumes under Megatron-FSDP only)."""
+
+    name = "mfsdp"
+    load_before_wrap = True
+    own_checkpoints = True
+
+    def check(self, cfg, backend: str) -> None:
+        device = self.info.device.type
+        refusals = {
+            "device": (device != "cuda", (f"{device}: Megatron-FSDP needs CUDA GPUs (it allocates CUDA streams and buffers); "
+                                          "use train_ddp.py or train_fsdp2.py")),
+            "cp_size": (cfg.cp_size > 1, f"{cfg.cp_size}: context parallelism runs with train_cp.py (FSDP2)"),
+            "model.backend": (backend == "hf", ("hf: transformers' model (its tied decoder) is not supported under Megatron-FSDP; "
+                                                "use model.backend=te or torch, or train_fsdp2.py")),
+            "quantized_model_init": (cfg.quantized_model_init, ("true: Megatron-FSDP would have to shard TE's quantized weights "
+                                                                "and FusedAdam's master copies; use train_fsdp2.py")),
+            "fsdp.fp32_master_weights": (not cfg.fsdp.fp32_master_weights, ("false: Megatron-FSDP here keeps FP32 parameters "
+                                                                            "(BF16 compute under autocast); use train_fsdp2.py")),
+            "use_torch_compile": (cfg.use_torch_compile, "true: compiled layers under Megatron-FSDP's hooks are not supported"),
+            "checkpoint.async_save": (cfg.checkpoint.async_save, ("true: Megatron-FSDP's unevenly sharded checkpoints are "
+                                                                  "written synchronously")),
+        }
+        for key, (refused, why) in refusals.items():
+            if refused:
+                raise ConfigError(f"train_mfsdp.py cannot run with {key}={why}")
+        import importlib.util
+
+        if importlib.util.find_spec("megatron_fsdp") is None:
+            raise ImportError("train_mfsdp.py needs the megatron-fsdp package: pip install -e '.[mfsdp]' (or megatron-fsdp)")
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        from megatron_fsdp import MixedPrecisionPolicy, fully_shard_model
+        from torch.distributed.device_mesh import init_device_mesh
+
+        # Megatron-FSDP wants a tensor-parallel mesh dimension next to the sharding one (TE's layers assume TP=1).
+        mesh = init_device_mesh("cuda", (self.info.world_size, 1), mesh_dim_names=("dp", "tp"))
+        units = list({type(layer) for layer in model.layers})
+        return fully_shard_model(
+            model, device_mesh=mesh, dp_shard_dim="dp", tp_dim="tp", fsdp_unit_modules=units, device=self.info.device,
+            zero_dp_strategy="optim_grads_params" if self.reshard_after_forward else "optim_grads",
+            # FP32 main weights (the optimizer's shard, copied into the training weights after each step, as
+            # Megatron-FSDP does by default) and FP32 gradients, reduced in FP32.
+            mixed_precision_policy=MixedPrecisionPolicy(main_params_dtype=torch.float32, main_grads_dtype=torch.float32),
+            sync_model_each_microbatch=False,  # gradients are finished on the last micro-batch (sync_gradients)
+        )
+
+    def wrap_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """`fully_shard_optimizer` steps once with zero gradients to create the optimizer state; at learning rate 0 and
+        with that state reset afterwards, the first real step is exactly a fresh AdamW's (as under DDP and FSDP2)."""
+        from megatron_fsdp import fully_shard_optimizer
+
+        lrs = [group["lr"] for group in optimizer.param_groups]
+        for group in optimizer.param_groups:
+            group["lr"] = 0.0
+        optimizer = fully_shard_optimizer(optimizer)
+        for group, lr in zip(optimizer.param_groups, lrs):
+            group["lr"] = lr
+        with torch.no_grad():
+            for state in optimizer.state.values():
+                for value in state.values():
+                    if isinstance(value, torch.Tensor):
+                        value.zero_()
+        return optimizer
+
+    def sync_gradients(self, model, enabled: bool):
+        # The last micro-batch's backward finishes the reduce-scatter and hands the gradient shards to the
+        # parameters, so clipping sees them; earlier ones only accumulate.
+        return model.sync() if enabled else model.no_sync()
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float | None) -> torch.Tensor:
+        """Each rank holds a disjoint row block of every gradient: the squared norm is the sum of the local ones over
+        all ranks. (torch's clip_grad_norm_ on these unevenly sharded DTensors is avoided: NVIDIA's recipe reports
+        it hanging under multi-process Megatron-FSDP.)"""
+        with torch.no_grad():
+            grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in model.parameters() if p.grad is not None]
+            squares = torch.zeros((), device=self.info.device, dtype=torch.float32)
+            for g in grads:
+                squares += g.float().pow(2).sum()
+            norm = all_reduce(squares).sqrt()
+            if max_norm:
+                coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+                for g in grads:
+                    g.mul_(coef.to(g.dtype))
+        return norm
+
+    def get_state_dict(self, model: nn.Module, optimizer) -> tuple[dict, dict]:
+        # Keys without the wrapper's "module." prefix: the same names as DDP's and FSDP2's checkpoints, so that
+        # recipe.evaluate reads the weights of any of them.
+        model_sd = {k.removeprefix("module."): v for k, v in model.state_dict().items()}
+        return model_sd, optimizer.state_dict()
+
+    def set_state_dict(self, model: nn.Module, optimizer, model_sd: dict, optim_sd: dict) -> None:
+        # DCP loaded in place into the main-weight shards; loading them into the module as well copies them into the
+        # training weights (Megatron-FSDP's load hook). TE's _extra_state is not in its state dict.
+        model.load_state_dict({f"module.{k}": v for k, v in model_sd.items()}, strict=False)
+        optimizer.load_state_dict(optim_sd)
+        model.install_optimized_model_weights()
+
+    def full_state_dict(self, model: nn.Module) -> dict:
+        from megatron_fsdp.uneven_dtensor import gather_uneven_dtensor_to_full_tensor
+        from torch.distributed.tensor import DTensor
+
+        full = {}
+        for key, value in model.state_dict().items():
+            if isinstance(value, DTensor):
+                value = gather_uneven_dtensor_to_full_tensor(value).to_local()
+            full[key.removeprefix("module.")] = value.detach().cpu()
+        return full
+
+
+STRATEGIES = {"ddp": DDPStrategy, "fsdp2": FSDP2Strategy, "mfsdp": MegatronFSDPStrategy}
 
 
 def parallelize(model: nn.Module, strategy: Strategy, compile_layers: bool) -> nn.Module:

@@ -99,10 +99,12 @@ class RunCheckpointer:
     the resume that restores all of it (`resume`)."""
 
     def __init__(
-        self, cfg: DictConfig, info: DistInfo, strategy_name: str, mcfg: EsmConfig, expect: dict, model, optimizer, loader
+        self, cfg: DictConfig, info: DistInfo, strategy_name: str, mcfg: EsmConfig, expect: dict, model, optimizer, loader,
+        strategy=None,
     ):
         c = cfg.checkpoint
-        self.ckpt = Checkpointer(config_lib.ckpt_dir(cfg), info, c.max_checkpoints, c.async_save)
+        # `strategy`: whose state dicts the checkpoints hold (torch's own unless Megatron-FSDP's)
+        self.ckpt = Checkpointer(config_lib.ckpt_dir(cfg), info, c.max_checkpoints, c.async_save, strategy=strategy)
         self.every, self.last_step, self.seed = c.save_every_n_steps, cfg.num_train_steps, cfg.seed
         self.info, self.model, self.optimizer, self.loader, self.expect = info, model, optimizer, loader, expect
         self.static_meta = {

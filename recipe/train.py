@@ -27,7 +27,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from recipe import config as config_lib
-from recipe import run_dir
+from recipe import quant_stats, run_dir
 from recipe.build import build, build_data, compute_dtype, model_name, precision_plan, resolved_model_config, resume_expectations
 from recipe.metrics import MetricsWriter, Throughput, peak_tflops
 from recipe.model import EsmConfig
@@ -35,7 +35,7 @@ from recipe.model.convert import export_hf
 from recipe.model.esm import IGNORE_INDEX
 from recipe.model.flops import batch_flops
 from recipe.optim import build_optimizer, lr_at, set_lr
-from recipe.parallel import STRATEGIES, DistInfo, Strategy, all_reduce, barrier, init_distributed, setup_mesh
+from recipe.parallel import STRATEGIES, DistInfo, Strategy, all_reduce, barrier, init_distributed, setup_mesh, unwrap
 from recipe.preemption import Preemption
 from recipe.run_state import RunCheckpointer, TrainState
 from recipe.validation import Validator, model_inputs
@@ -85,9 +85,7 @@ def train_step(model, strategy: Strategy, batches: list[dict], masked_tokens: to
             out = model(**model_inputs(batch, device))
             (out.loss_sum * (world / masked_tokens)).backward()  # DDP/FSDP average over ranks: undo it
         loss_sum += out.loss_sum.detach()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm else float("inf"))
-    if hasattr(grad_norm, "full_tensor"):
-        grad_norm = grad_norm.full_tensor()
+    grad_norm = strategy.clip_grad_norm(model, max_norm)
     return all_reduce(loss_sum) / masked_tokens, grad_norm
 
 
@@ -103,28 +101,39 @@ def fit(cfg: DictConfig, strategy: Strategy):
     and a fresh run never mixes with another's outputs (recipe/run_dir.py)."""
     config_lib.validate(cfg)
     with run_dir.claim(cfg, strategy.info):
-        return _fit(cfg, strategy)
+        try:
+            return _fit(cfg, strategy)
+        finally:
+            quant_stats.shutdown()  # the debug API is process-wide: a later run in this process starts clean
 
 
 def _fit(cfg: DictConfig, strategy: Strategy):
     info = strategy.info
     # Set-up. The model's config and precision plan first: they refuse what cannot run before memory is spent.
     mcfg = resolved_model_config(cfg, info)
+    strategy.check(cfg, mcfg.backend)
     plan, recipes = precision_plan(cfg, mcfg, info, strategy.compute_dtype)
     setup_mesh(info, cfg.cp_size, cfg.cp_comm_type)
     write_run_config(cfg, info)
     torch.manual_seed(cfg.seed)
+    # Quantization statistics: TE's debug API must be on before the first TE module is built.
+    stats = quant_stats.QuantStats.start(cfg, plan, info.rank, barrier) if cfg.quant_stats_config.enabled else None
     model = build(cfg, strategy, mcfg, plan, recipes)
-    optimizer = build_optimizer(model, cfg, info.device, master_weights=cfg.quantized_model_init)
+    if stats is not None:
+        stats.name_layers(unwrap(model))
+    optimizer = strategy.wrap_optimizer(model, build_optimizer(model, cfg, info.device, master_weights=cfg.quantized_model_init))
     data = build_data(cfg, info)
     log_start(cfg, mcfg, plan, model, strategy)
 
     # The components: each owns its schedule. A resume restores the TrainState, weights, optimizer, data and RNG.
     expect = resume_expectations(cfg, info, mcfg, data.settings, plan)
-    ckpt = RunCheckpointer(cfg, info, strategy.name, mcfg, expect, model, optimizer, data.loader)
+    ckpt = RunCheckpointer(cfg, info, strategy.name, mcfg, expect, model, optimizer, data.loader, strategy=strategy)
     state = ckpt.resume() if cfg.checkpoint.resume_from_checkpoint else TrainState()
     start_step, resumed = state.step, ckpt.resumed_from is not None
     metrics = MetricsWriter(Path(cfg.output_dir), cfg, info.is_main, state.step if resumed else None, cfg.log_every_n_steps)
+    if stats is not None:
+        stats.attach(metrics, cfg)
+        stats.set_step(state.step)
     amp = torch.autocast(info.device.type, dtype=strategy.compute_dtype) if strategy.compute_dtype != torch.float32 else nullcontext()
     validator = Validator(model, data.val, info.device, amp, cfg.validation.max_batches, data.shard,
                           cfg.validation.every_n_steps, cfg.num_train_steps, metrics)
@@ -159,6 +168,8 @@ def _fit(cfg: DictConfig, strategy: Strategy):
         # Count it, then whatever the schedules ask for at this step.
         counts = StepCounts(*reduced.tolist())
         state.step += 1
+        if stats is not None:
+            stats.step()  # logs the statistics this step collected
         state.consumed_tokens += int(counts.real_tokens)
         state.consumed_samples += round(counts.samples)
         throughput.add(counts.real_tokens, counts.flops)
@@ -186,7 +197,8 @@ def _fit(cfg: DictConfig, strategy: Strategy):
 
     # The end of the run (not after a stop): a finished run that is resumed only does what it had not done yet.
     if state.step == cfg.num_train_steps or counts.time_up:
-        finish(cfg, model, mcfg, plan, state, ckpt, validator, resumed_finished=resumed and state.step == start_step)
+        finish(cfg, model, mcfg, plan, state, ckpt, validator, resumed_finished=resumed and state.step == start_step,
+               strategy=strategy)
     ckpt.wait()
     metrics.close()
     preempt.close()
@@ -194,23 +206,21 @@ def _fit(cfg: DictConfig, strategy: Strategy):
 
 
 def finish(cfg: DictConfig, model, mcfg: EsmConfig, plan, state: TrainState, ckpt: RunCheckpointer, validator: Validator,
-           resumed_finished: bool) -> None:
+           resumed_finished: bool, strategy: Strategy) -> None:
     """Final checkpoint, Hugging Face export, then final validation, so that nothing that fails after the last step
     (a validation split without a maskable residue, say) can lose the first two. A finished run that is resumed
     (`resumed_finished`) has its checkpoint, and maybe its validation, already."""
     if cfg.checkpoint.save_final_checkpoint and not resumed_finished:
         ckpt.save(state)
     if cfg.checkpoint.save_final_model:
-        export(cfg, model, mcfg, plan, state.step)
+        export(cfg, model, mcfg, plan, state.step, strategy)
     if not (resumed_finished and validator.done_at(state.step)):
         validator.run(state)
 
 
-def export(cfg: DictConfig, model, mcfg: EsmConfig, plan, step: int) -> None:
+def export(cfg: DictConfig, model, mcfg: EsmConfig, plan, step: int, strategy: Strategy) -> None:
     """output_dir/final_model: the full weights gathered to rank 0, in Hugging Face's format (transformers loads it)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    full = strategy.full_state_dict(model)
     if dist.get_rank() == 0:
         if mcfg.backend == "hf":
             from recipe.model.hf import ours_from_adapter

@@ -61,6 +61,16 @@ def losses(out_dir: Path) -> dict[int, float]:
     return {x["step"]: x["loss"] for x in read_metrics(out_dir)[0]}
 
 
+def compare_curves(a: dict[int, float], b: dict[int, float], names=("a", "b")) -> tuple[float, str]:
+    """The largest relative per-step loss difference of two runs' curves, and a line that shows both around it (for
+    failure messages). The two must have logged the same steps."""
+    assert sorted(a) == sorted(b), f"{names[0]} logged steps {sorted(a)}, {names[1]} logged {sorted(b)}"
+    gaps = {s: abs(a[s] - b[s]) / abs(b[s]) for s in a}
+    worst = max(gaps, key=gaps.get)
+    shown = ", ".join(f"{s}: {a[s]:.5f} vs {b[s]:.5f}" for s in sorted(a) if abs(s - worst) <= 2 or s in (min(a), max(a)))
+    return gaps[worst], f"worst at step {worst} ({gaps[worst]:.2e}); {names[0]} vs {names[1]} losses {shown}"
+
+
 def te_available() -> bool:
     """TransformerEngine imports and the GPU is Hopper or newer (what model.backend=te needs)."""
     from recipe.model import te_status

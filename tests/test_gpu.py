@@ -225,3 +225,105 @@ def test_l1_8m_fp8_block_scaling_within_2_percent_of_bf16(tmp_path):
     rel = abs(val["fp8 block"] - val["bf16"]) / val["bf16"]
     print(f"  FP8 block scaling vs BF16 validation loss: relative difference {rel:.2%}")
     assert rel <= 0.02
+
+
+# ------------------------------------------------------------------ quantization statistics (quant_stats_config)
+GEMMS = ("attention.layernorm_qkv", "attention.proj", "mlp.fc1", "mlp.fc2")
+FP8_STATS = ("underflows%", "scale_inv_min", "scale_inv_max", "mse")
+AMAX_STATS = ("cur_amax", "dynamic_range")
+
+
+@needs_te
+def test_quant_stats_written_for_the_fp8_layers_only(tmp_path):
+    """L0_sanity with FP8 in layers 2-3 of 4 and the shipped statistics YAML (every 10 steps): quant_stats.jsonl
+    holds, at steps 10, 20 and 30, the FP8 and amax statistics of activation, weight and gradient of the four GEMMs
+    of exactly those layers (module paths model.layers.1 and .2), with values in range; layers 1 and 4 (BF16) none."""
+    from recipe.quant_stats import read_stats
+
+    r, train, _ = run_l0(tmp_path, *FP8_ARGS, "fp8_layers=[2,3]", "quant_stats_config.enabled=true", "num_train_steps=30",
+                         "validation.every_n_steps=0", "checkpoint.save_every_n_steps=0", "checkpoint.save_final_model=false")
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "layer precision: layer 1: bf16; layers 2-3: fp8 (DelayedScaling); layer 4: bf16" in r.stderr
+    out = tmp_path / "quant_stats"
+    path = out / "quant_stats.jsonl"
+    assert path.exists(), f"no {path}; {out} holds {sorted(str(p.relative_to(out)) for p in out.rglob('*'))}"
+    stats = read_stats(path)
+    expected = {f"model.layers.{i}.{gemm}_{tensor}_{stat}" for i in (1, 2) for gemm in GEMMS
+                for tensor in ("activation", "weight", "gradient") for stat in FP8_STATS + AMAX_STATS}
+    missing, extra = sorted(expected - set(stats)), sorted(set(stats) - expected)
+    assert not missing, f"{len(missing)} statistics missing, e.g. {missing[:6]}; logged: {sorted(stats)[:6]}"
+    assert not extra, f"statistics nobody asked for (a BF16 layer tracked?): {extra[:6]}"
+    steps = {name: sorted(by_step) for name, by_step in stats.items()}
+    assert all(s == [10, 20, 30] for s in steps.values()), f"logged steps: {sorted({tuple(s) for s in steps.values()})}"
+    values = [(name, step, v) for name, by_step in stats.items() for step, v in by_step.items()]
+    bad = [(n, s, v) for n, s, v in values if math.isnan(v) or (not n.endswith("dynamic_range") and not math.isfinite(v))]
+    assert not bad, f"non-finite statistics: {bad[:6]}"
+    out_of_range = [(n, s, v) for n, s, v in values if (n.endswith("underflows%") and not 0 <= v <= 100)
+                    or (n.endswith(("scale_inv_min", "scale_inv_max", "cur_amax")) and not v > 0) or (n.endswith("_mse") and v < 0)]
+    assert not out_of_range, f"statistics out of range: {out_of_range[:6]}"
+    for i, gemm, tensor in [(i, g, t) for i in (1, 2) for g in GEMMS for t in ("activation", "weight", "gradient")]:
+        lo, hi = (stats[f"model.layers.{i}.{gemm}_{tensor}_scale_inv_{k}"][30] for k in ("min", "max"))
+        assert lo <= hi, f"model.layers.{i}.{gemm} {tensor}: scale_inv_min {lo} > scale_inv_max {hi}"
+    resolved = (out / "quant_stats.yaml").read_text()
+    assert r"^model\.layers\.(1|2)\." in resolved, resolved[:600]
+    under = stats["model.layers.1.mlp.fc2_gradient_underflows%"]
+    print(f"\n  quant stats, FP8 layers 2-3: {len(stats)} statistics x 3 steps; layer 2 fc2 gradient underflows% {under}; "
+          f"final loss {train[-1]['loss']:.3f}, {train[-1]['tokens_per_second_per_gpu']:.3g} tokens/s")
+
+
+# ------------------------------------------------------------------ Megatron-FSDP (train_mfsdp.py)
+MFSDP_ARGS = ["--config-name", "L0_sanity", "num_train_steps=40", "log_every_n_steps=1", "validation.every_n_steps=0",
+              "checkpoint.save_every_n_steps=0", "dataset.num_workers=0"]
+
+
+def strategy_run(script: str, out, nproc: int, *overrides):
+    r = torchrun(script, nproc, *MFSDP_ARGS, *overrides, f"output_dir={out}")
+    assert r.returncode == 0, f"{script} failed:\n" + r.stderr[-4000:]
+    return read_metrics(out)[0]
+
+
+@needs_te
+@pytest.mark.parametrize("backend", ["te", "torch"])
+def test_mfsdp_matches_fsdp2_and_exports_for_transformers(tmp_path, backend):
+    """40 steps of L0_sanity under train_fsdp2.py and train_mfsdp.py, same seed and data: the first step (same
+    initial weights and batch) agrees to 5e-3, every step's loss to 2 %, the last to 1 %; both exports load in
+    transformers and score the same validation sequences within 2 % of each other (a garbled export would not)."""
+    from conftest import compare_curves
+    from test_evaluate import transformers_reference
+
+    runs = {s: strategy_run(f"train_{s}.py", tmp_path / s, 1, f"model.backend={backend}") for s in ("fsdp2", "mfsdp")}
+    a, b = ({x["step"]: x["loss"] for x in runs[s]} for s in ("mfsdp", "fsdp2"))
+    gap, shown = compare_curves(a, b, ("mfsdp", "fsdp2"))
+    norms = [x["grad_norm"] for x in runs["mfsdp"][:1]] + [x["grad_norm"] for x in runs["fsdp2"][:1]]
+    print(f"\n  mfsdp vs fsdp2, L0_sanity {backend}, 1 GPU: {shown}; step-1 grad norm {norms[0]:.5f} vs {norms[1]:.5f}; "
+          f"tokens/s {runs['mfsdp'][-1]['tokens_per_second_per_gpu']:.3g} vs {runs['fsdp2'][-1]['tokens_per_second_per_gpu']:.3g}")
+    assert abs(a[1] - b[1]) <= 5e-3 * b[1], f"step 1 differs (initial weights or data): {shown}"
+    assert abs(norms[0] - norms[1]) <= 2e-2 * norms[1], f"step-1 gradient norm {norms[0]} (mfsdp) vs {norms[1]} (fsdp2)"
+    assert gap <= 2e-2 and abs(a[40] - b[40]) <= 1e-2 * b[40], shown
+    assert a[40] < a[1] - 0.2, f"mfsdp did not train: {shown}"
+    scores = {s: transformers_reference(tmp_path / s / "final_model", "esm", seed=0)["loss"] for s in ("mfsdp", "fsdp2")}
+    print(f"  exports scored by transformers: mfsdp {scores['mfsdp']:.4f}, fsdp2 {scores['fsdp2']:.4f}")
+    assert abs(scores["mfsdp"] - scores["fsdp2"]) <= 2e-2 * scores["fsdp2"], scores
+
+
+@needs_te
+def test_mfsdp_resume_is_exact(tmp_path):
+    """8 steps with a checkpoint at step 4, and a run resumed from it: the first resumed step's loss is identical
+    (weights and data position restored), steps 6-8 within 1e-3; resuming an FSDP2 checkpoint is refused."""
+    from conftest import losses
+
+    args = ["model.backend=te", "num_train_steps=8", "checkpoint.save_every_n_steps=4", "checkpoint.save_final_model=false"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    strategy_run("train_mfsdp.py", full, 1, *args)
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "step_4", resumed / "checkpoints" / "step_4")
+    strategy_run("train_mfsdp.py", resumed, 1, *args, "checkpoint.resume_from_checkpoint=true")
+    a, b = losses(full), losses(resumed)
+    print(f"\n  mfsdp resume at step 4: losses 5-8 uninterrupted {[a[s] for s in range(5, 9)]}, resumed {[b[s] for s in range(5, 9)]}")
+    assert sorted(b) == [5, 6, 7, 8], f"resumed run logged steps {sorted(b)}"
+    assert b[5] == a[5], f"step 5: {a[5]!r} uninterrupted vs {b[5]!r} resumed"
+    assert all(abs(b[s] - a[s]) <= 1e-3 * a[s] for s in range(6, 9)), {s: (a[s], b[s]) for s in range(5, 9)}
+    fsdp2 = tmp_path / "fsdp2"
+    strategy_run("train_fsdp2.py", fsdp2, 1, *args)
+    r = torchrun("train_mfsdp.py", 1, *MFSDP_ARGS, *args, "checkpoint.resume_from_checkpoint=true", f"output_dir={fsdp2}")
+    assert r.returncode != 0 and "written by strategy fsdp2 and this run uses mfsdp" in r.stderr, r.stderr[-3000:]

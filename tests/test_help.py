@@ -15,7 +15,7 @@ def test_every_shipped_config_opens_with_a_one_line_purpose():
         assert purpose and purpose.endswith("."), f"hydra_config/{name}.yaml: first line must be a comment: one sentence of purpose"
 
 
-@pytest.mark.parametrize("script, default", [("train_fsdp2.py", "L0_sanity"), ("train_cp.py", "L0_sanity_cp")])
+@pytest.mark.parametrize("script, default", [("train_fsdp2.py", "L0_sanity"), ("train_cp.py", "L0_sanity_cp"), ("train_mfsdp.py", "L0_sanity")])
 def test_help_lists_configs_and_where_keys_are_documented(script, default):
     r = run_cmd([sys.executable, script, "--help"], timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
