@@ -40,9 +40,22 @@ def rate(out_dir: Path, warmup: int) -> float:
 
 def run(config: str, steps: int, warmup: int, extra: list[str], out_dir: Path, stats_file: Path | None) -> float:
     stats = ["quant_stats_config.enabled=true", f"quant_stats_config.quant_stats_file={stats_file}"] if stats_file else []
-    args = [sys.executable, "train_fsdp2.py", "--config-name", config, *FP8, f"num_train_steps={steps}", "log_every_n_steps=1",
-            "validation.every_n_steps=0", "checkpoint.save_every_n_steps=0", "checkpoint.save_final_checkpoint=false",
-            "checkpoint.save_final_model=false", *stats, *extra, f"output_dir={out_dir}"]
+    args = [
+        sys.executable,
+        "train_fsdp2.py",
+        "--config-name",
+        config,
+        *FP8,
+        f"num_train_steps={steps}",
+        "log_every_n_steps=1",
+        "validation.every_n_steps=0",
+        "checkpoint.save_every_n_steps=0",
+        "checkpoint.save_final_checkpoint=false",
+        "checkpoint.save_final_model=false",
+        *stats,
+        *extra,
+        f"output_dir={out_dir}",
+    ]
     r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=False)
     if r.returncode != 0:
         sys.exit(f"{' '.join(args)} failed:\n{r.stderr[-4000:]}")

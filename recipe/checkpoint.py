@@ -62,8 +62,13 @@ class CheckpointError(RuntimeError):
 def rng_state() -> dict:
     """Every RNG state, as plain types and tensors so that rank files load with `weights_only=True`."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
-    numpy_state = {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                   "has_gauss": int(has_gauss), "gauss": float(gauss)}
+    numpy_state = {
+        "name": name,
+        "keys": torch.from_numpy(np.asarray(keys).astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "gauss": float(gauss),
+    }
     state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -95,8 +100,11 @@ def _owner(name: str, world_size: int) -> int:
 
 def _files(path: Path) -> list[str]:
     """Every file under a checkpoint directory, relative and sorted, but the manifest's own bookkeeping."""
-    return sorted(str(p.relative_to(path)) for p in path.rglob("*")
-                  if p.is_file() and p.name not in _UNLISTED and not p.name.startswith(_PARTIAL))
+    return sorted(
+        str(p.relative_to(path))
+        for p in path.rglob("*")
+        if p.is_file() and p.name not in _UNLISTED and not p.name.startswith(_PARTIAL)
+    )
 
 
 def read_manifest(path: Path) -> dict | None:
@@ -143,7 +151,8 @@ def _write_atomically(path: Path, text: str) -> None:
 
 def _describe_write_error(exc: BaseException, where: Path) -> str:
     """Say "disk full" where that is the cause: torch's zip writer reports ENOSPC only as an `enforce fail`."""
-    chain, e = [], exc
+    chain: list[BaseException] = []
+    e: BaseException | None = exc
     while e is not None and len(chain) < 10:
         chain.append(e)
         e = e.__cause__ or e.__context__
@@ -188,8 +197,10 @@ def _env(**values: str):
 def extra_state_to_bytes(model_sd: dict) -> dict:
     """TransformerEngine's `_extra_state` (FP8 scales and amax history) is a uint8 tensor whose size changes once
     FP8 runs (empty in a fresh model); DCP needs fixed sizes for tensors, so it travels as an opaque bytes object."""
-    return {k: bytes(v.cpu().numpy().tobytes()) if k.endswith("_extra_state") and isinstance(v, torch.Tensor) else v
-            for k, v in model_sd.items()}
+    return {
+        k: bytes(v.cpu().numpy().tobytes()) if k.endswith("_extra_state") and isinstance(v, torch.Tensor) else v
+        for k, v in model_sd.items()
+    }
 
 
 def extra_state_from_bytes(model_sd: dict) -> dict:
@@ -202,8 +213,15 @@ def _bytes_to_tensor(b: bytes) -> torch.Tensor:
 
 
 class Checkpointer:
-    def __init__(self, root: Path, info: DistInfo, max_checkpoints: int | None = 3, async_save: bool = False,
-                 run_id: str | None = None, strategy: Strategy | None = None):
+    def __init__(
+        self,
+        root: Path,
+        info: DistInfo,
+        max_checkpoints: int | None = 3,
+        async_save: bool = False,
+        run_id: str | None = None,
+        strategy: Strategy | None = None,
+    ):
         self.root, self.info, self.max_checkpoints, self.async_save = Path(root), info, max_checkpoints, async_save
         self.strategy = strategy or Strategy(info, torch.float32)  # whose state dicts (torch's own unless Megatron-FSDP)
         # Pruning only ever touches checkpoints that carry this id; a resume adopts the id of what it loads.
@@ -228,14 +246,19 @@ class Checkpointer:
         for _, path in reversed(found):
             if self._verify_everywhere(path):
                 if failed:
-                    log.warning("RESUMING FROM AN OLDER CHECKPOINT: %s, because %s failed verification (errors above)",
-                                path, ", ".join(p.name for p in failed))
+                    log.warning(
+                        "RESUMING FROM AN OLDER CHECKPOINT: %s, because %s failed verification (errors above)",
+                        path,
+                        ", ".join(p.name for p in failed),
+                    )
                     self._set_aside(failed)
                 return path
             failed.append(path)
         if failed:
-            raise CheckpointError(f"no checkpoint under {self.root} verifies against its manifest (errors above: "
-                                  f"{', '.join(p.name for p in failed)}); nothing was loaded")
+            raise CheckpointError(
+                f"no checkpoint under {self.root} verifies against its manifest (errors above: "
+                f"{', '.join(p.name for p in failed)}); nothing was loaded"
+            )
         return None
 
     def _verify_everywhere(self, path: Path) -> bool:
@@ -295,14 +318,19 @@ class Checkpointer:
             yield
         except (OSError, RuntimeError, CheckpointException) as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(f"checkpoint not saved: {_describe_write_error(exc, tmp)}; removed {tmp}, "
-                                  f"older checkpoints under {self.root} are untouched") from exc
+            raise CheckpointError(
+                f"checkpoint not saved: {_describe_write_error(exc, tmp)}; removed {tmp}, "
+                f"older checkpoints under {self.root} are untouched"
+            ) from exc
 
     def _finalize(self, tmp: Path, final: Path) -> None:
         barrier()  # every rank's shards and rank file are on disk
         files = _files(tmp)
-        mine = {name: {"size": (tmp / name).stat().st_size, "digest": file_digest(tmp / name)}
-                for name in files if _owner(Path(name).name, self.info.world_size) == self.info.rank}
+        mine = {
+            name: {"size": (tmp / name).stat().st_size, "digest": file_digest(tmp / name)}
+            for name in files
+            if _owner(Path(name).name, self.info.world_size) == self.info.rank
+        }
         if not self.info.is_main:
             _write_atomically(tmp / f"{_PARTIAL}{self.info.rank}.json", json.dumps(mine))
         barrier()
@@ -337,9 +365,11 @@ class Checkpointer:
         Nothing is read before every file has been checked against the manifest."""
         if path != self._verified and not self._verify_everywhere(path):
             raise CheckpointError(f"cannot resume from {path}: it does not verify against its manifest (errors above)")
-        self.run_id = read_manifest(path).get("run_id", self.run_id)
+        self.run_id = (read_manifest(path) or {}).get("run_id", self.run_id)
         meta = json.loads((path / "meta.json").read_text())
-        changed = [f"{key}: checkpoint {meta.get(key)} vs this run {want}" for key, want in expect.items() if meta.get(key) != want]
+        changed = [
+            f"{key}: checkpoint {meta.get(key)} vs this run {want}" for key, want in expect.items() if meta.get(key) != want
+        ]
         if changed:
             raise RuntimeError(f"cannot resume from {path}: " + "; ".join(changed))
         self._check_strategy(path, meta.get("strategy"))
@@ -359,8 +389,10 @@ class Checkpointer:
         try:
             rank_state = torch.load(rank_file, weights_only=True)
         except Exception as exc:
-            raise CheckpointError(f"cannot resume from {path}: {rank_file.name} does not load as plain data and "
-                                  f"tensors ({type(exc).__name__}: {str(exc)[:300]})") from exc
+            raise CheckpointError(
+                f"cannot resume from {path}: {rank_file.name} does not load as plain data and "
+                f"tensors ({type(exc).__name__}: {str(exc)[:300]})"
+            ) from exc
         return meta, rank_state
 
     def _check_strategy(self, path: Path, written_by: str | None) -> None:
@@ -369,9 +401,11 @@ class Checkpointer:
         own = {name for name, cls in STRATEGIES.items() if cls.own_checkpoints}
         mine = self.strategy.name
         if written_by != mine and (written_by in own or self.strategy.own_checkpoints):
-            raise RuntimeError(f"cannot resume from {path}: it was written by strategy {written_by} and this run uses {mine}; "
-                               f"{', '.join(sorted(own))} checkpoints hold state dicts of their own and resume only under "
-                               "the strategy that wrote them")
+            raise RuntimeError(
+                f"cannot resume from {path}: it was written by strategy {written_by} and this run uses {mine}; "
+                f"{', '.join(sorted(own))} checkpoints hold state dicts of their own and resume only under "
+                "the strategy that wrote them"
+            )
 
     @staticmethod
     def _check_keys(path: Path, model_sd: dict) -> dict:
@@ -382,13 +416,15 @@ class Checkpointer:
         missing = sorted(k for k in set(model_sd) - saved if not k.endswith("_extra_state"))
         unexpected = sorted(k for k in saved - set(model_sd) if not k.endswith("_extra_state"))
         if missing or unexpected:
-            raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing[:10]}, unexpected {unexpected[:10]}")
+            raise RuntimeError(
+                f"checkpoint {path} does not match the model: missing {missing[:10]}, unexpected {unexpected[:10]}"
+            )
         for key, value in model_sd.items():
             if key.endswith("_extra_state"):  # opaque, variable-size bytes (empty before TE's first FP8 forward)
                 continue
-            md = stored.get(f"model.{key}")
-            if hasattr(md, "size") and hasattr(value, "shape") and tuple(md.size) != tuple(value.shape):
-                raise RuntimeError(f"checkpoint {path}: tensor {key} has shape {tuple(md.size)}, model has {tuple(value.shape)}")
+            size = getattr(stored.get(f"model.{key}"), "size", None)
+            if size is not None and hasattr(value, "shape") and tuple(size) != tuple(value.shape):
+                raise RuntimeError(f"checkpoint {path}: tensor {key} has shape {tuple(size)}, model has {tuple(value.shape)}")
         return {k: v for k, v in model_sd.items() if k in saved}
 
 

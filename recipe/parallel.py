@@ -81,7 +81,9 @@ def check_context_parallel(cp_size: int, world_size: int, device_type: str, back
             f"attention); the {backend} backend has no context-parallel attention"
         )
     if layout != "thd":
-        raise ContextParallelError(f"context parallelism (cp_size={cp_size}) needs packed batches: dataset.layout=thd, not {layout}")
+        raise ContextParallelError(
+            f"context parallelism (cp_size={cp_size}) needs packed batches: dataset.layout=thd, not {layout}"
+        )
 
 
 def setup_mesh(info: DistInfo, cp_size: int, comm_type: str = "p2p") -> DistInfo:
@@ -124,8 +126,8 @@ def init_distributed(device_pref: str = "auto") -> DistInfo:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        kwargs = {"device_id": device} if use_cuda else {}
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world, **kwargs)
+        backend = "nccl" if use_cuda else "gloo"
+        dist.init_process_group(backend, rank=rank, world_size=world, device_id=device if use_cuda else None)
     return DistInfo(rank, world, local, device)
 
 
@@ -149,11 +151,13 @@ class Strategy:
     own_checkpoints = False  # its checkpoints resume under this strategy only (DDP's and FSDP2's resume under either)
     load_before_wrap = False  # model.init_from goes into the plain module before `wrap` (it cannot go into the wrapped one)
 
-    def __init__(self, info: DistInfo, compute_dtype: torch.dtype, fp32_master_weights: bool = True, reshard_after_forward: bool = True):
+    def __init__(
+        self, info: DistInfo, compute_dtype: torch.dtype, fp32_master_weights: bool = True, reshard_after_forward: bool = True
+    ):
         self.info, self.compute_dtype = info, compute_dtype
         self.fp32_master_weights, self.reshard_after_forward = fp32_master_weights, reshard_after_forward
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: Any) -> nn.Module:
         raise NotImplementedError
 
     def sync_gradients(self, model: nn.Module, enabled: bool):
@@ -166,26 +170,28 @@ class Strategy:
     def check(self, cfg, backend: str) -> None:
         """Refuse, before anything is built, what this strategy cannot do (`backend` resolved)."""
 
-    def wrap_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    def wrap_optimizer(self, model: Any, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         return optimizer
 
-    def clip_grad_norm(self, model: nn.Module, max_norm: float | None) -> torch.Tensor:
+    def clip_grad_norm(self, model: Any, max_norm: float | None) -> torch.Tensor:
         """Clip the gradients to `max_norm` (None: no clipping) and return their total L2 norm before clipping."""
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm else float("inf"))
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
-    def get_state_dict(self, model: nn.Module, optimizer) -> tuple[dict, dict]:
+    def get_state_dict(self, model: Any, optimizer) -> tuple[dict, dict]:
         """(model, optimizer) state dicts for torch.distributed.checkpoint, loaded into in place on resume."""
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         return get_state_dict(model, optimizer)
 
-    def set_state_dict(self, model: nn.Module, optimizer, model_sd: dict, optim_sd: dict) -> None:
+    def set_state_dict(self, model: Any, optimizer, model_sd: dict, optim_sd: dict) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=StateDictOptions(strict=False))
+        set_state_dict(
+            model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=StateDictOptions(strict=False)
+        )
 
-    def full_state_dict(self, model: nn.Module) -> dict:
+    def full_state_dict(self, model: Any) -> dict:
         """The whole model's weights on the CPU, for the Hugging Face export (a collective; rank 0 uses them)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -195,7 +201,7 @@ class Strategy:
 class DDPStrategy(Strategy):
     name = "ddp"
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: Any) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.info.device.index] if self.info.device.type == "cuda" else None
@@ -218,7 +224,7 @@ class FSDP2Strategy(Strategy):
         """Whether parameters are sharded: only with more than one process (see the module docstring)."""
         return self.info.world_size > 1
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: Any) -> nn.Module:
         if not self.shards:
             log.info("fsdp2 on one process: nothing to shard, so the model trains unsharded (as DDP on one GPU)")
             return model
@@ -260,18 +266,37 @@ class MegatronFSDPStrategy(Strategy):
     def check(self, cfg, backend: str) -> None:
         device = self.info.device.type
         refusals = {
-            "device": (device != "cuda", (f"{device}: Megatron-FSDP needs CUDA GPUs (it allocates CUDA streams and buffers); "
-                                          "use train_ddp.py or train_fsdp2.py")),
+            "device": (
+                device != "cuda",
+                (
+                    f"{device}: Megatron-FSDP needs CUDA GPUs (it allocates CUDA streams and buffers); "
+                    "use train_ddp.py or train_fsdp2.py"
+                ),
+            ),
             "cp_size": (cfg.cp_size > 1, f"{cfg.cp_size}: context parallelism runs with train_cp.py (FSDP2)"),
-            "model.backend": (backend == "hf", ("hf: transformers' model (its tied decoder) is not supported under Megatron-FSDP; "
-                                                "use model.backend=te or torch, or train_fsdp2.py")),
-            "quantized_model_init": (cfg.quantized_model_init, ("true: Megatron-FSDP would have to shard TE's quantized weights "
-                                                                "and FusedAdam's master copies; use train_fsdp2.py")),
-            "fsdp.fp32_master_weights": (not cfg.fsdp.fp32_master_weights, ("false: Megatron-FSDP here keeps FP32 parameters "
-                                                                            "(BF16 compute under autocast); use train_fsdp2.py")),
+            "model.backend": (
+                backend == "hf",
+                (
+                    "hf: transformers' model (its tied decoder) is not supported under Megatron-FSDP; "
+                    "use model.backend=te or torch, or train_fsdp2.py"
+                ),
+            ),
+            "quantized_model_init": (
+                cfg.quantized_model_init,
+                (
+                    "true: Megatron-FSDP would have to shard TE's quantized weights "
+                    "and FusedAdam's master copies; use train_fsdp2.py"
+                ),
+            ),
+            "fsdp.fp32_master_weights": (
+                not cfg.fsdp.fp32_master_weights,
+                ("false: Megatron-FSDP here keeps FP32 parameters (BF16 compute under autocast); use train_fsdp2.py"),
+            ),
             "use_torch_compile": (cfg.use_torch_compile, "true: compiled layers under Megatron-FSDP's hooks are not supported"),
-            "checkpoint.async_save": (cfg.checkpoint.async_save, ("true: Megatron-FSDP's unevenly sharded checkpoints are "
-                                                                  "written synchronously")),
+            "checkpoint.async_save": (
+                cfg.checkpoint.async_save,
+                ("true: Megatron-FSDP's unevenly sharded checkpoints are written synchronously"),
+            ),
         }
         for key, (refused, why) in refusals.items():
             if refused:
@@ -281,7 +306,7 @@ class MegatronFSDPStrategy(Strategy):
         if importlib.util.find_spec("megatron_fsdp") is None:
             raise ImportError("train_mfsdp.py needs the megatron-fsdp package: pip install -e '.[mfsdp]' (or megatron-fsdp)")
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: Any) -> nn.Module:
         from megatron_fsdp import MixedPrecisionPolicy, fully_shard_model
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -289,7 +314,12 @@ class MegatronFSDPStrategy(Strategy):
         mesh = init_device_mesh("cuda", (self.info.world_size, 1), mesh_dim_names=("dp", "tp"))
         units = list({type(layer) for layer in model.layers})
         return fully_shard_model(
-            model, device_mesh=mesh, dp_shard_dim="dp", tp_dim="tp", fsdp_unit_modules=units, device=self.info.device,
+            model,
+            device_mesh=mesh,
+            dp_shard_dim="dp",
+            tp_dim="tp",
+            fsdp_unit_modules=units,
+            device=self.info.device,
             zero_dp_strategy="optim_grads_params" if self.reshard_after_forward else "optim_grads",
             # FP32 main weights (the optimizer's shard, copied into the training weights after each step, as
             # Megatron-FSDP does by default) and FP32 gradients, reduced in FP32.
@@ -297,7 +327,7 @@ class MegatronFSDPStrategy(Strategy):
             sync_model_each_microbatch=False,  # gradients are finished on the last micro-batch (sync_gradients)
         )
 
-    def wrap_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    def wrap_optimizer(self, model: Any, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """`fully_shard_optimizer` steps once with zero gradients to create the optimizer state; at learning rate 0 and
         with that state reset afterwards, the first real step is exactly a fresh AdamW's (as under DDP and FSDP2)."""
         from megatron_fsdp import fully_shard_optimizer
@@ -320,12 +350,14 @@ class MegatronFSDPStrategy(Strategy):
         # parameters, so clipping sees them; earlier ones only accumulate.
         return model.sync() if enabled else model.no_sync()
 
-    def clip_grad_norm(self, model: nn.Module, max_norm: float | None) -> torch.Tensor:
+    def clip_grad_norm(self, model: Any, max_norm: float | None) -> torch.Tensor:
         """Each rank holds a disjoint row block of every gradient: the squared norm is the sum of the local ones over
         all ranks. (torch's clip_grad_norm_ on these unevenly sharded DTensors is avoided: NVIDIA's recipe reports
         it hanging under multi-process Megatron-FSDP.)"""
         with torch.no_grad():
-            grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in model.parameters() if p.grad is not None]
+            grads = [
+                p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in model.parameters() if p.grad is not None
+            ]
             squares = torch.zeros((), device=self.info.device, dtype=torch.float32)
             for g in grads:
                 squares += g.float().pow(2).sum()
@@ -336,20 +368,20 @@ class MegatronFSDPStrategy(Strategy):
                     g.mul_(coef.to(g.dtype))
         return norm
 
-    def get_state_dict(self, model: nn.Module, optimizer) -> tuple[dict, dict]:
+    def get_state_dict(self, model: Any, optimizer) -> tuple[dict, dict]:
         # Keys without the wrapper's "module." prefix: the same names as DDP's and FSDP2's checkpoints, so that
         # recipe.evaluate reads the weights of any of them.
         model_sd = {k.removeprefix("module."): v for k, v in model.state_dict().items()}
         return model_sd, optimizer.state_dict()
 
-    def set_state_dict(self, model: nn.Module, optimizer, model_sd: dict, optim_sd: dict) -> None:
+    def set_state_dict(self, model: Any, optimizer, model_sd: dict, optim_sd: dict) -> None:
         # DCP loaded in place into the main-weight shards; loading them into the module as well copies them into the
         # training weights (Megatron-FSDP's load hook). TE's _extra_state is not in its state dict.
         model.load_state_dict({f"module.{k}": v for k, v in model_sd.items()}, strict=False)
         optimizer.load_state_dict(optim_sd)
         model.install_optimized_model_weights()
 
-    def full_state_dict(self, model: nn.Module) -> dict:
+    def full_state_dict(self, model: Any) -> dict:
         from megatron_fsdp.uneven_dtensor import gather_uneven_dtensor_to_full_tensor
         from torch.distributed.tensor import DTensor
 
@@ -364,12 +396,13 @@ class MegatronFSDPStrategy(Strategy):
 STRATEGIES = {"ddp": DDPStrategy, "fsdp2": FSDP2Strategy, "mfsdp": MegatronFSDPStrategy}
 
 
-def parallelize(model: nn.Module, strategy: Strategy, compile_layers: bool) -> nn.Module:
+def parallelize(model: Any, strategy: Strategy, compile_layers: bool) -> nn.Module:
     """Everything that turns a built model into the one that trains, in one place and in this order:
 
     1. torch.compile per transformer layer (before wrapping, so that FSDP2's per-layer hooks stay outside the
        compiled regions and each layer compiles once);
-    2. the strategy's wrap: DDP replicates, FSDP2 shards each layer, then the root, over the run's mesh.
+    2. the strategy's wrap: DDP replicates; FSDP2 shards each layer, then the root, over the run's mesh;
+       Megatron-FSDP shards every layer as its own unit.
 
     Context parallelism and per-layer precision are not applied here: they are the model's own settings, given to it
     at construction (`recipe.model.Runtime`), because TE's attention takes its CP group when it is built and the
@@ -381,4 +414,5 @@ def parallelize(model: nn.Module, strategy: Strategy, compile_layers: bool) -> n
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The ESM-2 module inside a DDP wrapper (FSDP2 shards in place and has no wrapper)."""
-    return model.module if hasattr(model, "module") and not hasattr(model, "layers") else model
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, nn.Module) and not hasattr(model, "layers") else model

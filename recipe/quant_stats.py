@@ -68,11 +68,15 @@ def check(cfg, plan: PrecisionPlan, backend: str, device_type: str) -> None:
     elif backend != "te":
         why = f"this run uses the {backend} backend; the statistics come from TransformerEngine's modules (model.backend=te)"
     elif cfg.quantized_model_init:
-        why = ("quantized_model_init=true keeps the weights in FP8/FP4 only, and the weight statistics (underflows, "
-               "quantization error) need their high-precision values; train without quantized_model_init to inspect")
+        why = (
+            "quantized_model_init=true keeps the weights in FP8/FP4 only, and the weight statistics (underflows, "
+            "quantization error) need their high-precision values; train without quantized_model_init to inspect"
+        )
     elif not plan.quantized:
-        why = (f"no layer is quantized (layer precision: {plan.describe()}); enable fp8_config or fp4_config: "
-               "the statistics describe FP8/FP4 layers")
+        why = (
+            f"no layer is quantized (layer precision: {plan.describe()}); enable fp8_config or fp4_config: "
+            "the statistics describe FP8/FP4 layers"
+        )
     if why:
         raise ConfigError(f"quant_stats_config.enabled=true: {why}")
     if importlib.util.find_spec("nvdlfw_inspect") is None:
@@ -105,8 +109,10 @@ def resolve(template: dict, plan: PrecisionPlan, source: str = "the quant stats 
                 section["layers"]["layer_name_regex_pattern"] = r"^$"  # matches no layer name
         out[name] = section
     if not any(s.get("enabled", True) for s in out.values()):
-        raise ConfigError(f"quant_stats_config.quant_stats_file={source} tracks no layer of this run: its sections are for "
-                          f"formats the precision plan does not use ({plan.describe()})")
+        raise ConfigError(
+            f"quant_stats_config.quant_stats_file={source} tracks no layer of this run: its sections are for "
+            f"formats the precision plan does not use ({plan.describe()})"
+        )
     return out
 
 
@@ -165,8 +171,13 @@ class QuantStats:
 
         TEDebugState._reset()  # a TE module built earlier in this process (without the debug API) would refuse it
         features = str(Path(transformer_engine.__file__).parent / "debug" / "features")
-        debug_api.initialize(config_file=str(config_path), feature_dirs=[features], log_dir=str(stats.directory),
-                             statistics_logger=Collect(), default_logging_enabled=True)
+        debug_api.initialize(
+            config_file=str(config_path),
+            feature_dirs=[features],
+            log_dir=str(stats.directory),
+            statistics_logger=Collect(),
+            default_logging_enabled=True,
+        )
         log.info("quantization statistics: %s for layers %s, logged to %s", source, tracked_layers(plan), stats.path)
         return stats
 
@@ -181,6 +192,7 @@ class QuantStats:
         if cfg.quant_stats_config.log_to_wandb and metrics.wandb is not None:
             self.sinks.append(lambda values, step: metrics.wandb.log({f"quant/{k}": v for k, v in values.items()}, step=step))
         if metrics.tensorboard is not None:
+
             def to_tensorboard(values: dict, step: int) -> None:
                 for key, value in values.items():
                     metrics.tensorboard.add_scalar(f"quant/{key}", value, global_step=step)
@@ -194,8 +206,11 @@ class QuantStats:
 
         debug_api.initialize_training_step(completed_steps + 1)
         if self.rank == 0:
-            kept = [line for line in (self.path.read_text().splitlines() if self.path.exists() else [])
-                    if line.strip() and json.loads(line)["step"] <= completed_steps]
+            kept = [
+                line
+                for line in (self.path.read_text().splitlines() if self.path.exists() else [])
+                if line.strip() and json.loads(line)["step"] <= completed_steps
+            ]
             self.path.write_text("".join(line + "\n" for line in kept))
 
     def step(self) -> None:

@@ -89,7 +89,9 @@ def resolve(num_layers: int, fp8_config, fp8_layers, fp4_config=None, fp4_layers
             recipes[fmt] = name
     plan = [base] * num_layers
     if enabled["fp8"] and enabled["fp4"] and lists["fp8"] is None and lists["fp4"] is None:
-        raise PrecisionError("fp8_config and fp4_config are both enabled with no fp8_layers/fp4_layers: say which layers get which")
+        raise PrecisionError(
+            "fp8_config and fp4_config are both enabled with no fp8_layers/fp4_layers: say which layers get which"
+        )
     given = {fmt: _check_list(f"{fmt}_layers", lists[fmt], num_layers) for fmt in ("fp8", "fp4") if lists[fmt] is not None}
     if len(given) == 2:
         overlap = sorted(set(given["fp8"]) & set(given["fp4"]))
@@ -104,8 +106,9 @@ def resolve(num_layers: int, fp8_config, fp8_layers, fp4_config=None, fp4_layers
     return PrecisionPlan(plan, recipes)
 
 
-def check_hardware(plan: PrecisionPlan, backend: str, device_type: str, gpu_name: str | None = None,
-                   capability: tuple[int, int] | None = None) -> None:
+def check_hardware(
+    plan: PrecisionPlan, backend: str, device_type: str, gpu_name: str | None = None, capability: tuple[int, int] | None = None
+) -> None:
     """Refuse, before the first step, a plan this run cannot execute; the message names the GPU and what it lacks."""
     if not plan.quantized:
         return

@@ -99,7 +99,15 @@ class RunCheckpointer:
     the resume that restores all of it (`resume`)."""
 
     def __init__(
-        self, cfg: DictConfig, info: DistInfo, strategy_name: str, mcfg: EsmConfig, expect: dict, model, optimizer, loader,
+        self,
+        cfg: DictConfig,
+        info: DistInfo,
+        strategy_name: str,
+        mcfg: EsmConfig,
+        expect: dict,
+        model,
+        optimizer,
+        loader,
         strategy=None,
     ):
         c = cfg.checkpoint

@@ -62,7 +62,8 @@ def evaluate(model, dataset: Iterable[dict], device, amp, max_batches: int | Non
             if batches == 0
             else (
                 f"its {int(batches)} micro-batch(es) hold no masked residue (no standard residue selected at "
-                f"dataset.mask_prob={getattr(getattr(dataset, 'settings', None), 'mask_prob', '?')}: sequences too short or of unknown characters only)"
+                f"dataset.mask_prob={getattr(getattr(dataset, 'settings', None), 'mask_prob', '?')}: "
+                "sequences too short or of unknown characters only)"
             )
         )
         raise RuntimeError(f"validation on {source} gave no masked token to score: {why}")

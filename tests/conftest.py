@@ -32,10 +32,20 @@ def hf_config(num_layers=2, hidden_size=64, num_heads=4, intermediate_size=256, 
     from transformers import EsmConfig
 
     return EsmConfig(
-        vocab_size=33, hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
-        intermediate_size=intermediate_size, position_embedding_type="rotary", token_dropout=token_dropout,
-        mask_token_id=32, pad_token_id=1, layer_norm_eps=1e-5, emb_layer_norm_before=False,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=1026,
+        vocab_size=33,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        intermediate_size=intermediate_size,
+        position_embedding_type="rotary",
+        token_dropout=token_dropout,
+        mask_token_id=32,
+        pad_token_id=1,
+        layer_norm_eps=1e-5,
+        emb_layer_norm_before=False,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        max_position_embeddings=1026,
     )
 
 
@@ -45,8 +55,11 @@ def run_cmd(args, timeout=300, env=None, cwd=ROOT):
 
 
 def torchrun(script, nproc, *overrides, timeout=300):
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script] if nproc > 1 \
+    args = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
+        if nproc > 1
         else [sys.executable, script]
+    )
     return run_cmd(args + list(overrides), timeout=timeout)
 
 

@@ -25,7 +25,9 @@ needs_te = pytest.mark.skipif(not torch.cuda.is_available() or not te_available(
 @pytest.fixture(scope="module")
 def batch():
     """8,192 packed tokens of real validation sequences, masked as in training."""
-    ds = MLMBatches(load_sequences(BUNDLED_VAL), BatchSettings(max_seq_length=1024, token_micro_batch_size=8192, seed=3), train=False)
+    ds = MLMBatches(
+        load_sequences(BUNDLED_VAL), BatchSettings(max_seq_length=1024, token_micro_batch_size=8192, seed=3), train=False
+    )
     b = next(iter(ds))
     return {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
 
@@ -37,7 +39,13 @@ def rel_err(a, b):
 def forward(model, batch, dtype):
     ctx = torch.autocast("cuda", dtype=dtype) if dtype != torch.float32 else torch.autocast("cuda", enabled=False)
     with torch.no_grad(), ctx:
-        return model(batch["input_ids"], cu_seqlens=batch["cu_seqlens"], max_seqlen=batch["max_seqlen"], labels=batch["labels"], return_logits=True)
+        return model(
+            batch["input_ids"],
+            cu_seqlens=batch["cu_seqlens"],
+            max_seqlen=batch["max_seqlen"],
+            labels=batch["labels"],
+            return_logits=True,
+        )
 
 
 def real_tokens(batch, logits):
@@ -51,7 +59,10 @@ def test_torch_backend_bf16_against_fp32(batch, size, fp32_residual):
     ref = forward(model, batch, torch.float32)
     low = forward(model, batch, torch.bfloat16)
     err = rel_err(real_tokens(batch, low.logits), real_tokens(batch, ref.logits))
-    print(f"\n  torch backend {size}, fp32_residual={fp32_residual}: bf16 (varlen_attn) vs fp32 logits relative error {err:.2e}; loss {low.loss.item():.5f} vs {ref.loss.item():.5f}")
+    print(
+        f"\n  torch backend {size}, fp32_residual={fp32_residual}: bf16 (varlen_attn) vs fp32 logits relative error "
+        f"{err:.2e}; loss {low.loss.item():.5f} vs {ref.loss.item():.5f}"
+    )
     assert err < 2e-2  # bf16 has 8 mantissa bits: ~4e-3 per rounding, accumulated over the layers
     assert abs(low.loss.item() - ref.loss.item()) / ref.loss.item() < 1e-2
 
@@ -86,8 +97,10 @@ def test_te_backend_against_torch(batch, activation):
     out = forward(te_model, batch, torch.bfloat16)
     err = rel_err(real_tokens(batch, out.logits), real_tokens(batch, ref.logits))
     err32 = rel_err(real_tokens(batch, out.logits), real_tokens(batch, ref32.logits))
-    print(f"\n  te backend ({activation}) vs torch backend, bf16: logits relative error {err:.2e} (vs torch fp32: {err32:.2e}); "
-          f"loss te {out.loss.item():.5f}, torch bf16 {ref.loss.item():.5f}, torch fp32 {ref32.loss.item():.5f}")
+    print(
+        f"\n  te backend ({activation}) vs torch backend, bf16: logits relative error {err:.2e} (vs torch fp32: {err32:.2e}); "
+        f"loss te {out.loss.item():.5f}, torch bf16 {ref.loss.item():.5f}, torch fp32 {ref32.loss.item():.5f}"
+    )
     assert err < 3e-2 and err32 < 3e-2
 
 
@@ -99,31 +112,53 @@ def test_te_backend_trains_and_matches_gradients(batch):
     grads = {}
     for name, model in (("torch", torch_model), ("te", te_model)):
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(batch["input_ids"], cu_seqlens=batch["cu_seqlens"], max_seqlen=batch["max_seqlen"], labels=batch["labels"])
+            out = model(
+                batch["input_ids"], cu_seqlens=batch["cu_seqlens"], max_seqlen=batch["max_seqlen"], labels=batch["labels"]
+            )
         out.loss.backward()
         grads[name] = {n: p.grad for n, p in model.named_parameters()}
-    worst = min(torch.nn.functional.cosine_similarity(grads["te"][n].flatten().float(), g.flatten().float(), dim=0).item()
-                for n, g in grads["torch"].items() if g.norm() > 0)
+    worst = min(
+        torch.nn.functional.cosine_similarity(grads["te"][n].flatten().float(), g.flatten().float(), dim=0).item()
+        for n, g in grads["torch"].items()
+        if g.norm() > 0
+    )
     print(f"\n  te vs torch gradients (bf16, 8M): worst per-tensor cosine similarity {worst:.4f}")
     assert worst > 0.98
 
 
 @pytest.mark.parametrize(
     "strategy, backend, compiled",
-    [("fsdp2", "torch", False), ("ddp", "torch", False), ("fsdp2", "te", False), ("ddp", "te", False), ("fsdp2", "torch", True), ("ddp", "te", True)],
+    [
+        ("fsdp2", "torch", False),
+        ("ddp", "torch", False),
+        ("fsdp2", "te", False),
+        ("ddp", "te", False),
+        ("fsdp2", "torch", True),
+        ("ddp", "te", True),
+    ],
 )
 def test_l0_sanity_on_one_gpu(tmp_path, strategy, backend, compiled):
     if backend == "te" and not te_available():
         pytest.skip("TransformerEngine on Hopper+ needed")
     start = time.time()
-    r = torchrun(f"train_{strategy}.py", 1, "--config-name", "L0_sanity", f"model.backend={backend}", f"output_dir={tmp_path}",
-                 f"use_torch_compile={str(compiled).lower()}")
+    r = torchrun(
+        f"train_{strategy}.py",
+        1,
+        "--config-name",
+        "L0_sanity",
+        f"model.backend={backend}",
+        f"output_dir={tmp_path}",
+        f"use_torch_compile={str(compiled).lower()}",
+    )
     elapsed = time.time() - start
     assert r.returncode == 0, r.stderr[-4000:]
     train, val = read_metrics(tmp_path)
-    print(f"\n  L0_sanity on {torch.cuda.get_device_name()} ({strategy}, {backend}{', compiled' if compiled else ''}): {elapsed:.1f} s wall, "
-          f"loss {train[0]['loss']:.3f} -> {train[-1]['loss']:.3f}, val loss {val[-1]['val_loss']:.3f}, "
-          f"{train[-1]['tokens_per_second_per_gpu']:.3g} tokens/s")
+    print(
+        f"\n  L0_sanity on {torch.cuda.get_device_name()} ({strategy}, {backend}{', compiled' if compiled else ''}): "
+        f"{elapsed:.1f} s wall, "
+        f"loss {train[0]['loss']:.3f} -> {train[-1]['loss']:.3f}, val loss {val[-1]['val_loss']:.3f}, "
+        f"{train[-1]['tokens_per_second_per_gpu']:.3g} tokens/s"
+    )
     # The global data order (recipe/data/order.py) gives a 0.27-0.28 drop over these 120 steps on an H200 (0.33
     # with the old order); an untrained or broken model stays near 3.0.
     assert train[-1]["loss"] < train[0]["loss"] - 0.2
@@ -141,12 +176,16 @@ def run_l0(tmp_path, *overrides):
 @needs_te
 @pytest.mark.parametrize("recipe", ["DelayedScaling", "Float8CurrentScaling", "Float8BlockScaling"])
 def test_fp8_recipes_train_l0(tmp_path, recipe):
-    r, train, val = run_l0(tmp_path, *FP8_ARGS, f"fp8_config.fp8_recipe=transformer_engine.common.recipe.{recipe}", "num_train_steps=60")
+    r, train, val = run_l0(
+        tmp_path, *FP8_ARGS, f"fp8_config.fp8_recipe=transformer_engine.common.recipe.{recipe}", "num_train_steps=60"
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     assert "layer precision: layers 1-4: fp8" in r.stderr
     losses = [x["loss"] for x in train]
-    print(f"\n  FP8 {recipe} on L0_sanity: loss {losses[0]:.3f} -> {losses[-1]:.3f}, val loss {val[-1]['val_loss']:.3f}, "
-          f"{train[-1]['tokens_per_second_per_gpu']:.3g} tokens/s")
+    print(
+        f"\n  FP8 {recipe} on L0_sanity: loss {losses[0]:.3f} -> {losses[-1]:.3f}, val loss {val[-1]['val_loss']:.3f}, "
+        f"{train[-1]['tokens_per_second_per_gpu']:.3g} tokens/s"
+    )
     assert all(map(math.isfinite, losses)) and losses[-1] < losses[0] - 0.2
 
 
@@ -155,8 +194,13 @@ def test_fp8_recipes_train_l0(tmp_path, recipe):
 def test_blackwell_formats_refused_on_hopper(tmp_path, section, recipe):
     if torch.cuda.get_device_capability() >= (10, 0):
         pytest.skip("this GPU runs Blackwell formats")
-    r, _, _ = run_l0(tmp_path, "model.backend=te", "model.activation=gelu_tanh", f"{section}_config.enabled=true",
-                     f"{section}_config.{section}_recipe={recipe}")
+    r, _, _ = run_l0(
+        tmp_path,
+        "model.backend=te",
+        "model.activation=gelu_tanh",
+        f"{section}_config.enabled=true",
+        f"{section}_config.{section}_recipe={recipe}",
+    )
     name, (major, minor) = torch.cuda.get_device_name(), torch.cuda.get_device_capability()
     message = f"{recipe} needs"
     assert r.returncode != 0 and message in r.stderr and f"{name} has compute capability {major}.{minor}" in r.stderr
@@ -165,8 +209,15 @@ def test_blackwell_formats_refused_on_hopper(tmp_path, section, recipe):
 
 @needs_te
 def test_fp8_checkpoint_resumes_with_identical_next_step_loss(tmp_path):
-    args = [*FP8_ARGS, "num_train_steps=8", "checkpoint.save_every_n_steps=4", "validation.every_n_steps=0", "log_every_n_steps=1",
-            "checkpoint.save_final_model=false", "dataset.num_workers=0"]
+    args = [
+        *FP8_ARGS,
+        "num_train_steps=8",
+        "checkpoint.save_every_n_steps=4",
+        "validation.every_n_steps=0",
+        "log_every_n_steps=1",
+        "checkpoint.save_final_model=false",
+        "dataset.num_workers=0",
+    ]
     full = tmp_path / "full"
     r, train_full, _ = run_l0(full, *args)
     assert r.returncode == 0, r.stderr[-4000:]
@@ -177,8 +228,10 @@ def test_fp8_checkpoint_resumes_with_identical_next_step_loss(tmp_path):
     assert r.returncode == 0, r.stderr[-4000:]
     a = {x["step"]: x["loss"] for x in train_full}
     b = {x["step"]: x["loss"] for x in train_resumed}
-    print(f"\n  FP8 DelayedScaling resume at step 4: step-5 loss {a[5]!r} (uninterrupted) vs {b[5]!r} (resumed); "
-          f"step 8: {a[8]:.6f} vs {b[8]:.6f}")
+    print(
+        f"\n  FP8 DelayedScaling resume at step 4: step-5 loss {a[5]!r} (uninterrupted) vs {b[5]!r} (resumed); "
+        f"step 8: {a[8]:.6f} vs {b[8]:.6f}"
+    )
     assert b[5] == a[5]  # the forward of the first resumed step is deterministic: weights and FP8 scales restored
     assert abs(b[8] - a[8]) < 1e-2
 
@@ -187,14 +240,25 @@ def test_fp8_checkpoint_resumes_with_identical_next_step_loss(tmp_path):
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_quantized_model_init_trains(tmp_path, strategy):
     """FP8 weights in the model (te.quantized_model_init), FP32 master weights in TE's FusedAdam."""
-    r = torchrun(f"train_{strategy}.py", 1, "--config-name", "L0_sanity", *FP8_ARGS, "quantized_model_init=true",
-                 "fp8_config.fp8_recipe=transformer_engine.common.recipe.Float8CurrentScaling", "num_train_steps=60",
-                 "checkpoint.save_every_n_steps=30", f"output_dir={tmp_path}")
+    r = torchrun(
+        f"train_{strategy}.py",
+        1,
+        "--config-name",
+        "L0_sanity",
+        *FP8_ARGS,
+        "quantized_model_init=true",
+        "fp8_config.fp8_recipe=transformer_engine.common.recipe.Float8CurrentScaling",
+        "num_train_steps=60",
+        "checkpoint.save_every_n_steps=30",
+        f"output_dir={tmp_path}",
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     held = next(x for x in r.stderr.splitlines() if "quantized model init:" in x)
     train, _ = read_metrics(tmp_path)
-    print(f"\n  quantized_model_init ({strategy}, Float8CurrentScaling): {held.split(': ', 2)[-1]}; loss {train[0]['loss']:.3f} -> "
-          f"{train[-1]['loss']:.3f}, peak memory {train[-1]['max_memory_gb']:.2f} GB")
+    print(
+        f"\n  quantized_model_init ({strategy}, Float8CurrentScaling): {held.split(': ', 2)[-1]}; loss {train[0]['loss']:.3f} -> "
+        f"{train[-1]['loss']:.3f}, peak memory {train[-1]['max_memory_gb']:.2f} GB"
+    )
     assert "16 weights held quantized" in held  # tiny: 4 layers x (qkv, proj, fc1, fc2)
     assert train[-1]["loss"] < train[0]["loss"] - 0.2
 
@@ -203,25 +267,44 @@ SWISSPROT = ROOT / ".device" / "data"
 
 
 @needs_te
-@pytest.mark.skipif(not (SWISSPROT / "swissprot14_val.fasta.gz").exists(), reason="Swiss-Prot from the device kit (prepare.sh --data)")
+@pytest.mark.skipif(
+    not (SWISSPROT / "swissprot14_val.fasta.gz").exists(), reason="Swiss-Prot from the device kit (prepare.sh --data)"
+)
 def test_l1_8m_fp8_block_scaling_within_2_percent_of_bf16(tmp_path):
     """300 steps of L1_8M on Swiss-Prot, BF16 against FP8 block scaling on every layer (same data, seed, schedule).
     One 131k-token micro-batch per step (grad_acc_steps=1) and a 30-step warmup, so that 300 steps go somewhere."""
-    common = ["--config-name", "L1_8M", "num_train_steps=300", "grad_acc_steps=1", "lr_scheduler.warmup_steps=30",
-              f"dataset.train_path={SWISSPROT / 'swissprot14_train_100k.fasta.xz'}", f"dataset.val_path={SWISSPROT / 'swissprot14_val.fasta.gz'}",
-              "validation.every_n_steps=0", "checkpoint.save_every_n_steps=0", "checkpoint.save_final_checkpoint=false",
-              "checkpoint.save_final_model=false", "log_every_n_steps=50", "dataset.num_workers=2",
-              "model.backend=te", "model.activation=gelu_tanh"]
+    common = [
+        "--config-name",
+        "L1_8M",
+        "num_train_steps=300",
+        "grad_acc_steps=1",
+        "lr_scheduler.warmup_steps=30",
+        f"dataset.train_path={SWISSPROT / 'swissprot14_train_100k.fasta.xz'}",
+        f"dataset.val_path={SWISSPROT / 'swissprot14_val.fasta.gz'}",
+        "validation.every_n_steps=0",
+        "checkpoint.save_every_n_steps=0",
+        "checkpoint.save_final_checkpoint=false",
+        "checkpoint.save_final_model=false",
+        "log_every_n_steps=50",
+        "dataset.num_workers=2",
+        "model.backend=te",
+        "model.activation=gelu_tanh",
+    ]
     val = {}
-    for name, extra in (("bf16", []), ("fp8 block", ["fp8_config.enabled=true", "fp8_config.fp8_recipe=transformer_engine.common.recipe.Float8BlockScaling"])):
+    for name, extra in (
+        ("bf16", []),
+        ("fp8 block", ["fp8_config.enabled=true", "fp8_config.fp8_recipe=transformer_engine.common.recipe.Float8BlockScaling"]),
+    ):
         out = tmp_path / name.replace(" ", "_")
         start = time.time()
         r = torchrun("train_ddp.py", 1, *common, *extra, f"output_dir={out}", timeout=900)
         assert r.returncode == 0, r.stderr[-4000:]
         train, validation = read_metrics(out)
         val[name], last = validation[0]["val_loss"], train[-1]
-        print(f"\n  L1_8M 300 steps, {name}: train loss {last['loss']:.4f}, validation loss {val[name]:.4f}, "
-              f"{last['tokens_per_second_per_gpu']:.3g} tokens/s, {time.time() - start:.0f} s")
+        print(
+            f"\n  L1_8M 300 steps, {name}: train loss {last['loss']:.4f}, validation loss {val[name]:.4f}, "
+            f"{last['tokens_per_second_per_gpu']:.3g} tokens/s, {time.time() - start:.0f} s"
+        )
     rel = abs(val["fp8 block"] - val["bf16"]) / val["bf16"]
     print(f"  FP8 block scaling vs BF16 validation loss: relative difference {rel:.2%}")
     assert rel <= 0.02
@@ -240,16 +323,29 @@ def test_quant_stats_written_for_the_fp8_layers_only(tmp_path):
     of exactly those layers (module paths model.layers.1 and .2), with values in range; layers 1 and 4 (BF16) none."""
     from recipe.quant_stats import read_stats
 
-    r, train, _ = run_l0(tmp_path, *FP8_ARGS, "fp8_layers=[2,3]", "quant_stats_config.enabled=true", "num_train_steps=30",
-                         "validation.every_n_steps=0", "checkpoint.save_every_n_steps=0", "checkpoint.save_final_model=false")
+    r, train, _ = run_l0(
+        tmp_path,
+        *FP8_ARGS,
+        "fp8_layers=[2,3]",
+        "quant_stats_config.enabled=true",
+        "num_train_steps=30",
+        "validation.every_n_steps=0",
+        "checkpoint.save_every_n_steps=0",
+        "checkpoint.save_final_model=false",
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     assert "layer precision: layer 1: bf16; layers 2-3: fp8 (DelayedScaling); layer 4: bf16" in r.stderr
     out = tmp_path / "quant_stats"
     path = out / "quant_stats.jsonl"
     assert path.exists(), f"no {path}; {out} holds {sorted(str(p.relative_to(out)) for p in out.rglob('*'))}"
     stats = read_stats(path)
-    expected = {f"model.layers.{i}.{gemm}_{tensor}_{stat}" for i in (1, 2) for gemm in GEMMS
-                for tensor in ("activation", "weight", "gradient") for stat in FP8_STATS + AMAX_STATS}
+    expected = {
+        f"model.layers.{i}.{gemm}_{tensor}_{stat}"
+        for i in (1, 2)
+        for gemm in GEMMS
+        for tensor in ("activation", "weight", "gradient")
+        for stat in FP8_STATS + AMAX_STATS
+    }
     missing, extra = sorted(expected - set(stats)), sorted(set(stats) - expected)
     assert not missing, f"{len(missing)} statistics missing, e.g. {missing[:6]}; logged: {sorted(stats)[:6]}"
     assert not extra, f"statistics nobody asked for (a BF16 layer tracked?): {extra[:6]}"
@@ -258,8 +354,13 @@ def test_quant_stats_written_for_the_fp8_layers_only(tmp_path):
     values = [(name, step, v) for name, by_step in stats.items() for step, v in by_step.items()]
     bad = [(n, s, v) for n, s, v in values if math.isnan(v) or (not n.endswith("dynamic_range") and not math.isfinite(v))]
     assert not bad, f"non-finite statistics: {bad[:6]}"
-    out_of_range = [(n, s, v) for n, s, v in values if (n.endswith("underflows%") and not 0 <= v <= 100)
-                    or (n.endswith(("scale_inv_min", "scale_inv_max", "cur_amax")) and not v > 0) or (n.endswith("_mse") and v < 0)]
+    out_of_range = [
+        (n, s, v)
+        for n, s, v in values
+        if (n.endswith("underflows%") and not 0 <= v <= 100)
+        or (n.endswith(("scale_inv_min", "scale_inv_max", "cur_amax")) and not v > 0)
+        or (n.endswith("_mse") and v < 0)
+    ]
     assert not out_of_range, f"statistics out of range: {out_of_range[:6]}"
     for i, gemm, tensor in [(i, g, t) for i in (1, 2) for g in GEMMS for t in ("activation", "weight", "gradient")]:
         lo, hi = (stats[f"model.layers.{i}.{gemm}_{tensor}_scale_inv_{k}"][30] for k in ("min", "max"))
@@ -267,13 +368,22 @@ def test_quant_stats_written_for_the_fp8_layers_only(tmp_path):
     resolved = (out / "quant_stats.yaml").read_text()
     assert r"^model\.layers\.(1|2)\." in resolved, resolved[:600]
     under = stats["model.layers.1.mlp.fc2_gradient_underflows%"]
-    print(f"\n  quant stats, FP8 layers 2-3: {len(stats)} statistics x 3 steps; layer 2 fc2 gradient underflows% {under}; "
-          f"final loss {train[-1]['loss']:.3f}, {train[-1]['tokens_per_second_per_gpu']:.3g} tokens/s")
+    print(
+        f"\n  quant stats, FP8 layers 2-3: {len(stats)} statistics x 3 steps; layer 2 fc2 gradient underflows% {under}; "
+        f"final loss {train[-1]['loss']:.3f}, {train[-1]['tokens_per_second_per_gpu']:.3g} tokens/s"
+    )
 
 
 # ------------------------------------------------------------------ Megatron-FSDP (train_mfsdp.py)
-MFSDP_ARGS = ["--config-name", "L0_sanity", "num_train_steps=40", "log_every_n_steps=1", "validation.every_n_steps=0",
-              "checkpoint.save_every_n_steps=0", "dataset.num_workers=0"]
+MFSDP_ARGS = [
+    "--config-name",
+    "L0_sanity",
+    "num_train_steps=40",
+    "log_every_n_steps=1",
+    "validation.every_n_steps=0",
+    "checkpoint.save_every_n_steps=0",
+    "dataset.num_workers=0",
+]
 
 
 def strategy_run(script: str, out, nproc: int, *overrides):
@@ -295,8 +405,10 @@ def test_mfsdp_matches_fsdp2_and_exports_for_transformers(tmp_path, backend):
     a, b = ({x["step"]: x["loss"] for x in runs[s]} for s in ("mfsdp", "fsdp2"))
     gap, shown = compare_curves(a, b, ("mfsdp", "fsdp2"))
     norms = [x["grad_norm"] for x in runs["mfsdp"][:1]] + [x["grad_norm"] for x in runs["fsdp2"][:1]]
-    print(f"\n  mfsdp vs fsdp2, L0_sanity {backend}, 1 GPU: {shown}; step-1 grad norm {norms[0]:.5f} vs {norms[1]:.5f}; "
-          f"tokens/s {runs['mfsdp'][-1]['tokens_per_second_per_gpu']:.3g} vs {runs['fsdp2'][-1]['tokens_per_second_per_gpu']:.3g}")
+    print(
+        f"\n  mfsdp vs fsdp2, L0_sanity {backend}, 1 GPU: {shown}; step-1 grad norm {norms[0]:.5f} vs {norms[1]:.5f}; "
+        f"tokens/s {runs['mfsdp'][-1]['tokens_per_second_per_gpu']:.3g} vs {runs['fsdp2'][-1]['tokens_per_second_per_gpu']:.3g}"
+    )
     assert abs(a[1] - b[1]) <= 5e-3 * b[1], f"step 1 differs (initial weights or data): {shown}"
     assert abs(norms[0] - norms[1]) <= 2e-2 * norms[1], f"step-1 gradient norm {norms[0]} (mfsdp) vs {norms[1]} (fsdp2)"
     assert gap <= 2e-2 and abs(a[40] - b[40]) <= 1e-2 * b[40], shown
@@ -319,7 +431,10 @@ def test_mfsdp_resume_is_exact(tmp_path):
     shutil.copytree(full / "checkpoints" / "step_4", resumed / "checkpoints" / "step_4")
     strategy_run("train_mfsdp.py", resumed, 1, *args, "checkpoint.resume_from_checkpoint=true")
     a, b = losses(full), losses(resumed)
-    print(f"\n  mfsdp resume at step 4: losses 5-8 uninterrupted {[a[s] for s in range(5, 9)]}, resumed {[b[s] for s in range(5, 9)]}")
+    print(
+        f"\n  mfsdp resume at step 4: losses 5-8 uninterrupted {[a[s] for s in range(5, 9)]}, "
+        f"resumed {[b[s] for s in range(5, 9)]}"
+    )
     assert sorted(b) == [5, 6, 7, 8], f"resumed run logged steps {sorted(b)}"
     assert b[5] == a[5], f"step 5: {a[5]!r} uninterrupted vs {b[5]!r} resumed"
     assert all(abs(b[s] - a[s]) <= 1e-3 * a[s] for s in range(6, 9)), {s: (a[s], b[s]) for s in range(5, 9)}

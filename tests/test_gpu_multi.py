@@ -31,16 +31,26 @@ def test_l0_sanity_cp_trains(tmp_path, nproc, cp):
     r = torchrun("train_cp.py", nproc, "--config-name", "L0_sanity_cp", f"cp_size={cp}", f"output_dir={tmp_path}")
     assert r.returncode == 0, r.stderr[-4000:]
     train, val = read_metrics(tmp_path)
-    print(f"\n  L0_sanity_cp, {nproc} GPUs as dp {nproc // cp} x cp {cp}: loss {train[0]['loss']:.3f} -> {train[-1]['loss']:.3f}, "
-          f"val loss {val[-1]['val_loss']:.3f}, {train[-1]['tokens_per_second_per_gpu']:.3g} tokens/s/GPU")
+    print(
+        f"\n  L0_sanity_cp, {nproc} GPUs as dp {nproc // cp} x cp {cp}: loss {train[0]['loss']:.3f} -> {train[-1]['loss']:.3f}, "
+        f"val loss {val[-1]['val_loss']:.3f}, {train[-1]['tokens_per_second_per_gpu']:.3g} tokens/s/GPU"
+    )
     assert train[-1]["loss"] < train[0]["loss"] - 0.3
     assert (tmp_path / "final_model" / "config.json").exists()
 
 
 @needs_gpus(2)
 def test_cp_resume_is_exact(tmp_path):
-    args = ["--config-name", "L0_sanity_cp", "num_train_steps=8", "checkpoint.save_every_n_steps=4", "validation.every_n_steps=0",
-            "log_every_n_steps=1", "checkpoint.save_final_model=false", "dataset.num_workers=0"]
+    args = [
+        "--config-name",
+        "L0_sanity_cp",
+        "num_train_steps=8",
+        "checkpoint.save_every_n_steps=4",
+        "validation.every_n_steps=0",
+        "log_every_n_steps=1",
+        "checkpoint.save_final_model=false",
+        "dataset.num_workers=0",
+    ]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     r = torchrun("train_cp.py", 2, *args, f"output_dir={full}")
     assert r.returncode == 0, r.stderr[-4000:]
@@ -49,7 +59,9 @@ def test_cp_resume_is_exact(tmp_path):
     r = torchrun("train_cp.py", 2, *args, f"output_dir={resumed}", "checkpoint.resume_from_checkpoint=true")
     assert r.returncode == 0, r.stderr[-4000:]
     a, b = losses(full), losses(resumed)
-    print(f"\n  CP resume at step 4: losses 5-8 uninterrupted {[a[s] for s in range(5, 9)]}, resumed {[b[s] for s in range(5, 9)]}")
+    print(
+        f"\n  CP resume at step 4: losses 5-8 uninterrupted {[a[s] for s in range(5, 9)]}, resumed {[b[s] for s in range(5, 9)]}"
+    )
     assert b[5] == a[5]
     assert all(abs(b[s] - a[s]) < 1e-3 * a[s] for s in range(5, 9))
 
@@ -62,8 +74,17 @@ def test_fp8_recipe_state_identical_across_ranks(tmp_path, strategy):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
 
 
-MFSDP_ARGS = ["--config-name", "L0_sanity", "model.backend=te", "num_train_steps=40", "grad_acc_steps=2", "log_every_n_steps=1",
-              "validation.every_n_steps=20", "checkpoint.save_every_n_steps=20", "dataset.num_workers=0"]
+MFSDP_ARGS = [
+    "--config-name",
+    "L0_sanity",
+    "model.backend=te",
+    "num_train_steps=40",
+    "grad_acc_steps=2",
+    "log_every_n_steps=1",
+    "validation.every_n_steps=20",
+    "checkpoint.save_every_n_steps=20",
+    "dataset.num_workers=0",
+]
 
 
 @needs_gpus(2)

@@ -63,15 +63,25 @@ def test_shipped_yaml_is_not_a_training_config_and_names_te_features():
     raw = yaml.safe_load(DEFAULT_FILE.read_text())
     assert raw["fp8_layer_stats"]["transformer_engine"]["LogFp8TensorStats"]["enabled"] is True
     assert raw["fp4_layer_stats"]["transformer_engine"]["LogNvfp4TensorStats"]["enabled"] is True
-    freqs = {entry["freq"] for section in raw.values() for feature in section["transformer_engine"].values()
-             for entry in feature["tensors_struct"]}
+    freqs = {
+        entry["freq"]
+        for section in raw.values()
+        for feature in section["transformer_engine"].values()
+        for entry in feature["tensors_struct"]
+    }
     assert freqs == {10}
-    assert {entry["freq"] for section in with_frequency(raw, 1).values() for feature in section["transformer_engine"].values()
-            for entry in feature["tensors_struct"]} == {1}
+    assert {
+        entry["freq"]
+        for section in with_frequency(raw, 1).values()
+        for feature in section["transformer_engine"].values()
+        for entry in feature["tensors_struct"]
+    } == {1}
 
 
 def test_a_yaml_without_placeholders_is_used_as_written():
-    own = {"mine": {"enabled": True, "layers": {"layer_types": ["fc2"]}, "transformer_engine": {"LogTensorStats": {"enabled": True}}}}
+    own = {
+        "mine": {"enabled": True, "layers": {"layer_types": ["fc2"]}, "transformer_engine": {"LogTensorStats": {"enabled": True}}}
+    }
     assert resolve(own, resolve_plan(4, FP8, [2], OFF4, None)) == own
 
 
@@ -96,8 +106,9 @@ def test_invalid_yaml_names_the_file(tmp_path):
         load_template(bad)
 
 
-@pytest.mark.parametrize("layers, names", [([3], ["model.layers.2.mlp.fc1"]), ([1, 10], ["model.layers.0.attention.proj",
-                                                                                       "model.layers.9.mlp.fc2"])])
+@pytest.mark.parametrize(
+    "layers, names", [([3], ["model.layers.2.mlp.fc1"]), ([1, 10], ["model.layers.0.attention.proj", "model.layers.9.mlp.fc2"])]
+)
 def test_layer_regex_is_zero_indexed_like_module_paths(layers, names):
     assert all(re.search(layer_regex(layers), n) for n in names)
     assert not re.search(layer_regex([1]), "model.layers.10.mlp.fc1")
@@ -105,8 +116,12 @@ def test_layer_regex_is_zero_indexed_like_module_paths(layers, names):
 
 def test_statistics_file_is_json_lines_by_step(tmp_path):
     path = tmp_path / "quant_stats.jsonl"
-    path.write_text(json.dumps({"step": 10, "model.layers.1.mlp.fc1_activation_mse": 1.5e-9}) + "\n"
-                    + json.dumps({"step": 20, "model.layers.1.mlp.fc1_activation_mse": 2e-9}) + "\n")
+    path.write_text(
+        json.dumps({"step": 10, "model.layers.1.mlp.fc1_activation_mse": 1.5e-9})
+        + "\n"
+        + json.dumps({"step": 20, "model.layers.1.mlp.fc1_activation_mse": 2e-9})
+        + "\n"
+    )
     assert read_stats(path) == {"model.layers.1.mlp.fc1_activation_mse": {10: 1.5e-9, 20: 2e-9}}
 
 
@@ -125,9 +140,18 @@ def trainer_config(tmp_path, *overrides):
         ("cuda", "hf", [], "this run uses the hf backend"),
         ("cuda", "te", [], r"no layer is quantized \(layer precision: layers 1-4: bf16\)"),
         ("cuda", "te", ["fp8_config.enabled=true", "quantized_model_init=true"], "quantized_model_init=true keeps the weights"),
-        ("cuda", "te", ["fp8_config.enabled=true", "quant_stats_config.quant_stats_file=/nonexistent/stats.yaml"],
-         "quant_stats_config.quant_stats_file=/nonexistent/stats.yaml: no such file"),
-        ("cuda", "te", ["fp8_config.enabled=true", "quant_stats_config.log_to_wandb=true"], "log_to_wandb=true needs wandb.enabled=true"),
+        (
+            "cuda",
+            "te",
+            ["fp8_config.enabled=true", "quant_stats_config.quant_stats_file=/nonexistent/stats.yaml"],
+            "quant_stats_config.quant_stats_file=/nonexistent/stats.yaml: no such file",
+        ),
+        (
+            "cuda",
+            "te",
+            ["fp8_config.enabled=true", "quant_stats_config.log_to_wandb=true"],
+            "log_to_wandb=true needs wandb.enabled=true",
+        ),
     ],
 )
 def test_refused_before_anything_is_built(tmp_path, device, backend, overrides, match):
@@ -162,7 +186,7 @@ def test_disabled_statistics_refuse_nothing(tmp_path):
 
 
 # ------------------------------------------------------------------ the debug API's life cycle, with TE's namespace faked
-FAKE_FEATURES = '''
+FAKE_FEATURES = """
 from nvdlfw_inspect.base import BaseNamespaceAPI
 from nvdlfw_inspect.registry import Registry
 
@@ -187,7 +211,7 @@ class FakeTransformerEngineAPI(BaseNamespaceAPI):
 
 for name in ("LogFp8TensorStats", "LogTensorStats", "LogNvfp4TensorStats"):
     Registry.register_feature(namespace="transformer_engine")(type(name, (), {}))
-'''
+"""
 
 
 @pytest.fixture
@@ -206,9 +230,12 @@ def fake_te(tmp_path, monkeypatch):
     te.__file__ = str(root / "__init__.py")
     debug_state = types.ModuleType("transformer_engine.debug.pytorch.debug_state")
     debug_state.TEDebugState = state
-    for name, module in {"transformer_engine": te, "transformer_engine.debug": types.ModuleType("x"),
-                         "transformer_engine.debug.pytorch": types.ModuleType("y"),
-                         "transformer_engine.debug.pytorch.debug_state": debug_state}.items():
+    for name, module in {
+        "transformer_engine": te,
+        "transformer_engine.debug": types.ModuleType("x"),
+        "transformer_engine.debug.pytorch": types.ModuleType("y"),
+        "transformer_engine.debug.pytorch.debug_state": debug_state,
+    }.items():
         monkeypatch.setitem(sys.modules, name, module)
     yield resets
     from recipe.quant_stats import shutdown
