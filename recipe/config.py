@@ -1,158 +1,341 @@
-"""Checking a composed hydra config before any work starts: unknown keys, impossible values, unusable paths.
+"""The run's configuration: every key, its type, default, range and meaning, in one typed dataclass per section.
 
-Each error names the key (as `a.b.c`) or the path. Hydra's struct mode already rejects unknown keys given on the
-command line; keys added by a config *file* slip past it, so we compare against hydra_config/defaults.yaml too.
+`TrainConfig` is registered with hydra's ConfigStore as `schema`; hydra_config/defaults.yaml pulls it in through its
+defaults list, so every shipped or user config file and every command-line override is merged into the typed
+config. OmegaConf then refuses, naming the key, a key the dataclasses do not define and a value of the wrong type.
+What a type cannot say is checked before any work starts, each error naming the key (as `a.b.c`) or the path:
+- a field's range (an interval, allowed words, null, a list's length) lives in the field's metadata (`checked`) and
+  `check_values` tests every such field generically;
+- `validate` adds the checks that span several keys or touch the filesystem.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
-from dataclasses import dataclass
+import typing
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, ListConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "hydra_config"
-# Nodes whose contents are free-form (passed through to a library).
-OPEN_NODES = {"fp8_config.fp8_recipe_kwargs", "fp4_config.fp4_recipe_kwargs", "hydra"}
 
 
 class ConfigError(ValueError):
     pass
 
 
-def _keys(node: DictConfig, prefix: str = "") -> set[str]:
-    """Dotted paths of all keys, without resolving interpolations (which may need hydra's runtime)."""
-    out = set()
-    for key in node.keys():
-        path = f"{prefix}{key}"
-        out.add(path)
-        child = node._get_node(key)
-        if path not in OPEN_NODES and isinstance(child, DictConfig):
-            out |= _keys(child, path + ".")
-    return out
-
-
-def check_known_keys(cfg: DictConfig) -> None:
-    reference = OmegaConf.load(CONFIG_DIR / "defaults.yaml")
-    known = _keys(reference)
-    unknown = sorted(k for k in _keys(cfg) - known if not k.startswith("hydra"))
-    if unknown:
-        raise ConfigError(f"unknown config key(s): {', '.join(unknown)} (every key is listed in hydra_config/defaults.yaml)")
-
-
+# ====================================================================================== ranges
 @dataclass(frozen=True)
 class Rule:
-    """What one key may hold: a type (float accepts integers; bool is never a number), for numbers an interval
-    such as "[0, inf)" or "(0, 1]", words allowed instead (or beside a number), null or not, and for a list the
-    number of items (each checked as above)."""
+    """What one key may hold beyond its type: for numbers an interval such as "[0, inf)" or "(0, 1]", words allowed
+    instead of (or beside) a value, and for a list its length (each item is checked as above). `kind`, `null` and
+    `items` come from the field's annotation (see `_rule_for`), except for `Any` fields, which name them here."""
 
-    type: type
+    kind: type | None = None  # int, float (integers accepted; bool is never a number), bool or str
     interval: str | None = None
     words: tuple[str, ...] = ()
     null: bool = False
     length: int | None = None
+    items: bool = False  # the value is a list and every item must fit
 
 
-# One place that knows each key's type and range (a later refactor turns this into typed dataclasses).
-RULES = {
-    "seed": Rule(int, "[0, inf)"),
-    "num_train_steps": Rule(int, "[1, inf)"),
-    "max_train_minutes": Rule(float, "(0, inf)", null=True),
-    "grad_acc_steps": Rule(int, "[1, inf)"),
-    "max_grad_norm": Rule(float, "(0, inf)", null=True),
-    "log_every_n_steps": Rule(int, "[1, inf)"),
-    "use_torch_compile": Rule(bool),
-    "device": Rule(str, words=("auto", "cuda", "cpu")),
-    "precision": Rule(str, words=("auto", "bf16", "fp32")),
-    "peak_tflops_per_gpu": Rule(float, "(0, inf)", words=("auto",), null=True),
-    "detect_anomaly": Rule(bool),
-    "cp_size": Rule(int, "[1, inf)"),
-    "cp_comm_type": Rule(str, words=("p2p", "all_gather", "a2a")),
-    "quantized_model_init": Rule(bool),
-    "model.backend": Rule(str, words=("auto", "torch", "te", "hf")),
-    "model.activation": Rule(str, words=("gelu", "gelu_tanh"), null=True),  # null: the model's own (preset or init_from)
-    **{f"model.{k}": Rule(int, "[1, inf)", null=True) for k in ("num_layers", "hidden_size", "num_heads", "intermediate_size")},
-    "model.layer_norm_eps": Rule(float, "(0, inf)", null=True),
-    "model.token_dropout": Rule(bool, null=True),
-    "model.fp32_residual": Rule(bool),
-    "dataset.streaming": Rule(bool),
-    "dataset.streaming_shuffle_buffer": Rule(int, "[0, inf)"),
-    "dataset.layout": Rule(str, words=("thd", "bshd")),
-    "dataset.max_seq_length": Rule(int, "[3, inf)"),
-    "dataset.micro_batch_size": Rule(int, "[1, inf)"),
-    "dataset.token_micro_batch_size": Rule(int, "[1, inf)", null=True),
-    "dataset.pad_to_multiple_of": Rule(int, "[1, inf)"),
-    "dataset.pad_to_fixed": Rule(bool),
-    "dataset.mask_prob": Rule(float, "(0, 1)"),
-    "dataset.num_workers": Rule(int, "[0, inf)"),
-    "dataset.pin_memory": Rule(bool),
-    "dataset.prefetch_factor": Rule(int, "[1, inf)"),
-    "validation.every_n_steps": Rule(int, "[0, inf)", null=True),  # null and 0: see defaults.yaml (negative was "every step")
-    "validation.max_batches": Rule(int, "[1, inf)", null=True),
-    "optimizer.lr": Rule(float, "[0, inf)"),
-    "optimizer.betas": Rule(float, "[0, 1)", length=2),
-    "optimizer.eps": Rule(float, "(0, inf)"),
-    "optimizer.weight_decay": Rule(float, "[0, inf)"),
-    "optimizer.fused": Rule(bool, words=("auto",)),
-    "lr_scheduler.warmup_steps": Rule(int, "[0, inf)"),
-    "lr_scheduler.decay_end_fraction": Rule(float, "(0, 1]"),
-    "lr_scheduler.min_lr_ratio": Rule(float, "[0, 1]"),
-    "overwrite_output_dir": Rule(bool),
-    "checkpoint.save_every_n_steps": Rule(int, "[0, inf)", null=True),
-    "checkpoint.resume_from_checkpoint": Rule(bool),
-    "checkpoint.save_final_model": Rule(bool),
-    "checkpoint.save_final_checkpoint": Rule(bool),
-    "checkpoint.max_checkpoints": Rule(int, "[0, inf)", null=True),  # -1 used to delete each checkpoint right after it was saved
-    "checkpoint.async_save": Rule(bool),
-    "fsdp.fp32_master_weights": Rule(bool),
-    "fsdp.reshard_after_forward": Rule(bool),
-    "tensorboard.enabled": Rule(bool),
-    "tensorboard.log_dir": Rule(str, null=True),
-    "quant_stats_config.enabled": Rule(bool),
-    "quant_stats_config.quant_stats_file": Rule(str, null=True),
-    "quant_stats_config.quant_log_dir": Rule(str, null=True),
-    "quant_stats_config.log_to_wandb": Rule(bool),
-}
+def checked(default: Any, interval: str | None = None, *, words: tuple[str, ...] = (), length: int | None = None,
+            kind: type | None = None, null: bool = False) -> Any:
+    """A dataclass field whose value `check_values` holds to a range (see `Rule`); a list default is copied per
+    instance. `kind` and `null` are given only for an `Any` field, whose annotation cannot say them."""
+    metadata = {"rule": Rule(kind, interval, words, null, length)}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
-def _fits(value, rule: Rule) -> bool:
-    if rule.type is float:
+# ====================================================================================== the schema
+# One dataclass per section. A comment says what each key means; hydra_config/*.yaml override a few of them.
+@dataclass
+class ModelConfig:
+    size: str = "8M"  # tiny, 8M, 35M, 150M, 650M, 3B, 15B (ESM-2's published shapes)
+    # auto (by measurement: te from 650M up, torch below or with torch.compile; FP8 -> te), torch, te,
+    # hf (transformers' EsmForMaskedLM, SDPA, padded batches: the reference, for comparison)
+    backend: str = checked("auto", words=("auto", "torch", "te", "hf"))
+    # activation, layer_norm_eps, token_dropout: null = the model's own value, i.e. ESM-2's (gelu, 1e-5, true) or, with
+    # init_from, the checkpoint's config.json. A value given replaces it (with init_from the log says so).
+    # gelu = ESM-2's exact erf GELU; gelu_tanh = TE's fused approximation (te only).
+    activation: str | None = checked(None, words=("gelu", "gelu_tanh"))
+    # The preset's shape, overridden (null keeps it; with init_from the checkpoint fixes it).
+    num_layers: int | None = checked(None, "[1, inf)")
+    hidden_size: int | None = checked(None, "[1, inf)")
+    num_heads: int | None = checked(None, "[1, inf)")
+    intermediate_size: int | None = checked(None, "[1, inf)")
+    layer_norm_eps: float | None = checked(None, "(0, inf)")  # LayerNorm epsilon (ESM-2's facebook checkpoints: 1e-5)
+    token_dropout: bool | None = None  # ESM's <mask> embedding dropout with per-sequence rescaling (ESM-2: true)
+    fp32_residual: bool = False  # under bf16 autocast keep the residual stream in fp32 (as transformers); false = bf16, faster
+    # A local Hugging Face ESM-2 directory to start from (continued pretraining); its shape wins over model.size, and
+    # shape keys given with it are an error.
+    init_from: str | None = None
+
+
+@dataclass
+class DatasetConfig:
+    train_path: str = "data/uniprot_sample/train"  # FASTA(.gz/.xz), parquet file/dir, CSV, datasets dir, or a prepared store
+    val_path: str | None = "data/uniprot_sample/validation"  # null: no validation
+    format: str = "auto"  # auto, fasta, parquet, csv, hf, store
+    column: str = "sequence"  # column that holds sequences (parquet, csv, hf)
+    streaming: bool = False  # stream train_path through datasets.IterableDataset instead of loading it into memory
+    # >0: shuffle the stream through a buffer (datasets cannot checkpoint it: inexact resume).
+    streaming_shuffle_buffer: int = checked(0, "[0, inf)")
+    # auto (when the data has ur50_id), true, false: sample UniRef50 clusters, then members.
+    # Any: a bool or the word auto (OmegaConf has no Union of bool and str).
+    cluster_sampling: Any = checked("auto", words=("auto",), kind=bool)
+    layout: str = checked("thd", words=("thd", "bshd"))  # thd (packed sequences, cu_seqlens) or bshd (padded batches)
+    # Tokens per sequence incl. <cls>/<eos>; longer ones are cropped (at random in training).
+    max_seq_length: int = checked(1024, "[3, inf)")
+    micro_batch_size: int = checked(16, "[1, inf)")  # sequences per micro-batch (bshd); with thd, sets the default token budget
+    # thd token budget per micro-batch; null = micro_batch_size * max_seq_length.
+    token_micro_batch_size: int | None = checked(None, "[1, inf)")
+    pad_to_multiple_of: int = checked(16, "[1, inf)")  # thd total padded to a multiple of this (FP8 needs 16)
+    pad_to_fixed: bool = False  # thd: pad every micro-batch to exactly token_micro_batch_size (static shapes)
+    mask_prob: float = checked(0.15, "(0, 1)")  # MLM: share of residues selected (80 % <mask>, 10 % random, 10 % kept)
+    num_workers: int = checked(1, "[0, inf)")  # loader worker processes (0 = in the training process)
+    pin_memory: bool = True  # pinned host memory + non-blocking copies (cuda only)
+    prefetch_factor: int = checked(4, "[1, inf)")  # batches each worker prepares ahead
+
+
+@dataclass
+class ValidationConfig:
+    # Also runs after the last step; null or 0 = only at the end (negative used to mean every step: now an error).
+    every_n_steps: int | None = checked(500, "[0, inf)")
+    max_batches: int | None = checked(None, "[1, inf)")  # cap on validation micro-batches per rank (null = the full split)
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = checked(4.0e-4, "[0, inf)")  # peak learning rate
+    betas: list[float] = checked([0.9, 0.98], "[0, 1)", length=2)  # AdamW's (beta1, beta2)
+    eps: float = checked(1.0e-8, "(0, inf)")  # AdamW's epsilon
+    weight_decay: float = checked(0.01, "[0, inf)")  # decoupled (AdamW) weight decay of the matrices
+    # Kinds without weight decay: bias, norm (LayerNorm weights), embedding.
+    no_decay: list[str] = checked(["bias", "norm"], words=("bias", "norm", "embedding"))
+    # Fused AdamW kernel: auto (on cuda), true, false. Any: a bool or the word auto (OmegaConf has no such Union).
+    fused: Any = checked("auto", words=("auto",), kind=bool)
+
+
+@dataclass
+class LRSchedulerConfig:
+    warmup_steps: int = checked(2000, "[0, inf)")  # linear warmup: step s (0-based) uses lr x (s+1)/warmup_steps, never 0
+    decay_end_fraction: float = checked(0.9, "(0, 1]")  # linear decay ends at this fraction of num_train_steps ...
+    min_lr_ratio: float = checked(0.1, "[0, 1]")  # ... at this share of the peak, constant afterwards
+
+
+@dataclass
+class CheckpointConfig:
+    ckpt_dir: str | None = None  # null = ${output_dir}/checkpoints
+    # 0 or null: only the final / preemption checkpoints (negative: an error).
+    save_every_n_steps: int | None = checked(1000, "[0, inf)")
+    resume_from_checkpoint: bool = False  # resume from the newest complete checkpoint under ckpt_dir that verifies (else older)
+    save_final_model: bool = True  # write ${output_dir}/final_model (Hugging Face format) at the end
+    save_final_checkpoint: bool = True  # also write a resumable checkpoint after the last step
+    # Keep this run's newest N complete checkpoints (null or 0 = all; negative, which used to delete each checkpoint
+    # right after it was saved, is an error).
+    max_checkpoints: int | None = checked(3, "[0, inf)")
+    async_save: bool = False  # write model/optimizer shards in the background (torch.distributed.checkpoint)
+
+
+@dataclass
+class FSDPConfig:
+    fp32_master_weights: bool = True  # keep fp32 parameters and compute in bf16 (MixedPrecisionPolicy); false = bf16 params
+    reshard_after_forward: bool = True  # free gathered parameters after forward (ZeRO-3); false keeps them (ZeRO-2 like)
+
+
+@dataclass
+class FP8Config:
+    """TransformerEngine FP8 for the transformer layers (te backend, GPU)."""
+
+    enabled: bool = False  # FP8 layers (which ones: fp8_layers)
+    # Or Float8CurrentScaling, Float8BlockScaling, MXFP8BlockScaling (same module).
+    fp8_recipe: str = "transformer_engine.common.recipe.DelayedScaling"
+    fp8_format: str = "HYBRID"  # HYBRID (E4M3 forward, E5M2 backward) or E4M3
+    # Extra arguments for the recipe class (free-form, passed through; e.g. amax_history_len).
+    fp8_recipe_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FP4Config:
+    """TransformerEngine NVFP4 (Blackwell)."""
+
+    enabled: bool = False  # FP4 layers (which ones: fp4_layers)
+    fp4_recipe: str = "transformer_engine.common.recipe.NVFP4BlockScaling"  # the TransformerEngine recipe class
+    fp4_format: str = "E2M1"  # the recipe's Format member
+    fp4_recipe_kwargs: dict[str, Any] = field(default_factory=dict)  # extra arguments for the recipe class (free-form)
+
+
+@dataclass
+class QuantStatsConfig:
+    """FP8/FP4 quantization statistics per quantized layer (TE debug API; te backend, GPU; docs/quant_stats.md)."""
+
+    enabled: bool = False  # collect and log the statistics
+    # nvdlfw_inspect YAML of what to log and how often; null = hydra_config/quant_stats/layer_stats.yaml, whose
+    # "{fp8_layers}"/"{fp4_layers}" become the layers the precision plan quantizes.
+    quant_stats_file: str | None = None
+    # null = ${output_dir}/quant_stats: quant_stats.jsonl (a line per logged step), the resolved YAML.
+    quant_log_dir: str | None = None
+    # Also to the wandb run as quant/<layer>_<tensor>_<stat> (needs wandb.enabled; TensorBoard gets them whenever
+    # tensorboard.enabled).
+    log_to_wandb: bool = False
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False  # log to Weights & Biases as well as metrics.jsonl
+    mode: str = "offline"  # offline never touches the network; online needs WANDB_API_KEY
+    project: str = "esm2-recipe"  # wandb project the run is filed under
+    name: str | None = None  # run name (null = the config name)
+
+
+@dataclass
+class TensorBoardConfig:
+    enabled: bool = False  # also write metrics.jsonl's scalars as TensorBoard events (offline; `tensorboard --logdir DIR`)
+    log_dir: str | None = None  # null = ${output_dir}/tensorboard
+
+
+@dataclass
+class TrainConfig:
+    """Every key the trainer reads."""
+
+    # Where this run writes metrics.jsonl, checkpoints/ and final_model/. Printed at start. The same on every rank.
+    # One run at a time (locked); a fresh run refuses a directory holding another run's outputs (README, "Outputs").
+    # Under hydra -m each job writes to ${output_dir}/multirun/<job number>.
+    output_dir: str = "outputs/${hydra:job.config_name}"
+    overwrite_output_dir: bool = False  # true: a fresh run deletes the previous run's checkpoints, metrics.jsonl, final_model/
+    seed: int = checked(42, "[0, inf)")  # weights, data order, masking and cropping all derive from it
+    num_train_steps: int = checked(1000, "[1, inf)")  # optimizer steps (the LR schedule spans them)
+    # Also stop (validate, save, export as at the end) after this much training time.
+    max_train_minutes: float | None = checked(None, "(0, inf)")
+    grad_acc_steps: int = checked(1, "[1, inf)")  # micro-batches per optimizer step (per rank)
+    max_grad_norm: float | None = checked(1.0, "(0, inf)")  # gradient clipping (L2 over all parameters); null disables
+    log_every_n_steps: int = checked(10, "[1, inf)")  # metrics.jsonl / wandb / progress bar cadence
+    # torch.compile each transformer layer (te: only its exact-GELU MLP; TE modules stay eager).
+    use_torch_compile: bool = False
+    device: str = checked("auto", words=("auto", "cuda", "cpu"))  # auto (cuda if present, else cpu), cuda, cpu
+    precision: str = checked("auto", words=("auto", "bf16", "fp32"))  # auto (bf16 autocast on cuda, fp32 on cpu), bf16, fp32
+    # MFU denominator: auto (989 for H100/H200 dense BF16, null elsewhere), a number, or null (no MFU).
+    # Any: a number, the word auto or null (OmegaConf has no Union of float and str).
+    peak_tflops_per_gpu: Any = checked("auto", "(0, inf)", words=("auto",), kind=float, null=True)
+    detect_anomaly: bool = True  # stop on a non-finite loss or gradient, naming the step, before anything is written
+    # Context parallelism: ranks that share each sequence (te backend, GPUs); divides the world size.
+    cp_size: int = checked(1, "[1, inf)")
+    # TE context-parallel communication: p2p (ring, overlapped with compute), all_gather, a2a.
+    cp_comm_type: str = checked("p2p", words=("p2p", "all_gather", "a2a"))
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    lr_scheduler: LRSchedulerConfig = field(default_factory=LRSchedulerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+
+    fp8_config: FP8Config = field(default_factory=FP8Config)
+    fp8_layers: list[int] | None = None  # 1-indexed layers in FP8; null = every layer fp4_layers does not take
+    fp4_config: FP4Config = field(default_factory=FP4Config)
+    fp4_layers: list[int] | None = None  # 1-indexed layers in FP4; null = every layer fp8_layers does not take
+    # FP8/FP4 layers hold only quantized weights (te.quantized_model_init); the optimizer (TE FusedAdam, master_weights)
+    # keeps the FP32 master copy. Saves weight memory.
+    quantized_model_init: bool = False
+    quant_stats_config: QuantStatsConfig = field(default_factory=QuantStatsConfig)
+
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig)
+
+
+# hydra_config/defaults.yaml lists `schema` first in its defaults: every config file is merged into TrainConfig.
+ConfigStore.instance().store(name="schema", node=TrainConfig)
+
+
+# ====================================================================================== checks
+def _rule_for(rule: Rule, hint: Any) -> Rule:
+    """`rule` completed from the field's annotation: the type, whether null is allowed, whether it is a list."""
+    if hint is Any:
+        return rule
+    args = typing.get_args(hint)
+    null = type(None) in args
+    if null:
+        hint = next(arg for arg in args if arg is not type(None))
+    items = typing.get_origin(hint) is list
+    return dataclasses.replace(rule, kind=typing.get_args(hint)[0] if items else hint, null=null, items=items)
+
+
+def _fits(value: Any, rule: Rule) -> bool:
+    if isinstance(value, str) and value in rule.words:
+        return True
+    if rule.kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return False
-    elif not isinstance(value, rule.type) or (isinstance(value, bool) and rule.type is not bool):
+    elif rule.kind is None or not isinstance(value, rule.kind) or (isinstance(value, bool) and rule.kind is not bool):
         return False
     if rule.interval is None:
-        return rule.type is not str or not rule.words  # a word-only key takes nothing but its words
+        return rule.kind is not str or not rule.words  # a word-only key takes nothing but its words
     lo, hi = (float(x) for x in rule.interval[1:-1].split(","))
     return (lo <= value if rule.interval[0] == "[" else lo < value) and (value <= hi if rule.interval[-1] == "]" else value < hi)
 
 
+def allows(rule: Rule, value: Any) -> bool:
+    if value is None:
+        return rule.null
+    if rule.items:
+        return (isinstance(value, (list, ListConfig)) and (rule.length is None or len(value) == rule.length)
+                and all(_fits(v, rule) for v in value))
+    return _fits(value, rule)
+
+
 def describe(rule: Rule) -> str:
-    kind = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[rule.type]
+    assert rule.kind is not None, "an Any field's rule names its kind"
+    kind = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[rule.kind]
     if rule.interval:
         lo, hi = rule.interval[1:-1].split(", ")
         kind += f" {'>=' if rule.interval[0] == '[' else '>'} {lo}" if hi == "inf" else f" in {rule.interval}"
-    if rule.length is not None:
-        kind = f"a list of {rule.length} items, each {kind}"
     if rule.words:
-        kind = f"one of {rule.words}" if rule.type is str else f"{kind} or one of {rule.words}"
+        kind = f"one of {rule.words}" if rule.kind is str else f"{kind} or one of {rule.words}"
+    if rule.items:
+        kind = f"a list of {rule.length} items, each {kind}" if rule.length is not None else f"a list, each item {kind}"
     return kind + (" or null" if rule.null else "")
 
 
-def check_types(cfg: DictConfig) -> None:
-    """Every key of RULES holds what its rule allows; else a ConfigError naming the key, the value and the rule."""
-    for key, rule in RULES.items():
-        value = OmegaConf.select(cfg, key)
-        if (value is None and rule.null) or (isinstance(value, str) and value in rule.words):
-            continue
-        if rule.length is None:
-            ok = _fits(value, rule)
-        else:
-            ok = isinstance(value, (list, ListConfig)) and len(value) == rule.length and all(_fits(v, rule) for v in value)
-        if not ok:
-            shown = list(value) if isinstance(value, ListConfig) else value
-            raise ConfigError(f"{key}={shown!r} must be {describe(rule)}")
+def _sections(cfg: DictConfig, schema: type = TrainConfig, prefix: str = "") -> Iterator[tuple[str, DictConfig, type]]:
+    """(key prefix, node, dataclass) of the root and every section below it."""
+    yield prefix, cfg, schema
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _sections(cfg[f.name], hints[f.name], f"{prefix}{f.name}.")
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    """OmegaConf refuses every key the schema lacks, except one added with hydra's `+key=value` (append): those."""
+    unknown = sorted(
+        prefix + key for prefix, node, schema in _sections(cfg) for key in node.keys()
+        if key not in {f.name for f in dataclasses.fields(schema)} and not (prefix == "" and key == "hydra")
+    )
+    if unknown:
+        raise ConfigError(f"unknown config key(s): {', '.join(map(str, unknown))} (every key is defined in recipe/config.py)")
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Every field with a rule (`checked`) holds what the rule allows; else a ConfigError naming the key, the value
+    and the rule. (The type itself OmegaConf has already enforced, except for `Any` fields.)"""
+    for prefix, node, schema in _sections(cfg):
+        hints = typing.get_type_hints(schema)
+        for f in dataclasses.fields(schema):
+            if "rule" not in f.metadata:
+                continue
+            rule, value = _rule_for(f.metadata["rule"], hints[f.name]), node[f.name]
+            if not allows(rule, value):
+                shown = list(value) if isinstance(value, ListConfig) else value
+                raise ConfigError(f"{prefix}{f.name}={shown!r} must be {describe(rule)}")
 
 
 def check_splits_apart(train_path, val_path, fmt: str) -> None:
@@ -189,7 +372,7 @@ def token_budget(cfg: DictConfig) -> int:
 def validate(cfg: DictConfig) -> None:
     """Every check that can fail before the first step. Raises ConfigError naming the key or path."""
     check_known_keys(cfg)
-    check_types(cfg)
+    check_values(cfg)
     d = cfg.dataset
     if d.token_micro_batch_size is not None and d.micro_batch_size * d.max_seq_length > d.token_micro_batch_size:
         raise ConfigError(
@@ -236,9 +419,10 @@ def help_text(script: str, default_config: str) -> str:
 Shipped configs (hydra_config/NAME.yaml; without --config-name this script runs {default_config}):
 {configs}
 
-Every key, with its meaning and default, is documented in hydra_config/defaults.yaml; override any of them on the
-command line as key=value (e.g. num_train_steps=200 model.backend=hf tensorboard.enabled=true). A key that
-defaults.yaml does not list is an error.
+Every key, with its meaning, type, default and range, is documented in recipe/config.py (TrainConfig, one dataclass
+per section); override any of them in a config file or on the command line as key=value (e.g. num_train_steps=200
+model.backend=hf tensorboard.enabled=true). A key defined nowhere there, a wrong type or a value out of its range is
+an error naming the key.
 
   --cfg job       print the composed config and exit
   --hydra-help    hydra's own options

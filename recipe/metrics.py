@@ -7,9 +7,11 @@ import logging
 import os
 import resource
 from pathlib import Path
+from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+
+from recipe.config import TensorBoardConfig, WandbConfig
 
 log = logging.getLogger(__name__)
 
@@ -62,34 +64,36 @@ class Throughput:
 
 
 class MetricsWriter:
-    """metrics.jsonl (and its mirrors) on rank 0; `should_log` is the training-record schedule (log_every_n_steps)."""
+    """metrics.jsonl on rank 0 (`enabled`), mirrored to wandb and TensorBoard where their sections enable them;
+    `should_log` is the training-record schedule (log_every_n_steps). `resume_step`: the step of the checkpoint a
+    resumed run starts from (None for a fresh run); `run_config` is the resolved config that wandb records with the run."""
 
-    def __init__(self, output_dir: Path, cfg: DictConfig, enabled: bool, resume_step: int | None, log_every_n_steps: int = 1):
+    def __init__(self, output_dir: Path, enabled: bool, resume_step: int | None, log_every_n_steps: int = 1,
+                 wandb: WandbConfig | None = None, tensorboard: TensorBoardConfig | None = None,
+                 run_config: dict[str, Any] | None = None):
+        wandb = wandb if wandb is not None else WandbConfig()
+        tensorboard = tensorboard if tensorboard is not None else TensorBoardConfig()
         self.enabled, self.every = enabled, log_every_n_steps
         self.path = Path(output_dir) / "metrics.jsonl"
-        self.wandb = self.tensorboard = None
+        self.wandb: Any = None
+        self.tensorboard: Any = None
         if not enabled:
             return
         if self.path.exists():  # a fresh run starts a fresh log; a resumed one keeps what the checkpoint covers
             kept = [] if resume_step is None else [line for line in self._records() if json.loads(line)["step"] <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         self.file = open(self.path, "a", buffering=1)
-        if cfg.wandb.enabled:
-            os.environ.setdefault("WANDB_MODE", cfg.wandb.mode)
-            import wandb
+        if wandb.enabled:
+            os.environ.setdefault("WANDB_MODE", wandb.mode)
+            import wandb as wandb_lib
 
-            self.wandb = wandb.init(
-                project=cfg.wandb.project,
-                name=cfg.wandb.name,
-                dir=str(output_dir),
-                mode=cfg.wandb.mode,
-                config=OmegaConf.to_container(cfg, resolve=True),
-                resume="allow",
+            self.wandb = wandb_lib.init(
+                project=wandb.project, name=wandb.name, dir=str(output_dir), mode=wandb.mode, config=run_config, resume="allow"
             )
-        if cfg.tensorboard.enabled:
+        if tensorboard.enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            log_dir = Path(cfg.tensorboard.log_dir) if cfg.tensorboard.log_dir is not None else Path(output_dir) / "tensorboard"
+            log_dir = Path(tensorboard.log_dir) if tensorboard.log_dir is not None else Path(output_dir) / "tensorboard"
             # A resumed run appends a new event file; purge_step hides the old file's events past the checkpoint, as
             # metrics.jsonl drops them.
             self.tensorboard = SummaryWriter(str(log_dir), purge_step=resume_step + 1 if resume_step is not None else None)

@@ -7,9 +7,9 @@ linear decay to `min_lr_ratio` x peak at `decay_end_fraction` of training, const
 from __future__ import annotations
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 
+from recipe.config import LRSchedulerConfig, OptimizerConfig
 from recipe.model.layers import param_kind
 
 
@@ -41,18 +41,25 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay: list[str]) -> 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: DictConfig, device: torch.device, master_weights: bool = False) -> torch.optim.Optimizer:
-    """AdamW. With `master_weights` (quantized model init: FP8 weights in the model) it is TransformerEngine's
-    FusedAdam, which keeps an FP32 master copy of every weight and re-quantizes after each update."""
-    o = cfg.optimizer
-    groups = param_groups(model, o.weight_decay, list(o.no_decay))
-    lr = lr_at(0, o.lr, cfg.lr_scheduler.warmup_steps, cfg.num_train_steps)
+def scheduled_lr(step: int, peak: float, schedule: LRSchedulerConfig, num_train_steps: int) -> float:
+    """`lr_at` with the config's lr_scheduler section."""
+    return lr_at(step, peak, schedule.warmup_steps, num_train_steps, schedule.decay_end_fraction, schedule.min_lr_ratio)
+
+
+def build_optimizer(model: nn.Module, settings: OptimizerConfig, schedule: LRSchedulerConfig, num_train_steps: int,
+                    device: torch.device, master_weights: bool = False) -> torch.optim.Optimizer:
+    """AdamW with the optimizer section's settings, at the schedule's first learning rate. With `master_weights`
+    (quantized model init: FP8 weights in the model) it is TransformerEngine's FusedAdam, which keeps an FP32 master
+    copy of every weight and re-quantizes after each update."""
+    groups = param_groups(model, settings.weight_decay, list(settings.no_decay))
+    lr = scheduled_lr(0, settings.lr, schedule, num_train_steps)
+    betas = (float(settings.betas[0]), float(settings.betas[1]))
     if master_weights:
         from transformer_engine.pytorch.optimizers import FusedAdam
 
-        return FusedAdam(groups, lr=lr, betas=tuple(o.betas), eps=o.eps, adam_w_mode=True, master_weights=True)
-    fused = device.type == "cuda" if o.fused == "auto" else bool(o.fused)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(o.betas), eps=o.eps, fused=fused)
+        return FusedAdam(groups, lr=lr, betas=betas, eps=settings.eps, adam_w_mode=True, master_weights=True)
+    fused = device.type == "cuda" if settings.fused == "auto" else bool(settings.fused)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=settings.eps, fused=fused)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

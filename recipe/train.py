@@ -34,7 +34,7 @@ from recipe.model import EsmConfig
 from recipe.model.convert import export_hf
 from recipe.model.esm import IGNORE_INDEX
 from recipe.model.flops import batch_flops
-from recipe.optim import build_optimizer, lr_at, set_lr
+from recipe.optim import build_optimizer, scheduled_lr, set_lr
 from recipe.parallel import STRATEGIES, DistInfo, Strategy, all_reduce, barrier, init_distributed, setup_mesh, unwrap
 from recipe.preemption import Preemption
 from recipe.run_state import RunCheckpointer, TrainState
@@ -121,7 +121,8 @@ def _fit(cfg: DictConfig, strategy: Strategy):
     model = build(cfg, strategy, mcfg, plan, recipes)
     if stats is not None:
         stats.name_layers(unwrap(model))
-    optimizer = strategy.wrap_optimizer(model, build_optimizer(model, cfg, info.device, master_weights=cfg.quantized_model_init))
+    optimizer = strategy.wrap_optimizer(model, build_optimizer(model, cfg.optimizer, cfg.lr_scheduler, cfg.num_train_steps,
+                                                               info.device, master_weights=cfg.quantized_model_init))
     data = build_data(cfg, info)
     log_start(cfg, mcfg, plan, model, strategy)
 
@@ -130,7 +131,8 @@ def _fit(cfg: DictConfig, strategy: Strategy):
     ckpt = RunCheckpointer(cfg, info, strategy.name, mcfg, expect, model, optimizer, data.loader, strategy=strategy)
     state = ckpt.resume() if cfg.checkpoint.resume_from_checkpoint else TrainState()
     start_step, resumed = state.step, ckpt.resumed_from is not None
-    metrics = MetricsWriter(Path(cfg.output_dir), cfg, info.is_main, state.step if resumed else None, cfg.log_every_n_steps)
+    metrics = MetricsWriter(Path(cfg.output_dir), info.is_main, state.step if resumed else None, cfg.log_every_n_steps,
+                            cfg.wandb, cfg.tensorboard, config_lib.resolved(cfg))
     if stats is not None:
         stats.attach(metrics, cfg)
         stats.set_step(state.step)
@@ -155,8 +157,7 @@ def _fit(cfg: DictConfig, strategy: Strategy):
         reduced = count_step(batches, mcfg, info, preempt.requested, state.clock.seconds >= time_limit)
 
         # Forward, backward, clip; stop before the update on a non-finite loss or gradient.
-        lr = lr_at(state.step, cfg.optimizer.lr, cfg.lr_scheduler.warmup_steps, cfg.num_train_steps,
-                   cfg.lr_scheduler.decay_end_fraction, cfg.lr_scheduler.min_lr_ratio)
+        lr = scheduled_lr(state.step, cfg.optimizer.lr, cfg.lr_scheduler, cfg.num_train_steps)
         set_lr(optimizer, lr)
         loss, grad_norm = train_step(model, strategy, batches, reduced[0].clamp(min=1).float(), amp, cfg.max_grad_norm)
         loss_v, norm_v = loss.item(), grad_norm.item()

@@ -1,10 +1,17 @@
 """Bad configs fail at start, naming the key or the path; the shipped configs are complete and consistent."""
 
+import dataclasses
+import re
+import shutil
+import typing
+
 import pytest
 from conftest import torchrun
 from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 
-from recipe.config import CONFIG_DIR, ConfigError, token_budget, validate
+from recipe.config import CONFIG_DIR, ConfigError, TrainConfig, check_values, token_budget, validate
 
 CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if p.stem != "defaults")
 
@@ -17,7 +24,7 @@ def load(name="L0_sanity", *overrides, out="/tmp/esm-config-test"):
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        (["+model.depth=3"], r"unknown config key\(s\): model.depth"),
+        (["+model.depth=3"], r"unknown config key\(s\): model.depth"),  # `+` appends past OmegaConf: validate refuses it
         (["dataset.train_path=/nonexistent/x.fasta"], r"dataset.train_path=/nonexistent/x.fasta: no such file"),
         (["dataset.val_path=/nonexistent/v"], r"dataset.val_path=/nonexistent/v: no such file"),
         (["dataset.micro_batch_size=64", "dataset.token_micro_batch_size=4096"], r"dataset.micro_batch_size=64 x dataset.max_seq_length=256 .* does not fit dataset.token_micro_batch_size=4096"),
@@ -25,21 +32,22 @@ def load(name="L0_sanity", *overrides, out="/tmp/esm-config-test"):
         (["num_train_steps=0"], r"num_train_steps=0 must be an integer >= 1"),
         (["precision=fp16"], r"precision='fp16' must be one of"),
         (["model.init_from=/nonexistent/model"], r"model.init_from=/nonexistent/model"),
-        # wrong types and ranges, each of which used to pass silently or end in a bare library exception
-        (["max_grad_norm=-1"], r"max_grad_norm=-1 must be a number > 0 or null"),  # was gradient ascent
-        (["optimizer.lr=fast"], r"optimizer.lr='fast' must be a number >= 0"),
+        # ranges, each of which used to pass silently or end in a bare library exception
+        (["max_grad_norm=-1"], r"max_grad_norm=-1.0 must be a number > 0 or null"),  # was gradient ascent
         (["optimizer.lr=-1e-4"], r"optimizer.lr=-0.0001 must be a number >= 0"),
         (["optimizer.weight_decay=-0.01"], r"optimizer.weight_decay=-0.01 must be a number >= 0"),
-        (["optimizer.betas=0.9"], r"optimizer.betas=0.9 must be a list of 2 items, each a number in \[0, 1\)"),
-        (["optimizer.betas=[0.9,1.5]"], r"optimizer.betas=\[0.9, 1.5\] must be a list of 2"),
-        (["seed=abc"], r"seed='abc' must be an integer >= 0"),
+        (["optimizer.betas=[0.9,1.5]"], r"optimizer.betas=\[0.9, 1.5\] must be a list of 2 items, each a number in \[0, 1\)"),
+        (["optimizer.betas=[0.9]"], r"optimizer.betas=\[0.9\] must be a list of 2 items"),
+        (["optimizer.no_decay=[bias,LayerNorm]"], r"optimizer.no_decay=\['bias', 'LayerNorm'\] must be a list, each item one of"),
+        (["optimizer.fused=maybe"], r"optimizer.fused='maybe' must be true or false or one of \('auto',\)"),
+        (["dataset.cluster_sampling=2"], r"dataset.cluster_sampling=2 must be true or false or one of \('auto',\)"),
         (["peak_tflops_per_gpu=abc"], r"peak_tflops_per_gpu='abc' must be a number > 0 or one of \('auto',\) or null"),
+        (["peak_tflops_per_gpu=0"], r"peak_tflops_per_gpu=0 must be a number > 0"),
         (["dataset.pad_to_multiple_of=0"], r"dataset.pad_to_multiple_of=0 must be an integer >= 1"),
         (["dataset.prefetch_factor=0"], r"dataset.prefetch_factor=0 must be an integer >= 1"),
-        (["dataset.streaming=maybe"], r"dataset.streaming='maybe' must be true or false"),
+        (["dataset.mask_prob=1.0"], r"dataset.mask_prob=1.0 must be a number in \(0, 1\)"),
+        (["dataset.max_seq_length=2"], r"dataset.max_seq_length=2 must be an integer >= 3"),
         (["validation.max_batches=0"], r"validation.max_batches=0 must be an integer >= 1 or null"),
-        (["use_torch_compile=1"], r"use_torch_compile=1 must be true or false"),
-        (["tensorboard.enabled=yes"], r"tensorboard.enabled='yes' must be true or false"),
         (["model.backend=jax"], r"model.backend='jax' must be one of \('auto', 'torch', 'te', 'hf'\)"),
         # the validation split read as training data
         (["dataset.train_path=${dataset.val_path}"], r"dataset.train_path=\S+/validation is the same path as dataset.val_path"),
@@ -49,14 +57,109 @@ def load(name="L0_sanity", *overrides, out="/tmp/esm-config-test"):
         (["checkpoint.max_checkpoints=-1"], r"checkpoint.max_checkpoints=-1 must be an integer >= 0 or null"),
         (["checkpoint.save_every_n_steps=-1"], r"checkpoint.save_every_n_steps=-1 must be an integer >= 0 or null"),
         (["validation.every_n_steps=-5"], r"validation.every_n_steps=-5 must be an integer >= 0 or null"),
-        (["checkpoint.max_checkpoints=2.5"], r"checkpoint.max_checkpoints=2.5 must be an integer >= 0 or null"),
-        (["checkpoint.resume_from_checkpoint=maybe"], r"checkpoint.resume_from_checkpoint='maybe' must be true or false"),
-        (["overwrite_output_dir=1"], r"overwrite_output_dir=1 must be true or false"),
     ],
 )
 def test_bad_config_names_the_key(overrides, match):
     with pytest.raises(ConfigError, match=match):
         validate(load("L0_sanity", *overrides))
+
+
+def composition_error(exc: BaseException) -> str:
+    """Hydra's message and the OmegaConf error under it (a command-line override's key is named in the latter)."""
+    return f"{exc}\n{exc.__cause__}"
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("seed=abc", "seed"),
+        ("optimizer.lr=fast", "optimizer.lr"),
+        ("optimizer.betas=0.9", "optimizer.betas"),
+        ("dataset.streaming=maybe", "dataset.streaming"),
+        ("checkpoint.max_checkpoints=2.5", "checkpoint.max_checkpoints"),
+        ("checkpoint.resume_from_checkpoint=maybe", "checkpoint.resume_from_checkpoint"),
+        ("tensorboard.enabled=maybe", "tensorboard.enabled"),
+        ("fp8_layers=3", "fp8_layers"),
+        ("dataset.train_path=null", "dataset.train_path"),  # not Optional: a training run needs data
+    ],
+)
+def test_wrong_type_on_the_command_line_names_the_key(override, key):
+    with pytest.raises(ConfigCompositionException) as caught:
+        load("L0_sanity", override)
+    assert f"full_key: {key}" in composition_error(caught.value)
+
+
+@pytest.mark.parametrize("override, key", [("model.depth=3", "model.depth"), ("wandb.team=x", "wandb.team"), ("batch=4", "batch")])
+def test_unknown_key_on_the_command_line_names_the_key(override, key):
+    with pytest.raises(ConfigCompositionException, match=f"Could not override '{key}'"):
+        load("L0_sanity", override)
+
+
+@pytest.mark.parametrize(
+    "body, key, problem",
+    [
+        ("seed: abc\n", "seed", "could not be converted to Integer"),
+        ("dataset:\n  num_workers: many\n", "dataset.num_workers", "could not be converted to Integer"),
+        ("optimizer:\n  betas: 0.9\n", "optimizer.betas", "is not a ListConfig"),
+        ("model:\n  depth: 3\n", "model.depth", "Key 'depth' not in 'ModelConfig'"),
+        ("batch_size: 4\n", "batch_size", "Key 'batch_size' not in 'TrainConfig'"),
+        ("fp8_config:\n  recipe_kwargs: {}\n", "fp8_config.recipe_kwargs", "not in 'FP8Config'"),
+    ],
+)
+def test_bad_key_or_type_in_a_config_file_names_the_key(tmp_path, body, key, problem):
+    """A user's own config file (beside the shipped ones) is merged into the same typed schema."""
+    shutil.copytree(CONFIG_DIR, tmp_path / "conf")
+    (tmp_path / "conf" / "mine.yaml").write_text("defaults:\n  - L0_sanity\n  - _self_\n" + body)
+    with initialize_config_dir(config_dir=str(tmp_path / "conf"), version_base="1.3"):
+        with pytest.raises(ConfigCompositionException) as caught:
+            compose("mine", overrides=[f"output_dir={tmp_path}"])
+    message = composition_error(caught.value)
+    assert "In 'mine'" in message and f"full_key: {key}" in message and problem in message, message
+
+
+def test_free_form_recipe_kwargs_take_any_key():
+    cfg = load("L0_sanity", "+fp8_config.fp8_recipe_kwargs.amax_history_len=16", "+fp4_config.fp4_recipe_kwargs.x.y=1")
+    validate(cfg)
+    assert cfg.fp8_config.fp8_recipe_kwargs == {"amax_history_len": 16}
+
+
+def ranged_fields():
+    """(dotted key, lowest value out of range) of every schema field whose rule has an interval."""
+    def walk(schema, prefix=""):
+        hints = typing.get_type_hints(schema)
+        for f in dataclasses.fields(schema):
+            if dataclasses.is_dataclass(hints[f.name]):
+                yield from walk(hints[f.name], f"{prefix}{f.name}.")
+            elif "rule" in f.metadata and f.metadata["rule"].interval is not None:
+                yield prefix + f.name, f.metadata["rule"].interval
+    return list(walk(TrainConfig))
+
+
+@pytest.mark.parametrize("key, interval", ranged_fields())
+def test_out_of_range_names_the_key_and_the_range(key, interval):
+    """Just outside each interval's lower end: the error names the key and the interval."""
+    lo, hi = interval[1:-1].split(", ")
+    name, schema = key.split(".")[-1], section_of(key)
+    value = float(lo) - 1 if interval[0] == "[" else float(lo)
+    if typing.get_type_hints(schema)[name] in (int, int | None):
+        value = int(value)
+    is_list = next(f for f in dataclasses.fields(schema) if f.name == name).metadata["rule"].length is not None
+    override = f"{key}=[{value},{value}]" if is_list else f"{key}={value}"
+    bound = f"{'>=' if interval[0] == '[' else '>'} {lo}" if hi == "inf" else interval
+    with pytest.raises(ConfigError, match=re.escape(f"{key}=") + r".+ must be .*" + re.escape(bound)):
+        validate(load("L0_sanity", override))
+
+
+def section_of(key: str) -> type:
+    schema = TrainConfig
+    for part in key.split(".")[:-1]:
+        schema = typing.get_type_hints(schema)[part]
+    return schema
+
+
+def test_every_checked_default_is_in_range():
+    """The schema's own defaults pass its rules (a rule typo would otherwise fail every run)."""
+    check_values(OmegaConf.structured(TrainConfig))
 
 
 @pytest.mark.parametrize("value", ["peak_tflops_per_gpu=989", "peak_tflops_per_gpu=null", "optimizer.lr=0", "max_grad_norm=null",
@@ -136,6 +239,33 @@ def test_weight_decay_exclusions():
     with pytest.raises(ValueError, match="optimizer.no_decay has unknown entries"):
         param_groups(model, 0.01, ["LayerNorm"])
     assert plain["weight_decay"] == 0.0 and decay["weight_decay"] == 0.01
+
+
+@pytest.mark.parametrize("source", ["dataclass", "composed"])
+def test_the_optimizer_takes_its_own_sections(source):
+    """build_optimizer reads the optimizer and lr_scheduler sections (plain dataclasses or the composed config's
+    typed nodes), not the whole config."""
+    import torch
+
+    from recipe.config import LRSchedulerConfig, OptimizerConfig
+    from recipe.model import EsmConfig, build_model
+    from recipe.optim import build_optimizer, lr_at
+
+    if source == "dataclass":
+        settings = OptimizerConfig(lr=1e-3, betas=[0.8, 0.9], no_decay=["bias"], fused=False)
+        schedule = LRSchedulerConfig(warmup_steps=4)
+    else:
+        cfg = load("L0_sanity", "optimizer.betas=[0.8,0.9]", "optimizer.no_decay=[bias]", "optimizer.fused=false",
+                   "lr_scheduler.warmup_steps=4")
+        settings, schedule = cfg.optimizer, cfg.lr_scheduler
+    model = build_model(EsmConfig.from_size("tiny", backend="torch"))
+    optimizer = build_optimizer(model, settings, schedule, 100, torch.device("cpu"))
+    decay, plain = optimizer.param_groups
+    assert decay["lr"] == plain["lr"] == pytest.approx(lr_at(0, settings.lr, 4, 100))
+    assert decay["betas"] == (0.8, 0.9) and optimizer.defaults["fused"] is False
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert "final_layer_norm.weight" in {names[id(p)] for p in decay["params"]}  # norm is not in no_decay here
+    assert all(names[id(p)].endswith("bias") for p in plain["params"])
 
 
 # ------------------------------------------------------------------ model.init_from keeps the checkpoint's own settings

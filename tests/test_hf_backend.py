@@ -8,7 +8,7 @@ import torch
 from conftest import BUNDLED_VAL, TINY, losses, read_metrics, torchrun
 from omegaconf import OmegaConf
 
-from recipe.config import CONFIG_DIR
+from recipe.config import TrainConfig
 from recipe.data.dataset import BatchSettings, MLMBatches
 from recipe.data.sources import load_sequences
 from recipe.model import EsmConfig, build_model, init_weights
@@ -61,7 +61,7 @@ def test_packed_batches_are_refused():
 
 
 def config(**overrides):
-    cfg = OmegaConf.load(CONFIG_DIR / "defaults.yaml")
+    cfg = OmegaConf.structured(TrainConfig)  # the schema's defaults
     for key, value in overrides.items():
         OmegaConf.update(cfg, key, value)
     return cfg
