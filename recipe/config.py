@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "hydra_config"
 
@@ -44,8 +44,15 @@ class Rule:
     items: bool = False  # the value is a list and every item must fit
 
 
-def checked(default: Any, interval: str | None = None, *, words: tuple[str, ...] = (), length: int | None = None,
-            kind: type | None = None, null: bool = False) -> Any:
+def checked(
+    default: Any,
+    interval: str | None = None,
+    *,
+    words: tuple[str, ...] = (),
+    length: int | None = None,
+    kind: type | None = None,
+    null: bool = False,
+) -> Any:
     """A dataclass field whose value `check_values` holds to a range (see `Rule`); a list default is copied per
     instance. `kind` and `null` are given only for an `Any` field, whose annotation cannot say them."""
     metadata = {"rule": Rule(kind, interval, words, null, length)}
@@ -287,8 +294,11 @@ def allows(rule: Rule, value: Any) -> bool:
     if value is None:
         return rule.null
     if rule.items:
-        return (isinstance(value, (list, ListConfig)) and (rule.length is None or len(value) == rule.length)
-                and all(_fits(v, rule) for v in value))
+        return (
+            isinstance(value, (list, ListConfig))
+            and (rule.length is None or len(value) == rule.length)
+            and all(_fits(v, rule) for v in value)
+        )
     return _fits(value, rule)
 
 
@@ -317,11 +327,13 @@ def _sections(cfg: DictConfig, schema: type = TrainConfig, prefix: str = "") -> 
 def check_known_keys(cfg: DictConfig) -> None:
     """OmegaConf refuses every key the schema lacks, except one added with hydra's `+key=value` (append): those."""
     unknown = sorted(
-        prefix + key for prefix, node, schema in _sections(cfg) for key in node.keys()
+        prefix + str(key)
+        for prefix, node, schema in _sections(cfg)
+        for key in node
         if key not in {f.name for f in dataclasses.fields(schema)} and not (prefix == "" and key == "hydra")
     )
     if unknown:
-        raise ConfigError(f"unknown config key(s): {', '.join(map(str, unknown))} (every key is defined in recipe/config.py)")
+        raise ConfigError(f"unknown config key(s): {', '.join(unknown)} (every key is defined in recipe/config.py)")
 
 
 def check_values(cfg: DictConfig) -> None:
@@ -377,7 +389,8 @@ def validate(cfg: DictConfig) -> None:
     if d.token_micro_batch_size is not None and d.micro_batch_size * d.max_seq_length > d.token_micro_batch_size:
         raise ConfigError(
             f"dataset.micro_batch_size={d.micro_batch_size} x dataset.max_seq_length={d.max_seq_length} = "
-            f"{d.micro_batch_size * d.max_seq_length} tokens does not fit dataset.token_micro_batch_size={d.token_micro_batch_size}"
+            f"{d.micro_batch_size * d.max_seq_length} tokens does not fit "
+            f"dataset.token_micro_batch_size={d.token_micro_batch_size}"
         )
     if d.layout == "thd" and token_budget(cfg) % d.pad_to_multiple_of:
         raise ConfigError(
@@ -431,6 +444,12 @@ After training: python -m recipe.evaluate --help (score a model on a protein fil
 (loss curves from metrics.jsonl)."""
 
 
+def resolved(cfg: DictConfig) -> dict[str, Any]:
+    """The config as plain Python containers, interpolations resolved (what wandb records with the run)."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(container, dict)
+    return {str(key): value for key, value in container.items()}
+
+
 def ckpt_dir(cfg: DictConfig) -> Path:
     return Path(cfg.checkpoint.ckpt_dir) if cfg.checkpoint.ckpt_dir is not None else Path(cfg.output_dir) / "checkpoints"
-

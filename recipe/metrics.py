@@ -82,13 +82,18 @@ class MetricsWriter:
         if self.path.exists():  # a fresh run starts a fresh log; a resumed one keeps what the checkpoint covers
             kept = [] if resume_step is None else [line for line in self._records() if json.loads(line)["step"] <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
-        self.file = open(self.path, "a", buffering=1)
+        self.file = open(self.path, "a", buffering=1)  # noqa: SIM115 (open for the whole run; close() closes it)
         if wandb.enabled:
             os.environ.setdefault("WANDB_MODE", wandb.mode)
             import wandb as wandb_lib
 
             self.wandb = wandb_lib.init(
-                project=wandb.project, name=wandb.name, dir=str(output_dir), mode=wandb.mode, config=run_config, resume="allow"
+                project=wandb.project,
+                name=wandb.name,
+                dir=str(output_dir),
+                mode=wandb.mode,  # type: ignore[arg-type]  # a str of the config; wandb checks the word
+                config=run_config,
+                resume="allow",
             )
         if tensorboard.enabled:
             from torch.utils.tensorboard import SummaryWriter

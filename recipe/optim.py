@@ -33,7 +33,8 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay: list[str]) -> 
     unknown = set(no_decay) - set(NO_DECAY_KINDS)
     if unknown:
         raise ValueError(f"optimizer.no_decay has unknown entries {sorted(unknown)}; choose from {NO_DECAY_KINDS}")
-    decay, plain = [], []
+    decay: list[nn.Parameter] = []
+    plain: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         kind = "embedding" if name.endswith("embed_tokens.weight") else param_kind(name)
         if p.requires_grad:

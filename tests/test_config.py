@@ -89,7 +89,8 @@ def test_wrong_type_on_the_command_line_names_the_key(override, key):
     assert f"full_key: {key}" in composition_error(caught.value)
 
 
-@pytest.mark.parametrize("override, key", [("model.depth=3", "model.depth"), ("wandb.team=x", "wandb.team"), ("batch=4", "batch")])
+@pytest.mark.parametrize("override, key",
+                         [("model.depth=3", "model.depth"), ("wandb.team=x", "wandb.team"), ("batch=4", "batch")])
 def test_unknown_key_on_the_command_line_names_the_key(override, key):
     with pytest.raises(ConfigCompositionException, match=f"Could not override '{key}'"):
         load("L0_sanity", override)
@@ -110,9 +111,9 @@ def test_bad_key_or_type_in_a_config_file_names_the_key(tmp_path, body, key, pro
     """A user's own config file (beside the shipped ones) is merged into the same typed schema."""
     shutil.copytree(CONFIG_DIR, tmp_path / "conf")
     (tmp_path / "conf" / "mine.yaml").write_text("defaults:\n  - L0_sanity\n  - _self_\n" + body)
-    with initialize_config_dir(config_dir=str(tmp_path / "conf"), version_base="1.3"):
-        with pytest.raises(ConfigCompositionException) as caught:
-            compose("mine", overrides=[f"output_dir={tmp_path}"])
+    with initialize_config_dir(config_dir=str(tmp_path / "conf"), version_base="1.3"), \
+            pytest.raises(ConfigCompositionException) as caught:
+        compose("mine", overrides=[f"output_dir={tmp_path}"])
     message = composition_error(caught.value)
     assert "In 'mine'" in message and f"full_key: {key}" in message and problem in message, message
 
