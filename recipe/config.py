@@ -7,6 +7,9 @@ What a type cannot say is checked before any work starts, each error naming the 
 - a field's range (an interval, allowed words, null, a list's length) lives in the field's metadata (`checked`) and
   `check_values` tests every such field generically;
 - `validate` adds the checks that span several keys or touch the filesystem.
+A few keys take a number or bool *or* a word (`peak_tflops_per_gpu: auto`, `optimizer.fused: auto`): OmegaConf has no
+such Union, so they are typed `Any` and their rule names the type. Booleans follow OmegaConf: true/false, and also
+yes/no, on/off and integers (0 is false).
 """
 
 from __future__ import annotations
@@ -383,6 +386,11 @@ def token_budget(cfg: DictConfig) -> int:
 
 def validate(cfg: DictConfig) -> None:
     """Every check that can fail before the first step. Raises ConfigError naming the key or path."""
+    if OmegaConf.get_type(cfg) is not TrainConfig:  # a config file without the defaults chain: nothing typed it
+        raise ConfigError(
+            "the config is not built on the typed schema (recipe/config.py's TrainConfig): list `defaults` (or `schema`) "
+            "first in the config file's defaults list, as every file in hydra_config/ does"
+        )
     check_known_keys(cfg)
     check_values(cfg)
     d = cfg.dataset

@@ -118,6 +118,15 @@ def test_bad_key_or_type_in_a_config_file_names_the_key(tmp_path, body, key, pro
     assert "In 'mine'" in message and f"full_key: {key}" in message and problem in message, message
 
 
+def test_a_config_file_outside_the_schema_is_refused(tmp_path):
+    """A file that does not start from `defaults` (or `schema`) would escape the types: refused, saying how to fix it."""
+    (tmp_path / "standalone.yaml").write_text("seed: 1\nnum_train_steps: 5\n")
+    with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
+        cfg = compose("standalone")
+    with pytest.raises(ConfigError, match=r"not built on the typed schema .* list `defaults`"):
+        validate(cfg)
+
+
 def test_free_form_recipe_kwargs_take_any_key():
     cfg = load("L0_sanity", "+fp8_config.fp8_recipe_kwargs.amax_history_len=16", "+fp4_config.fp4_recipe_kwargs.x.y=1")
     validate(cfg)
@@ -165,7 +174,9 @@ def test_every_checked_default_is_in_range():
 
 @pytest.mark.parametrize("value", ["peak_tflops_per_gpu=989", "peak_tflops_per_gpu=null", "optimizer.lr=0", "max_grad_norm=null",
                                    "optimizer.fused=true", "dataset.num_workers=0", "dataset.token_micro_batch_size=null",
-                                   "model.backend=hf", "tensorboard.enabled=true", "tensorboard.log_dir=/tmp/tb"])
+                                   "model.backend=hf", "tensorboard.enabled=true", "tensorboard.log_dir=/tmp/tb",
+                                   "optimizer.fused=false", "dataset.cluster_sampling=true", "optimizer.no_decay=[]",
+                                   "fp8_layers=[1,2]", "max_train_minutes=1"])
 def test_legitimate_values_pass(value):
     validate(load("L0_sanity", value))
 
