@@ -85,8 +85,9 @@ def test_wrapped_optimizer_steps_like_a_fresh_adamw(tmp_path):
     ours, reference = (build_model(EsmConfig.from_size("tiny", backend="torch"), seed=0) for _ in range(2))
     for p in ours.parameters():
         p._megatron_fsdp_model = FakeMegatronFSDP()
-    wrapped = MegatronFSDPStrategy(CUDA, torch.float32).wrap_optimizer(ours, build_optimizer(ours, cfg, torch.device("cpu")))
-    fresh = build_optimizer(reference, cfg, torch.device("cpu"))
+    sections = (cfg.optimizer, cfg.lr_scheduler, cfg.num_train_steps, torch.device("cpu"))
+    wrapped = MegatronFSDPStrategy(CUDA, torch.float32).wrap_optimizer(ours, build_optimizer(ours, *sections))
+    fresh = build_optimizer(reference, *sections)
     for a, b in zip(ours.parameters(), reference.parameters()):
         assert torch.equal(a, b), "wrapping the optimizer changed the weights"
     ids = torch.randint(4, 24, (40,))
