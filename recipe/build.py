@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -158,7 +159,7 @@ class Data:
     """The training loader, the validation batches (None without dataset.val_path), the batch settings a resume must
     match, and `shard`: batch -> this rank's context-parallel share (identity without CP)."""
 
-    loader: object
+    loader: Any  # a StatefulDataLoader (recipe/data/dataset.py make_loader): iterable, state_dict, shutdown
     val: MLMBatches | None
     settings: BatchSettings
     shard: Callable[[dict], dict]

@@ -68,9 +68,16 @@ class MetricsWriter:
     `should_log` is the training-record schedule (log_every_n_steps). `resume_step`: the step of the checkpoint a
     resumed run starts from (None for a fresh run); `run_config` is the resolved config that wandb records with the run."""
 
-    def __init__(self, output_dir: Path, enabled: bool, resume_step: int | None, log_every_n_steps: int = 1,
-                 wandb: WandbConfig | None = None, tensorboard: TensorBoardConfig | None = None,
-                 run_config: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        output_dir: Path,
+        enabled: bool,
+        resume_step: int | None,
+        log_every_n_steps: int = 1,
+        wandb: WandbConfig | None = None,
+        tensorboard: TensorBoardConfig | None = None,
+        run_config: dict[str, Any] | None = None,
+    ):
         wandb = wandb if wandb is not None else WandbConfig()
         tensorboard = tensorboard if tensorboard is not None else TensorBoardConfig()
         self.enabled, self.every = enabled, log_every_n_steps
@@ -118,8 +125,9 @@ class MetricsWriter:
                 if i == len(lines) - 1:
                     log.warning("%s: dropping its torn last line %d (the run was stopped mid-write): %.80r", self.path, n, line)
                     break
-                raise ValueError(f"{self.path}, line {n}: not a metrics record ({problem}): {line[:80]!r}; "
-                                 f"fix or remove that line to resume")
+                raise ValueError(
+                    f"{self.path}, line {n}: not a metrics record ({problem}): {line[:80]!r}; fix or remove that line to resume"
+                )
             good.append(line)
         return good
 

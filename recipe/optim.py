@@ -47,8 +47,14 @@ def scheduled_lr(step: int, peak: float, schedule: LRSchedulerConfig, num_train_
     return lr_at(step, peak, schedule.warmup_steps, num_train_steps, schedule.decay_end_fraction, schedule.min_lr_ratio)
 
 
-def build_optimizer(model: nn.Module, settings: OptimizerConfig, schedule: LRSchedulerConfig, num_train_steps: int,
-                    device: torch.device, master_weights: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module,
+    settings: OptimizerConfig,
+    schedule: LRSchedulerConfig,
+    num_train_steps: int,
+    device: torch.device,
+    master_weights: bool = False,
+) -> torch.optim.Optimizer:
     """AdamW with the optimizer section's settings, at the schedule's first learning rate. With `master_weights`
     (quantized model init: FP8 weights in the model) it is TransformerEngine's FusedAdam, which keeps an FP32 master
     copy of every weight and re-quantizes after each update."""

@@ -91,8 +91,10 @@ def train_step(model, strategy: Strategy, batches: list[dict], masked_tokens: to
 
 def check_finite(loss: float, grad_norm: float, step: int) -> None:
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        raise NonFiniteError(f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {step} "
-                             f"(loss {loss}, grad norm {grad_norm}); nothing of this step was written")
+        raise NonFiniteError(
+            f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {step} "
+            f"(loss {loss}, grad norm {grad_norm}); nothing of this step was written"
+        )
 
 
 # ====================================================================================== the run
@@ -121,8 +123,10 @@ def _fit(cfg: DictConfig, strategy: Strategy):
     model = build(cfg, strategy, mcfg, plan, recipes)
     if stats is not None:
         stats.name_layers(unwrap(model))
-    optimizer = strategy.wrap_optimizer(model, build_optimizer(model, cfg.optimizer, cfg.lr_scheduler, cfg.num_train_steps,
-                                                               info.device, master_weights=cfg.quantized_model_init))
+    optimizer = build_optimizer(
+        model, cfg.optimizer, cfg.lr_scheduler, cfg.num_train_steps, info.device, cfg.quantized_model_init
+    )
+    optimizer = strategy.wrap_optimizer(model, optimizer)
     data = build_data(cfg, info)
     log_start(cfg, mcfg, plan, model, strategy)
 
@@ -132,13 +136,13 @@ def _fit(cfg: DictConfig, strategy: Strategy):
     state = ckpt.resume() if cfg.checkpoint.resume_from_checkpoint else TrainState()
     start_step, resumed = state.step, ckpt.resumed_from is not None
     metrics = MetricsWriter(Path(cfg.output_dir), info.is_main, state.step if resumed else None, cfg.log_every_n_steps,
-                            cfg.wandb, cfg.tensorboard, config_lib.resolved(cfg))
+                            cfg.wandb, cfg.tensorboard, config_lib.resolved(cfg))  # fmt: skip
     if stats is not None:
         stats.attach(metrics, cfg)
         stats.set_step(state.step)
-    amp = torch.autocast(info.device.type, dtype=strategy.compute_dtype) if strategy.compute_dtype != torch.float32 else nullcontext()
+    amp = autocast(info.device, strategy.compute_dtype)
     validator = Validator(model, data.val, info.device, amp, cfg.validation.max_batches, data.shard,
-                          cfg.validation.every_n_steps, cfg.num_train_steps, metrics)
+                          cfg.validation.every_n_steps, cfg.num_train_steps, metrics)  # fmt: skip
     throughput = Throughput(info.world_size, peak_tflops(cfg.peak_tflops_per_gpu, info.device), info.device, state.clock)
     preempt = Preemption()
     time_limit = cfg.max_train_minutes * 60 if cfg.max_train_minutes is not None else math.inf
@@ -176,9 +180,16 @@ def _fit(cfg: DictConfig, strategy: Strategy):
         throughput.add(counts.real_tokens, counts.flops)
         bar.update(1)
         if metrics.should_log(state.step, last=state.step == cfg.num_train_steps or counts.stop > 0 or counts.time_up > 0):
-            record = {"step": state.step, "loss": loss_v, "lr": lr, "grad_norm": norm_v, **throughput.record(),
-                      "consumed_tokens": state.consumed_tokens, "consumed_samples": state.consumed_samples,
-                      "train_seconds": state.clock.seconds}
+            record = {
+                "step": state.step,
+                "loss": loss_v,
+                "lr": lr,
+                "grad_norm": norm_v,
+                **throughput.record(),
+                "consumed_tokens": state.consumed_tokens,
+                "consumed_samples": state.consumed_samples,
+                "train_seconds": state.clock.seconds,
+            }
             metrics.log(record)
             bar.set_postfix(loss=f"{loss_v:.4f}", tok_s=f"{record['tokens_per_second_per_gpu']:.3g}", refresh=False)
         if validator.should_validate(state.step) and not counts.time_up:
@@ -189,8 +200,9 @@ def _fit(cfg: DictConfig, strategy: Strategy):
         if counts.stop:
             ckpt.save(state)
             ckpt.wait()
-            log.warning("preemption signal: checkpoint saved at step %d; resume with checkpoint.resume_from_checkpoint=true",
-                        state.step)
+            log.warning(
+                "preemption signal: checkpoint saved at step %d; resume with checkpoint.resume_from_checkpoint=true", state.step
+            )
             break
         ckpt.maybe_save(state)
     bar.close()
@@ -198,16 +210,34 @@ def _fit(cfg: DictConfig, strategy: Strategy):
 
     # The end of the run (not after a stop): a finished run that is resumed only does what it had not done yet.
     if state.step == cfg.num_train_steps or counts.time_up:
-        finish(cfg, model, mcfg, plan, state, ckpt, validator, resumed_finished=resumed and state.step == start_step,
-               strategy=strategy)
+        finish(
+            cfg,
+            model,
+            mcfg,
+            plan,
+            state,
+            ckpt,
+            validator,
+            resumed_finished=resumed and state.step == start_step,
+            strategy=strategy,
+        )
     ckpt.wait()
     metrics.close()
     preempt.close()
     return model
 
 
-def finish(cfg: DictConfig, model, mcfg: EsmConfig, plan, state: TrainState, ckpt: RunCheckpointer, validator: Validator,
-           resumed_finished: bool, strategy: Strategy) -> None:
+def finish(
+    cfg: DictConfig,
+    model,
+    mcfg: EsmConfig,
+    plan,
+    state: TrainState,
+    ckpt: RunCheckpointer,
+    validator: Validator,
+    resumed_finished: bool,
+    strategy: Strategy,
+) -> None:
     """Final checkpoint, Hugging Face export, then final validation, so that nothing that fails after the last step
     (a validation split without a maskable residue, say) can lose the first two. A finished run that is resumed
     (`resumed_finished`) has its checkpoint, and maybe its validation, already."""
@@ -234,6 +264,11 @@ def export(cfg: DictConfig, model, mcfg: EsmConfig, plan, step: int, strategy: S
 
 
 # ====================================================================================== start-up
+def autocast(device: torch.device, dtype: torch.dtype):
+    """The context every forward runs in: autocast to `dtype`, or nothing for FP32 runs."""
+    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+
 def write_run_config(cfg: DictConfig, info: DistInfo) -> None:
     if info.is_main:
         out_dir = Path(cfg.output_dir)
@@ -246,16 +281,24 @@ def log_start(cfg: DictConfig, mcfg: EsmConfig, plan, model, strategy: Strategy)
     log.info("layer precision: %s", plan.describe())
     log.info(
         "model: %s, backend %s, %s, %.1fM parameters; strategy %s over %d ranks (dp %d x cp %d), compute %s",
-        model_name(cfg, mcfg), mcfg.backend, mcfg.activation, sum(p.numel() for p in model.parameters()) / 1e6,
-        strategy.name, info.world_size, info.dp_size, info.cp.size, strategy.compute_dtype,
+        model_name(cfg, mcfg),
+        mcfg.backend,
+        mcfg.activation,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        strategy.name,
+        info.world_size,
+        info.dp_size,
+        info.cp.size,
+        strategy.compute_dtype,
     )
 
 
 def progress_bar(cfg: DictConfig, info: DistInfo, step: int):
     from tqdm import tqdm
 
-    return tqdm(total=cfg.num_train_steps, initial=step, disable=not info.is_main, desc="train", dynamic_ncols=True,
-                mininterval=1.0)
+    return tqdm(
+        total=cfg.num_train_steps, initial=step, disable=not info.is_main, desc="train", dynamic_ncols=True, mininterval=1.0
+    )
 
 
 def entrypoint(strategy_name: str, config_name: str = "L0_sanity"):
@@ -282,8 +325,9 @@ def run(cfg: DictConfig, strategy_name: str) -> None:
     setup_logging(info.is_main)
     if info.device.type == "cpu":
         set_cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), cfg.dataset.num_workers)
-    strategy = STRATEGIES[strategy_name](info, compute_dtype(cfg, info.device), cfg.fsdp.fp32_master_weights,
-                                         cfg.fsdp.reshard_after_forward)
+    strategy = STRATEGIES[strategy_name](
+        info, compute_dtype(cfg, info.device), cfg.fsdp.fp32_master_weights, cfg.fsdp.reshard_after_forward
+    )
     try:
         fit(cfg, strategy)
     finally:
@@ -300,8 +344,12 @@ def set_cpu_threads(local_processes: int, loader_workers: int) -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = max(1, cores // max(local_processes, 1) - loader_workers)
     torch.set_num_threads(threads)
-    log.info("cpu: %d compute thread(s) for %d core(s), %d loader worker(s) (set OMP_NUM_THREADS to choose)",
-             threads, cores, loader_workers)
+    log.info(
+        "cpu: %d compute thread(s) for %d core(s), %d loader worker(s) (set OMP_NUM_THREADS to choose)",
+        threads,
+        cores,
+        loader_workers,
+    )
 
 
 def setup_logging(is_main: bool) -> None:

@@ -27,7 +27,10 @@ def load(name="L0_sanity", *overrides, out="/tmp/esm-config-test"):
         (["+model.depth=3"], r"unknown config key\(s\): model.depth"),  # `+` appends past OmegaConf: validate refuses it
         (["dataset.train_path=/nonexistent/x.fasta"], r"dataset.train_path=/nonexistent/x.fasta: no such file"),
         (["dataset.val_path=/nonexistent/v"], r"dataset.val_path=/nonexistent/v: no such file"),
-        (["dataset.micro_batch_size=64", "dataset.token_micro_batch_size=4096"], r"dataset.micro_batch_size=64 x dataset.max_seq_length=256 .* does not fit dataset.token_micro_batch_size=4096"),
+        (
+            ["dataset.micro_batch_size=64", "dataset.token_micro_batch_size=4096"],
+            r"dataset.micro_batch_size=64 x dataset.max_seq_length=256 .* does not fit dataset.token_micro_batch_size=4096",
+        ),
         (["dataset.token_micro_batch_size=4100", "dataset.micro_batch_size=1"], r"multiple of dataset.pad_to_multiple_of=16"),
         (["num_train_steps=0"], r"num_train_steps=0 must be an integer >= 1"),
         (["precision=fp16"], r"precision='fp16' must be one of"),
@@ -51,8 +54,10 @@ def load(name="L0_sanity", *overrides, out="/tmp/esm-config-test"):
         (["model.backend=jax"], r"model.backend='jax' must be one of \('auto', 'torch', 'te', 'hf'\)"),
         # the validation split read as training data
         (["dataset.train_path=${dataset.val_path}"], r"dataset.train_path=\S+/validation is the same path as dataset.val_path"),
-        (["dataset.train_path=${dataset.val_path}/.."],
-         r"dataset.train_path=\S+ contains dataset.val_path=\S+: training and validation data would overlap"),
+        (
+            ["dataset.train_path=${dataset.val_path}/.."],
+            r"dataset.train_path=\S+ contains dataset.val_path=\S+: training and validation data would overlap",
+        ),
         (["dataset.val_path=${dataset.train_path}/.."], r"dataset.train_path=\S+ lies inside dataset.val_path"),
         (["checkpoint.max_checkpoints=-1"], r"checkpoint.max_checkpoints=-1 must be an integer >= 0 or null"),
         (["checkpoint.save_every_n_steps=-1"], r"checkpoint.save_every_n_steps=-1 must be an integer >= 0 or null"),
@@ -89,8 +94,9 @@ def test_wrong_type_on_the_command_line_names_the_key(override, key):
     assert f"full_key: {key}" in composition_error(caught.value)
 
 
-@pytest.mark.parametrize("override, key",
-                         [("model.depth=3", "model.depth"), ("wandb.team=x", "wandb.team"), ("batch=4", "batch")])
+@pytest.mark.parametrize(
+    "override, key", [("model.depth=3", "model.depth"), ("wandb.team=x", "wandb.team"), ("batch=4", "batch")]
+)
 def test_unknown_key_on_the_command_line_names_the_key(override, key):
     with pytest.raises(ConfigCompositionException, match=f"Could not override '{key}'"):
         load("L0_sanity", override)
@@ -111,8 +117,10 @@ def test_bad_key_or_type_in_a_config_file_names_the_key(tmp_path, body, key, pro
     """A user's own config file (beside the shipped ones) is merged into the same typed schema."""
     shutil.copytree(CONFIG_DIR, tmp_path / "conf")
     (tmp_path / "conf" / "mine.yaml").write_text("defaults:\n  - L0_sanity\n  - _self_\n" + body)
-    with initialize_config_dir(config_dir=str(tmp_path / "conf"), version_base="1.3"), \
-            pytest.raises(ConfigCompositionException) as caught:
+    with (
+        initialize_config_dir(config_dir=str(tmp_path / "conf"), version_base="1.3"),
+        pytest.raises(ConfigCompositionException) as caught,
+    ):
         compose("mine", overrides=[f"output_dir={tmp_path}"])
     message = composition_error(caught.value)
     assert "In 'mine'" in message and f"full_key: {key}" in message and problem in message, message
@@ -135,6 +143,7 @@ def test_free_form_recipe_kwargs_take_any_key():
 
 def ranged_fields():
     """(dotted key, lowest value out of range) of every schema field whose rule has an interval."""
+
     def walk(schema, prefix=""):
         hints = typing.get_type_hints(schema)
         for f in dataclasses.fields(schema):
@@ -142,6 +151,7 @@ def ranged_fields():
                 yield from walk(hints[f.name], f"{prefix}{f.name}.")
             elif "rule" in f.metadata and f.metadata["rule"].interval is not None:
                 yield prefix + f.name, f.metadata["rule"].interval
+
     return list(walk(TrainConfig))
 
 
@@ -172,11 +182,26 @@ def test_every_checked_default_is_in_range():
     check_values(OmegaConf.structured(TrainConfig))
 
 
-@pytest.mark.parametrize("value", ["peak_tflops_per_gpu=989", "peak_tflops_per_gpu=null", "optimizer.lr=0", "max_grad_norm=null",
-                                   "optimizer.fused=true", "dataset.num_workers=0", "dataset.token_micro_batch_size=null",
-                                   "model.backend=hf", "tensorboard.enabled=true", "tensorboard.log_dir=/tmp/tb",
-                                   "optimizer.fused=false", "dataset.cluster_sampling=true", "optimizer.no_decay=[]",
-                                   "fp8_layers=[1,2]", "max_train_minutes=1"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "peak_tflops_per_gpu=989",
+        "peak_tflops_per_gpu=null",
+        "optimizer.lr=0",
+        "max_grad_norm=null",
+        "optimizer.fused=true",
+        "dataset.num_workers=0",
+        "dataset.token_micro_batch_size=null",
+        "model.backend=hf",
+        "tensorboard.enabled=true",
+        "tensorboard.log_dir=/tmp/tb",
+        "optimizer.fused=false",
+        "dataset.cluster_sampling=true",
+        "optimizer.no_decay=[]",
+        "fp8_layers=[1,2]",
+        "max_train_minutes=1",
+    ],
+)
 def test_legitimate_values_pass(value):
     validate(load("L0_sanity", value))
 
@@ -223,7 +248,11 @@ def test_shipped_configs_validate(name, tmp_path):
         assert 1.9e6 <= tokens_per_step <= 2.2e6, "ESM-2 trained with ~2 M tokens per step"
         assert tuple(cfg.optimizer.betas) == (0.9, 0.98) and cfg.optimizer.eps == 1e-8 and cfg.optimizer.weight_decay == 0.01
         assert cfg.optimizer.lr == (1.6e-4 if name == "L2_15B" else 4e-4)
-        assert cfg.lr_scheduler.warmup_steps == 2000 and cfg.lr_scheduler.decay_end_fraction == 0.9 and cfg.lr_scheduler.min_lr_ratio == 0.1
+        assert (
+            cfg.lr_scheduler.warmup_steps == 2000
+            and cfg.lr_scheduler.decay_end_fraction == 0.9
+            and cfg.lr_scheduler.min_lr_ratio == 0.1
+        )
 
 
 def test_lr_schedule_shape():
@@ -267,8 +296,13 @@ def test_the_optimizer_takes_its_own_sections(source):
         settings = OptimizerConfig(lr=1e-3, betas=[0.8, 0.9], no_decay=["bias"], fused=False)
         schedule = LRSchedulerConfig(warmup_steps=4)
     else:
-        cfg = load("L0_sanity", "optimizer.betas=[0.8,0.9]", "optimizer.no_decay=[bias]", "optimizer.fused=false",
-                   "lr_scheduler.warmup_steps=4")
+        cfg = load(
+            "L0_sanity",
+            "optimizer.betas=[0.8,0.9]",
+            "optimizer.no_decay=[bias]",
+            "optimizer.fused=false",
+            "lr_scheduler.warmup_steps=4",
+        )
         settings, schedule = cfg.optimizer, cfg.lr_scheduler
     model = build_model(EsmConfig.from_size("tiny", backend="torch"))
     optimizer = build_optimizer(model, settings, schedule, 100, torch.device("cpu"))
@@ -295,8 +329,10 @@ def own_settings_export(tmp_path):
     "overrides, expected",
     [
         ([], dict(token_dropout=False, layer_norm_eps=1e-6, activation="gelu_tanh")),
-        (["model.token_dropout=true", "model.layer_norm_eps=1e-5"],
-         dict(token_dropout=True, layer_norm_eps=1e-5, activation="gelu_tanh")),
+        (
+            ["model.token_dropout=true", "model.layer_norm_eps=1e-5"],
+            dict(token_dropout=True, layer_norm_eps=1e-5, activation="gelu_tanh"),
+        ),
         (["model.activation=gelu"], dict(token_dropout=False, layer_norm_eps=1e-6, activation="gelu")),
     ],
 )

@@ -12,10 +12,14 @@ def test_every_shipped_config_opens_with_a_one_line_purpose():
     names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if p.stem != "defaults")
     assert [name for name, _ in shipped_configs()] == names and "L0_sanity" in names
     for name, purpose in shipped_configs():
-        assert purpose and purpose.endswith("."), f"hydra_config/{name}.yaml: first line must be a comment: one sentence of purpose"
+        assert purpose and purpose.endswith("."), (
+            f"hydra_config/{name}.yaml: first line must be a comment: one sentence of purpose"
+        )
 
 
-@pytest.mark.parametrize("script, default", [("train_fsdp2.py", "L0_sanity"), ("train_cp.py", "L0_sanity_cp"), ("train_mfsdp.py", "L0_sanity")])
+@pytest.mark.parametrize(
+    "script, default", [("train_fsdp2.py", "L0_sanity"), ("train_cp.py", "L0_sanity_cp"), ("train_mfsdp.py", "L0_sanity")]
+)
 def test_help_lists_configs_and_where_keys_are_documented(script, default):
     r = run_cmd([sys.executable, script, "--help"], timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]

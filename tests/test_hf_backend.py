@@ -45,7 +45,9 @@ def test_starts_from_the_torch_backends_weights_and_computes_the_same(meta):
     torch.testing.assert_close(b.loss_sum, a.loss_sum, rtol=1e-5, atol=1e-5)
     a.loss_sum.backward()
     b.loss_sum.backward()
-    torch.testing.assert_close(hf.hf.esm.embeddings.word_embeddings.weight.grad, ours.embed_tokens.weight.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        hf.hf.esm.embeddings.word_embeddings.weight.grad, ours.embed_tokens.weight.grad, rtol=1e-4, atol=1e-6
+    )
 
 
 def test_state_dict_names_every_tensor_once():
@@ -67,12 +69,15 @@ def config(**overrides):
     return cfg
 
 
-@pytest.mark.parametrize("key, value, expected", [
-    ("fp8_config.enabled", True, "FP8/FP4"),
-    ("cp_size", 2, "context parallelism"),
-    ("use_torch_compile", True, "use_torch_compile"),
-    ("model.activation", "gelu_tanh", "gelu_tanh"),
-])
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("fp8_config.enabled", True, "FP8/FP4"),
+        ("cp_size", 2, "context parallelism"),
+        ("use_torch_compile", True, "use_torch_compile"),
+        ("model.activation", "gelu_tanh", "gelu_tanh"),
+    ],
+)
 def test_refuses_what_it_cannot_do(key, value, expected):
     with pytest.raises(HFBackendError, match=expected):
         prepare_config(config(**{key: value}))
@@ -97,8 +102,17 @@ RUN = [*TINY, "num_train_steps=6", "checkpoint.save_every_n_steps=3"]
 @pytest.fixture(scope="module")
 def hf_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("hf") / "run"
-    r = check(torchrun("train_ddp.py", 1, *RUN, "model.backend=hf", "checkpoint.save_final_model=true", "tensorboard.enabled=true",
-                       f"output_dir={out}"))
+    r = check(
+        torchrun(
+            "train_ddp.py",
+            1,
+            *RUN,
+            "model.backend=hf",
+            "checkpoint.save_final_model=true",
+            "tensorboard.enabled=true",
+            f"output_dir={out}",
+        )
+    )
     assert "dataset.layout thd -> bshd" in r.stderr and "backend hf" in r.stderr
     return out
 
@@ -132,7 +146,9 @@ def test_checkpoint_and_export_evaluate_the_same(hf_run, capsys):
 
     results = []
     for model in (hf_run / "checkpoints" / "step_6", hf_run / "final_model", hf_run):
-        assert evaluate.main([str(model), str(BUNDLED_VAL), "--limit", "16", "--max-length", "128", "--json", "--no-progress"]) == 0
+        assert (
+            evaluate.main([str(model), str(BUNDLED_VAL), "--limit", "16", "--max-length", "128", "--json", "--no-progress"]) == 0
+        )
         results.append(json.loads(capsys.readouterr().out.splitlines()[-1]))
     assert [r["backend"] for r in results] == ["hf", "torch", "hf"]
     assert results[0]["tokens"] == results[1]["tokens"] and results[0]["loss"] == pytest.approx(results[1]["loss"], rel=1e-5)
@@ -156,8 +172,17 @@ def test_fsdp2_matches_ddp(tmp_path):
     runs = {}
     for strategy in ("ddp", "fsdp2"):
         runs[strategy] = tmp_path / strategy
-        check(torchrun(f"train_{strategy}.py", 2, *TINY, "num_train_steps=3", "model.backend=hf", "dataset.num_workers=0",
-                       f"output_dir={runs[strategy]}"))
+        check(
+            torchrun(
+                f"train_{strategy}.py",
+                2,
+                *TINY,
+                "num_train_steps=3",
+                "model.backend=hf",
+                "dataset.num_workers=0",
+                f"output_dir={runs[strategy]}",
+            )
+        )
     ddp, fsdp = losses(runs["ddp"]), losses(runs["fsdp2"])
     assert sorted(ddp) == [1, 2, 3]
     assert all(fsdp[s] == pytest.approx(ddp[s], rel=1e-5) for s in ddp), (ddp, fsdp)

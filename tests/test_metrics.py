@@ -31,7 +31,6 @@ def test_wandb_offline_run(tmp_path, monkeypatch):
     assert list((tmp_path / "wandb").glob("offline-run-*"))
 
 
-
 def write_log(tmp_path, text):
     (tmp_path / "metrics.jsonl").write_text(text)
 
@@ -63,8 +62,9 @@ def tensorboard_scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
 
 
 # The writer takes its own sections: a plain dataclass, or the typed node of a composed config (what the trainer passes).
-@pytest.mark.parametrize("section", [TensorBoardConfig(enabled=True), OmegaConf.structured(TensorBoardConfig(enabled=True))],
-                         ids=["dataclass", "node"])
+@pytest.mark.parametrize(
+    "section", [TensorBoardConfig(enabled=True), OmegaConf.structured(TensorBoardConfig(enabled=True))], ids=["dataclass", "node"]
+)
 def test_tensorboard_holds_the_logged_scalars(tmp_path, section):
     w = MetricsWriter(tmp_path, True, None, tensorboard=section)
     for step in (1, 2, 3):

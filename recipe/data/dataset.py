@@ -17,6 +17,7 @@ import multiprocessing.util  # registers its exit handler on import: ours, regis
 import signal
 import weakref
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
@@ -67,8 +68,10 @@ class BatchSettings:
                 "dataset.pad_to_multiple_of / 2), so that every rank's share is the same fixed size"
             )
         if min(self.mask_token_frac, self.random_token_frac) < 0 or self.mask_token_frac + self.random_token_frac > 1:
-            raise ValueError(f"mask_token_frac={self.mask_token_frac} and random_token_frac={self.random_token_frac} must be "
-                             "non-negative shares that sum to at most 1")
+            raise ValueError(
+                f"mask_token_frac={self.mask_token_frac} and random_token_frac={self.random_token_frac} must be "
+                "non-negative shares that sum to at most 1"
+            )
 
 
 class MLMBatches(IterableDataset):
@@ -218,14 +221,19 @@ def ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def make_loader(dataset: IterableDataset, num_workers: int = 0, pin_memory: bool = False, prefetch_factor: int = 4):
+def make_loader(dataset: Any, num_workers: int = 0, pin_memory: bool = False, prefetch_factor: int = 4):
     """A `StatefulDataLoader` over already-batched items (batch_size=None), whose state refuses a restore into
     another worker count with a message that says so."""
     from torchdata.stateful_dataloader import StatefulDataLoader
 
     class MLMLoader(StatefulDataLoader):
         def state_dict(self) -> dict:
-            return {"num_workers": num_workers, "rank": dataset.rank, "world_size": dataset.world_size, "loader": super().state_dict()}
+            return {
+                "num_workers": num_workers,
+                "rank": dataset.rank,
+                "world_size": dataset.world_size,
+                "loader": super().state_dict(),
+            }
 
         def load_state_dict(self, state: dict) -> None:
             for key, mine in (("world_size", dataset.world_size), ("rank", dataset.rank), ("num_workers", num_workers)):
@@ -251,7 +259,13 @@ def make_loader(dataset: IterableDataset, num_workers: int = 0, pin_memory: bool
     if num_workers > 0:  # runs before multiprocessing's handler (atexit is last in, first out), on every way out
         _end_leftover_workers_at_exit()  # registered first, so it runs last: after every graceful shutdown
         ref = weakref.ref(loader)
-        atexit.register(lambda: ref() is not None and ref().shutdown())
+
+        def shut_down() -> None:
+            live = ref()
+            if live is not None:
+                live.shutdown()
+
+        atexit.register(shut_down)
     return loader
 
 
@@ -274,4 +288,3 @@ def _end_leftover_workers_at_exit() -> None:
 
 
 _EXIT_HANDLER_REGISTERED = False
-
