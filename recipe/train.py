@@ -330,6 +330,7 @@ def run(cfg: DictConfig, strategy_name: str) -> None:
     )
     try:
         fit(cfg, strategy)
+        barrier()  # no rank tears down its connections while another still uses them (gloo aborts on that)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -28,4 +28,5 @@ everyone = [None] * dist.get_world_size()
 dist.all_gather_object(everyone, mine)
 if info.rank == 0:
     print(json.dumps(everyone))
+dist.barrier()  # every rank past its last collective before any tears down its gloo connections
 dist.destroy_process_group()
