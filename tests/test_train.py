@@ -15,6 +15,20 @@ from conftest import ROOT, TINY, losses, read_metrics, torchrun
 pytestmark = pytest.mark.slow
 
 
+def resume_two_process_run(run):
+    """The 8-step, 2-process DDP run of these tests, resumed in `run` (checkpoints every 4 steps)."""
+    return torchrun(
+        "train_ddp.py",
+        2,
+        *TINY,
+        "dataset.num_workers=2",
+        "num_train_steps=8",
+        "checkpoint.save_every_n_steps=4",
+        "checkpoint.resume_from_checkpoint=true",
+        f"output_dir={run}",
+    )
+
+
 def check(result):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
@@ -90,18 +104,7 @@ def test_torn_checkpoint_is_ignored(two_process_runs, tmp_path):
     (torn / "COMPLETE").unlink()
     for shard in (torn / "dcp").glob("*.distcp"):
         shard.write_bytes(shard.read_bytes()[:100])
-    r = check(
-        torchrun(
-            "train_ddp.py",
-            2,
-            *TINY,
-            "dataset.num_workers=2",
-            "num_train_steps=8",
-            "checkpoint.save_every_n_steps=4",
-            "checkpoint.resume_from_checkpoint=true",
-            f"output_dir={run}",
-        )
-    )
+    r = check(resume_two_process_run(run))
     assert "resumed from" in r.stderr and "step_4 at step 4" in r.stderr
     assert losses(run)[8] == losses(full)[8]
 
@@ -401,18 +404,7 @@ def test_corrupt_newest_checkpoint_resumes_the_older_one(two_process_runs, tmp_p
     data = bytearray(shard.read_bytes())
     data[2000:2064] = bytes(b ^ 0xFF for b in data[2000:2064])
     shard.write_bytes(bytes(data))
-    r = check(
-        torchrun(
-            "train_ddp.py",
-            2,
-            *TINY,
-            "dataset.num_workers=2",
-            "num_train_steps=8",
-            "checkpoint.save_every_n_steps=4",
-            "checkpoint.resume_from_checkpoint=true",
-            f"output_dir={run}",
-        )
-    )
+    r = check(resume_two_process_run(run))
     assert f"{shard}: contents differ from the manifest's digest" in r.stderr
     assert "RESUMING FROM AN OLDER CHECKPOINT" in r.stderr and "step_4 at step 4" in r.stderr
     assert losses(run)[8] == losses(full)[8]
