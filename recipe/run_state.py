@@ -21,7 +21,7 @@ from recipe.checkpoint import Checkpointer, rng_state, set_rng_state
 from recipe.data.dataset import MLMBatches
 from recipe.data.order import DataPosition
 from recipe.model import EsmConfig
-from recipe.parallel import DistInfo
+from recipe.parallel import Strategy
 
 log = logging.getLogger("recipe")
 
@@ -98,26 +98,15 @@ class RunCheckpointer:
     TrainState, the config, the resolved model, what a resume must match, the data position, each rank's RNG), and
     the resume that restores all of it (`resume`)."""
 
-    def __init__(
-        self,
-        cfg: DictConfig,
-        info: DistInfo,
-        strategy_name: str,
-        mcfg: EsmConfig,
-        expect: dict,
-        model,
-        optimizer,
-        loader,
-        strategy=None,
-    ):
-        c = cfg.checkpoint
-        # `strategy`: whose state dicts the checkpoints hold (torch's own unless Megatron-FSDP's)
+    def __init__(self, cfg: DictConfig, strategy: Strategy, mcfg: EsmConfig, expect: dict, model, optimizer, loader):
+        c, info = cfg.checkpoint, strategy.info
+        # The strategy also says whose state dicts the checkpoints hold (torch's own unless Megatron-FSDP's).
         self.ckpt = Checkpointer(config_lib.ckpt_dir(cfg), info, c.max_checkpoints, c.async_save, strategy=strategy)
         self.every, self.last_step, self.seed = c.save_every_n_steps, cfg.num_train_steps, cfg.seed
         self.info, self.model, self.optimizer, self.loader, self.expect = info, model, optimizer, loader, expect
         self.static_meta = {
             "world_size": info.world_size,
-            "strategy": strategy_name,
+            "strategy": strategy.name,
             "config": OmegaConf.to_container(cfg, resolve=True),
             "model_config": mcfg.to_dict(),
         }  # the resolved model: what recipe.evaluate builds

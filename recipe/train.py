@@ -132,7 +132,7 @@ def _fit(cfg: DictConfig, strategy: Strategy):
 
     # The components: each owns its schedule. A resume restores the TrainState, weights, optimizer, data and RNG.
     expect = resume_expectations(cfg, info, mcfg, data.settings, plan)
-    ckpt = RunCheckpointer(cfg, info, strategy.name, mcfg, expect, model, optimizer, data.loader, strategy=strategy)
+    ckpt = RunCheckpointer(cfg, strategy, mcfg, expect, model, optimizer, data.loader)
     state = ckpt.resume() if cfg.checkpoint.resume_from_checkpoint else TrainState()
     start_step, resumed = state.step, ckpt.resumed_from is not None
     metrics = MetricsWriter(Path(cfg.output_dir), info.is_main, state.step if resumed else None, cfg.log_every_n_steps,

@@ -188,8 +188,7 @@ class EsmForMaskedLM(nn.Module):
                 "packed batch (recipe.data.context_parallel.shard_batch: cu_seqlens_padded, seq_mask_counts)"
             )
         if input_ids.dim() == 1:
-            if cu_seqlens is None or max_seqlen is None:
-                raise ValueError("packed (1-D) input_ids need cu_seqlens and max_seqlen")
+            assert cu_seqlens is not None and max_seqlen is not None  # check_inputs refuses their absence with a message
             packed = PackedInfo(cu_seqlens, int(max_seqlen), input_ids.numel(), cu_seqlens_padded, cp.size, cp.rank)
             hidden = self._forward_packed(input_ids, packed, position_ids, seq_mask_counts)
         else:
