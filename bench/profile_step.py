@@ -11,11 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gzip
-import re
-import shutil
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -27,20 +23,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from bench.throughput import LABELS, TOKEN_BUDGET, batches_for, make_model, step_fn, timed_seconds  # noqa: E402
 from recipe.data.sources import load_sequences  # noqa: E402
-
-GROUPS = [  # first match wins
-    ("attention", r"flash|fmha|attn|cudnn|sdpa"),
-    ("matmul", r"gemm|xmma|cutlass|nvjet|sm90|wgmma|matmul"),
-    ("layernorm", r"layer_?norm|ln_"),
-    ("optimizer", r"adam|multi_tensor|foreach"),
-    ("rope", r"rope|rotary"),
-    ("copy/cast", r"copy|cast|convert|fill|transpose"),
-]
-
-
-def group_of(name: str) -> str:
-    low = name.lower()
-    return next((g for g, pat in GROUPS if re.search(pat, low)), "elementwise/other")
+from recipe.profiling import export_trace, summarize  # noqa: E402
 
 
 def profile_impl(store, size: str, impl: str, steps: int, trace_dir: Path | None, budget: int) -> None:
@@ -58,36 +41,11 @@ def profile_impl(store, size: str, impl: str, steps: int, trace_dir: Path | None
             step(b)
         torch.cuda.synchronize()
 
-    by_group, total = defaultdict(float), 0.0
-    kernels = []
-    for e in prof.key_averages():
-        t = getattr(e, "self_device_time_total", 0.0)
-        if t <= 0 or e.key.startswith("ProfilerStep"):
-            continue
-        if e.device_type != torch.autograd.DeviceType.CUDA:  # CPU ops carry their kernels' time too: count kernels only
-            continue
-        if getattr(e, "is_user_annotation", False) or e.key.startswith("Optimizer."):
-            continue  # an annotated range ("Optimizer.step#AdamW.step") spans its kernels; it is not one itself
-        by_group[group_of(e.key)] += t
-        total += t
-        kernels.append((t, e.count, e.key))
     tokens = sum(b["num_real_tokens"] for b in data[warmup:]) / steps
-    print(
-        f"\n{size} {impl}: {wall_ms:.1f} ms per step unprofiled, {total / steps / 1e3:.1f} ms of it in GPU kernels "
-        f"({tokens:,.0f} tokens/step; the rest is the GPU waiting for the host to launch work)"
-    )
-    for g, t in sorted(by_group.items(), key=lambda x: -x[1]):
-        print(f"  {g:18} {t / steps / 1e3:8.2f} ms  {t / total:6.1%}")
-    print("  top kernels:")
-    for t, n, key in sorted(kernels, reverse=True)[:10]:
-        print(f"    {t / steps / 1e3:7.2f} ms  x{n // steps:<4} {key[:110]}")
-
+    print(f"\n{size} {impl}: {tokens:,.0f} tokens/step, unprofiled")
+    print(summarize(prof, steps, wall_ms))
     if trace_dir is not None:
-        raw = trace_dir / f"trace_{size}_{impl}.json"
-        prof.export_chrome_trace(str(raw))
-        with open(raw, "rb") as src, gzip.open(f"{raw}.gz", "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        raw.unlink()
+        export_trace(prof, trace_dir / f"trace_{size}_{impl}.json.gz")
 
 
 def main() -> None:

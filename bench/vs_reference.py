@@ -66,14 +66,21 @@ ROWS = {
     "3B": Row("3B", "L2_3B", "esm2_t36_3B_UR50D", 16384, 10, 20, 4),
     "650M_fp8": Row("650M", "L1_650M", "esm2_t33_650M_UR50D", 49152, 10, 20, 8, fp8=True),
     "3B_fp8": Row("3B", "L2_3B", "esm2_t36_3B_UR50D", 16384, 10, 20, 4, fp8=True),
+    # 15B: ours only (the reference ships no 15B model config), on several GPUs (--nproc).
+    "15B": Row("15B", "L2_15B", "", 8192, 4, 8, 4),
+    "15B_fp8": Row("15B", "L2_15B", "", 8192, 4, 8, 4, fp8=True),
 }
 GIB = 2**30
 
 
-def ours_command(row: Row, data: Path, out_dir: Path, extra: list[str], trainer: Path = ROOT / "train_fsdp2.py") -> list[str]:
+def ours_command(
+    row: Row, data: Path, out_dir: Path, extra: list[str], trainer: Path = ROOT / "train_fsdp2.py", nproc: int = 1
+) -> list[str]:
     steps = row.warmup + row.timed
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     return [
-        sys.executable,
+        *launcher,
+        *([f"--nproc_per_node={nproc}"] if nproc > 1 else []),
         str(trainer),
         "--config-name",
         row.config,
@@ -93,15 +100,16 @@ def ours_command(row: Row, data: Path, out_dir: Path, extra: list[str], trainer:
     ]
 
 
-def ours_result(out_dir: Path, row: Row) -> dict:
-    """Rate over the steps after the warm-up, from the trainer's own metrics.jsonl."""
+def ours_result(out_dir: Path, row: Row, nproc: int = 1) -> dict:
+    """Rate per GPU over the steps after the warm-up, from the trainer's own metrics.jsonl (which counts the
+    tokens of all ranks)."""
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train = [r for r in records if "consumed_tokens" in r]
     start = next(r for r in train if r["step"] == row.warmup)
     end = train[-1]
     seconds = end["train_seconds"] - start["train_seconds"]
     return {
-        "tokens_per_s": (end["consumed_tokens"] - start["consumed_tokens"]) / seconds,
+        "tokens_per_s": (end["consumed_tokens"] - start["consumed_tokens"]) / seconds / nproc,
         "timed_steps": end["step"] - start["step"],
         "peak_gib": max(r["max_memory_gb"] for r in train) * 1e9 / GIB,
     }
@@ -224,6 +232,8 @@ def run_logged(cmd: list[str], log: Path, gpu: str | None, env: dict | None, tim
 
 
 def measure_theirs(ref: Reference, name: str, row: Row, logs: Path, gpu: str | None, timeout: float) -> dict:
+    if not row.their_model:
+        return {"error": "no reference config at this size"}
     cmd, out = ref.command(row, name)
     log = logs / f"theirs_{name}.log"
     rc, wall = run_logged(cmd, log, gpu, ref.env, timeout)
@@ -241,14 +251,23 @@ def measure_theirs(ref: Reference, name: str, row: Row, logs: Path, gpu: str | N
 
 
 def measure_ours(
-    name: str, row: Row, data: Path, work: Path, logs: Path, gpu: str | None, extra: list[str], timeout: float, trainer: Path
+    name: str,
+    row: Row,
+    data: Path,
+    work: Path,
+    logs: Path,
+    gpu: str | None,
+    extra: list[str],
+    timeout: float,
+    trainer: Path,
+    nproc: int = 1,
 ) -> dict:
     out_dir = work / f"ours_{name}"
     log = logs / f"ours_{name}.log"
-    rc, wall = run_logged(ours_command(row, data, out_dir, extra, trainer), log, gpu, None, timeout)
+    rc, wall = run_logged(ours_command(row, data, out_dir, extra, trainer, nproc), log, gpu, None, timeout)
     if rc:
         return {"error": failure(rc, log), "wall_s": wall}
-    return {**ours_result(out_dir, row), "wall_s": wall}
+    return {**ours_result(out_dir, row, nproc), "wall_s": wall}
 
 
 def table(results: dict, header: str) -> str:
@@ -292,6 +311,7 @@ def main() -> None:
         default=ROOT / "train_fsdp2.py",
         help="our entrypoint to run (train_ddp.py, or another checkout's, for an A/B)",
     )
+    p.add_argument("--nproc", type=int, default=1, help="our runs on this many GPUs (torchrun; all of --gpus); rates are per GPU")
     p.add_argument("--timeout", type=float, default=300, help="seconds per run")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", tempfile.gettempdir())) / "vs_reference")
     p.add_argument("--docs", type=Path, help="write the table into this markdown file")
@@ -304,6 +324,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="vs_reference_"))
     gpus = a.gpus or [None]
     their_gpu, our_gpu = gpus[0], gpus[-1]
+    if a.nproc > 1:
+        if not a.ours_only or len(gpus) != a.nproc:
+            p.error("--nproc N runs ours only (--ours-only), on the N GPUs of --gpus")
+        our_gpu = ",".join(gpus)
     ref = None if a.ours_only else Reference(a.reference.resolve(), a.data.resolve(), work)
     gpu_name = torch.cuda.get_device_name(int(our_gpu) if our_gpu is not None else 0)
     results: dict = {}
@@ -318,7 +342,7 @@ def main() -> None:
     def ours_all():
         for name in a.rows:
             results.setdefault(name, [ROWS[name], {}, {}])[2] = measure_ours(
-                name, ROWS[name], a.data.resolve(), work, a.out, our_gpu, a.set, a.timeout, a.trainer.resolve()
+                name, ROWS[name], a.data.resolve(), work, a.out, our_gpu, a.set, a.timeout, a.trainer.resolve(), a.nproc
             )
             print(f"ours {name}: {results[name][2]}", flush=True)
 

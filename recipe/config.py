@@ -199,6 +199,18 @@ class QuantStatsConfig:
 
 
 @dataclass
+class ProfilerConfig:
+    """torch.profiler over a few optimizer steps of this run (recipe/profiling.py): a trace and a kernel-time summary."""
+
+    enabled: bool = False  # profile steps start_step .. start_step + num_steps - 1
+    start_step: int = checked(10, "[1, inf)")  # first profiled optimizer step (1-based); the steps before it warm up
+    num_steps: int = checked(3, "[1, inf)")  # optimizer steps profiled
+    dir: str | None = None  # null = ${output_dir}/profile: trace_rank<R>.json.gz and summary_rank<R>.txt per rank
+    record_shapes: bool = False  # operator input shapes in the trace (larger trace)
+    with_stack: bool = False  # Python stacks in the trace (much larger trace, slower steps)
+
+
+@dataclass
 class WandbConfig:
     enabled: bool = False  # log to Weights & Biases as well as metrics.jsonl
     mode: str = "offline"  # offline never touches the network; online needs WANDB_API_KEY
@@ -257,6 +269,7 @@ class TrainConfig:
     # keeps the FP32 master copy. Saves weight memory.
     quantized_model_init: bool = False
     quant_stats_config: QuantStatsConfig = field(default_factory=QuantStatsConfig)
+    profiler: ProfilerConfig = field(default_factory=ProfilerConfig)
 
     wandb: WandbConfig = field(default_factory=WandbConfig)
     tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig)

@@ -37,6 +37,7 @@ from recipe.model.flops import batch_flops
 from recipe.optim import build_optimizer, scheduled_lr, set_lr
 from recipe.parallel import STRATEGIES, DistInfo, Strategy, all_reduce, barrier, init_distributed, setup_mesh, unwrap
 from recipe.preemption import Preemption
+from recipe.profiling import StepProfiler
 from recipe.run_state import RunCheckpointer, TrainState
 from recipe.validation import Validator, model_inputs
 
@@ -147,6 +148,7 @@ def _fit(cfg: DictConfig, strategy: Strategy):
     preempt = Preemption()
     time_limit = cfg.max_train_minutes * 60 if cfg.max_train_minutes is not None else math.inf
     bar = progress_bar(cfg, info, state.step)
+    profiler = StepProfiler(cfg.profiler, Path(cfg.output_dir), info.rank, info.device, state.step)
     train_iter = iter(data.loader)
     if info.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(info.device)
@@ -175,6 +177,7 @@ def _fit(cfg: DictConfig, strategy: Strategy):
         state.step += 1
         if stats is not None:
             stats.step()  # logs the statistics this step collected
+        profiler.step()
         state.consumed_tokens += int(counts.real_tokens)
         state.consumed_samples += round(counts.samples)
         throughput.add(counts.real_tokens, counts.flops)
@@ -206,6 +209,7 @@ def _fit(cfg: DictConfig, strategy: Strategy):
             break
         ckpt.maybe_save(state)
     bar.close()
+    profiler.close()
     data.loader.shutdown()  # its workers ignore stop signals: they end when told to
 
     # The end of the run (not after a stop): a finished run that is resumed only does what it had not done yet.

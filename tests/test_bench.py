@@ -1,5 +1,6 @@
 """The benchmark harness's own logic on CPU: gradient accumulation, out-of-memory fallbacks, the docs section."""
 
+import pytest
 import torch
 
 from bench.throughput import attempts, per_size, step_fn, write_docs
@@ -52,15 +53,23 @@ def test_docs_section_is_replaced_in_place(tmp_path):
     assert text.index("table 2") < text.index("table B"), "a re-run keeps its section where it was"
 
 
-def test_vs_reference_measures_the_trainer_itself(tmp_path):
-    """The side-by-side command runs train_fsdp2.py as users do and reads the rate from the trainer's own metrics."""
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_vs_reference_measures_the_trainer_itself(tmp_path, nproc):
+    """The side-by-side command runs train_fsdp2.py as users do (with --nproc, under torchrun) and reads the rate
+    per GPU from the trainer's own metrics."""
     from bench.vs_reference import Row, ours_command, ours_result
-    from tests.conftest import BUNDLED_TRAIN, TINY, run_cmd
+    from tests.conftest import BUNDLED_TRAIN, TINY, read_metrics, run_cmd
 
     row = Row("tiny", "L0_sanity", "unused", tokens=1024, warmup=2, timed=3, their_workers=1)
-    cmd = ours_command(row, BUNDLED_TRAIN, tmp_path / "run", [*TINY, "device=cpu", "log_every_n_steps=2"])
-    assert cmd[1].endswith("train_fsdp2.py") and "grad_acc_steps=1" in cmd and "num_train_steps=5" in cmd
+    cmd = ours_command(row, BUNDLED_TRAIN, tmp_path / "run", [*TINY, "device=cpu", "log_every_n_steps=2"], nproc=nproc)
+    assert "grad_acc_steps=1" in cmd and "num_train_steps=5" in cmd
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if nproc > 1 else []
+    assert cmd[1 : 1 + len(launcher)] == launcher and cmd[1 + len(launcher)].endswith("train_fsdp2.py")
     proc = run_cmd(cmd)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    result = ours_result(tmp_path / "run", row)
-    assert result["timed_steps"] == 3 and result["tokens_per_s"] > 0 and result["peak_gib"] > 0
+    result = ours_result(tmp_path / "run", row, nproc)
+    by_step = {r["step"]: r for r in read_metrics(tmp_path / "run")[0]}
+    tokens = by_step[5]["consumed_tokens"] - by_step[2]["consumed_tokens"]
+    seconds = by_step[5]["train_seconds"] - by_step[2]["train_seconds"]
+    assert result["timed_steps"] == 3 and result["peak_gib"] > 0
+    assert result["tokens_per_s"] == pytest.approx(tokens / seconds / nproc)

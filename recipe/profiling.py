@@ -1,0 +1,169 @@
+"""torch.profiler over a window of optimizer steps of a real run (`profiler.enabled=true`).
+
+A benchmark that copies the training step can only say where the copy spends its time; this profiles what the
+trainer runs (loader, counters, forward, backward, clip, optimizer) at the step the user picks, after compilation and
+the allocator have settled. Each rank writes, under `profiler.dir` (default output_dir/profile):
+
+- `trace_rank<R>.json.gz`: the Chrome/Perfetto trace of the window (open it in https://ui.perfetto.dev);
+- `summary_rank<R>.txt`: GPU kernel time per step grouped by kind (matmul, attention, copies, ...), the wall time of
+  the same steps (the difference is time the GPU waited for the host), the top kernels and the top operators.
+
+`summarize` also serves bench/profile_step.py and bench/profile_reference.py, so every profile reads the same way.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import re
+import shutil
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+GROUPS = [  # kernel kinds by name, first match wins
+    ("attention", r"flash|fmha|attn|cudnn|sdpa"),
+    ("matmul", r"gemm|xmma|cutlass|nvjet|sm90|wgmma|matmul"),
+    ("layernorm", r"layer_?norm|ln_"),
+    ("optimizer", r"adam|multi_tensor|foreach"),
+    ("rope", r"rope|rotary"),
+    ("copy/cast", r"copy|cast|convert|fill|transpose|memcpy|memset"),
+]
+
+
+def group_of(name: str) -> str:
+    low = name.lower()
+    return next((g for g, pat in GROUPS if re.search(pat, low)), "elementwise/other")
+
+
+def _is_kernel(event: Any) -> bool:
+    """A GPU kernel (or copy) itself: not a CPU operator (which carries its kernels' time too) and not an annotated
+    range such as "Optimizer.step#AdamW.step" or "ProfilerStep#3", which spans kernels without being one."""
+    if getattr(event, "self_device_time_total", 0.0) <= 0:
+        return False
+    if event.device_type != torch.autograd.DeviceType.CUDA:
+        return False
+    if getattr(event, "is_user_annotation", False):
+        return False
+    return not (event.key.startswith("ProfilerStep") or event.key.startswith("Optimizer."))
+
+
+def summarize(prof: Any, steps: int, wall_ms: float | None = None, title: str = "", top: int = 15) -> str:
+    """A readable account of a finished profile of `steps` steps: kernel time per step by kind, against the wall time
+    per step when known, then the largest kernels and the operators that launched the most GPU time."""
+    events = prof.key_averages()
+    by_group: dict[str, float] = defaultdict(float)
+    kernels = []
+    for e in events:
+        if _is_kernel(e):
+            by_group[group_of(e.key)] += e.self_device_time_total
+            kernels.append((e.self_device_time_total, e.count, e.key))
+    total = sum(by_group.values())
+    lines = [title] if title else []
+    wall = f"wall {wall_ms:.1f} ms per step" if wall_ms is not None else ""
+    if kernels:
+        head = f"{total / steps / 1e3:.1f} ms of GPU kernels per step over {steps} step(s)"
+        lines.append(head + (f"; {wall} (the difference: the GPU waiting for the host)" if wall else ""))
+        for group, t in sorted(by_group.items(), key=lambda x: -x[1]):
+            lines.append(f"  {group:18} {t / steps / 1e3:9.2f} ms  {t / total:6.1%}")
+        lines.append("top kernels (ms per step, calls per step):")
+        for t, n, key in sorted(kernels, reverse=True)[:top]:
+            lines.append(f"  {t / steps / 1e3:8.2f} ms  x{n / steps:<6.0f} {key[:120]}")
+    else:
+        lines.append(f"no GPU kernels over {steps} step(s) (a CPU run)" + (f"; {wall}" if wall else ""))
+
+    # Operators: on a GPU by the kernel time they launched (children included), on a CPU by their own CPU time.
+    def cost(e: Any) -> float:
+        return e.device_time_total if kernels else e.self_cpu_time_total
+
+    ops = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU and cost(e) > 0]
+    ops = [e for e in ops if not (e.key.startswith("ProfilerStep") or getattr(e, "is_user_annotation", False))]
+    what = "the GPU time they launched, children included" if kernels else "their own CPU time"
+    lines.append(f"top operators by {what} (ms per step, calls per step):")
+    for e in sorted(ops, key=lambda e: -cost(e))[:top]:
+        lines.append(f"  {cost(e) / steps / 1e3:8.2f} ms  x{e.count / steps:<6.0f} {e.key[:120]}")
+    return "\n".join(lines) + "\n"
+
+
+def export_trace(prof: Any, path: Path) -> Path:
+    """The Chrome trace, gzipped (a 650M step is tens of MB as text)."""
+    raw = path.with_suffix("")  # trace.json.gz -> trace.json
+    prof.export_chrome_trace(str(raw))
+    with open(raw, "rb") as src, gzip.open(path, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    raw.unlink()
+    return path
+
+
+class StepProfiler:
+    """Profiles optimizer steps `start_step` .. `start_step + num_steps - 1` (1-based, as metrics.jsonl counts them).
+
+    The loop calls `step()` after every optimizer step. The profiler starts recording one step early (its own first
+    recorded step is slower, so it is a warm-up left out of the results) and writes its files when the window ends;
+    a run that ends first writes nothing and says so. The loop syncs the host once per step (the loss), so the wall
+    time between two `step()` calls is one whole step."""
+
+    def __init__(self, cfg: Any, out_dir: Path, rank: int, device: torch.device, first_step: int):
+        """`cfg`: the `profiler` config section (off: every call does nothing); `first_step`: the run's step at start."""
+        self.start, self.count, self.rank = cfg.start_step, cfg.num_steps, rank
+        self.dir = Path(cfg.dir) if cfg.dir is not None else out_dir / "profile"
+        self.step_no, self.prof = first_step, None
+        self.done = not cfg.enabled or first_step >= self.start
+        if cfg.enabled and self.done:  # a resumed run past the window
+            log.warning("profiler: the run starts after step %d (profiler.start_step): nothing is profiled", self.start)
+        if self.done:
+            return
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        wait = max(self.start - 2 - first_step, 0)
+        self.prof = profile(
+            activities=activities,
+            schedule=schedule(wait=wait, warmup=self.start - 1 - first_step - wait, active=self.count, repeat=1),
+            on_trace_ready=self._write,
+            record_shapes=cfg.record_shapes,
+            with_stack=cfg.with_stack,
+        )
+        self.prof.start()
+        self.stamps = [time.perf_counter()] if first_step == self.start - 1 else []
+
+    def step(self) -> None:
+        """After an optimizer step (the loop has synced the host on its loss)."""
+        if self.done or self.prof is None:
+            return
+        self.step_no += 1
+        if self.start - 1 <= self.step_no <= self.start - 1 + self.count:
+            self.stamps.append(time.perf_counter())
+        self.prof.step()
+        if self.step_no >= self.start - 1 + self.count:
+            self.prof.stop()
+            self.done = True
+
+    def close(self) -> None:
+        """At the end of the run: stop a window the run did not reach the end of."""
+        if self.prof is not None and not self.done:
+            self.done = True  # _write (which stop() may call) leaves a partial window unwritten
+            self.prof.stop()
+            log.warning(
+                "profiler: the run ended at step %d, before the window %d-%d ended: nothing written",
+                self.step_no,
+                self.start,
+                self.start + self.count - 1,
+            )
+
+    def _write(self, prof: Any) -> None:
+        if self.step_no < self.start + self.count - 1:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        wall = (self.stamps[-1] - self.stamps[0]) * 1e3 / self.count if len(self.stamps) == self.count + 1 else None
+        title = f"steps {self.start}-{self.start + self.count - 1}, rank {self.rank}"
+        text = summarize(prof, self.count, wall, title)
+        (self.dir / f"summary_rank{self.rank}.txt").write_text(text)
+        trace = export_trace(prof, self.dir / f"trace_rank{self.rank}.json.gz")
+        if self.rank == 0:
+            log.info("profile of %s:\n%s(trace: %s)", title, text, trace)

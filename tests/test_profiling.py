@@ -1,0 +1,84 @@
+"""The step profiler (recipe/profiling.py): which steps it records, what it writes, and what it says when the run
+does not reach its window."""
+
+import gzip
+import json
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import TINY, torchrun
+
+from recipe.profiling import StepProfiler, group_of
+
+
+def settings(tmp_path, **kw):
+    base = dict(enabled=True, start_step=3, num_steps=2, dir=str(tmp_path / "prof"), record_shapes=False, with_stack=False)
+    return SimpleNamespace(**{**base, **kw})
+
+
+def train_steps(profiler, first, last):
+    """Steps first..last (1-based) of a toy 'training': step s does s+1 matmuls, so the window's steps are told apart."""
+    x = torch.randn(32, 32)
+    for s in range(first, last + 1):
+        for _ in range(s + 1):
+            x = torch.tanh(x @ x)
+        profiler.step()
+    profiler.close()
+
+
+@pytest.mark.parametrize("first", [0, 2])
+def test_records_exactly_the_window(tmp_path, first):
+    """Steps 3 and 4 hold 4 + 5 matmuls: the summary counts 4.5 calls per step, whatever step the run started at."""
+    cfg = settings(tmp_path)
+    train_steps(StepProfiler(cfg, tmp_path, 0, torch.device("cpu"), first), first + 1, 6)
+    summary = (tmp_path / "prof" / "summary_rank0.txt").read_text()
+    assert summary.startswith("steps 3-4, rank 0\nno GPU kernels over 2 step(s) (a CPU run)")
+    mm = next(line for line in summary.splitlines() if line.endswith(" aten::mm"))
+    assert "x4 " in mm or "x5 " in mm  # 4.5 calls per step, printed rounded
+    with gzip.open(tmp_path / "prof" / "trace_rank0.json.gz") as f:
+        trace = json.load(f)
+    assert sum(e.get("name") == "aten::mm" for e in trace["traceEvents"]) == 9
+
+
+@pytest.mark.parametrize(
+    "first, last, says",
+    [(5, 8, "the run starts after step 3"), (0, 3, "the run ended at step 3, before the window 3-4 ended")],
+)
+def test_a_run_that_misses_the_window_writes_nothing_and_says_so(tmp_path, caplog, first, last, says):
+    with caplog.at_level(logging.WARNING, logger="recipe.profiling"):
+        train_steps(StepProfiler(settings(tmp_path), tmp_path, 0, torch.device("cpu"), first), first + 1, last)
+    assert says in caplog.text and not (tmp_path / "prof").exists()
+
+
+def test_off_does_nothing(tmp_path):
+    train_steps(StepProfiler(settings(tmp_path, enabled=False), tmp_path, 0, torch.device("cpu"), 0), 1, 6)
+    assert not (tmp_path / "prof").exists()
+
+
+@pytest.mark.parametrize(
+    "kernel, group",
+    [
+        ("ampere_bf16_s16816gemm_bf16_128x128_ldg8_f2f_stages_64x3_tn", "matmul"),
+        ("void flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<...>", "attention"),
+        ("void at::native::vectorized_elementwise_kernel<4, at::native::bfloat16_copy_kernel_cuda", "copy/cast"),
+        ("void transformer_engine::fused_rope_forward_kernel<...>", "rope"),
+        ("void at::native::(anonymous namespace)::GeluCUDAKernelImpl", "elementwise/other"),
+    ],
+)
+def test_kernel_groups(kernel, group):
+    assert group_of(kernel) == group
+
+
+@pytest.mark.slow
+def test_profiling_a_two_process_run(tmp_path):
+    """`profiler.enabled=true` through the trainer: every rank writes its trace and summary of the window."""
+    out = tmp_path / "run"
+    args = [*TINY, "num_train_steps=4", "profiler.enabled=true", "profiler.start_step=2", "profiler.num_steps=2"]
+    r = torchrun("train_ddp.py", 2, *args, "dataset.num_workers=0", f"output_dir={out}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for rank in (0, 1):
+        assert (out / "profile" / f"trace_rank{rank}.json.gz").stat().st_size > 0
+        assert (out / "profile" / f"summary_rank{rank}.txt").read_text().startswith(f"steps 2-3, rank {rank}\n")
+    assert "profile of steps 2-3, rank 0" in r.stderr
