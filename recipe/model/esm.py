@@ -78,9 +78,11 @@ class EsmForMaskedLM(nn.Module):
         layer_cls = _layer_class(config.backend)
         contexts = layer_init_contexts or [nullcontext() for _ in range(config.num_layers)]
         # TE's context-parallel attention takes its group at construction; one side stream serves every layer.
-        layer_kw = {"context_parallel": cp, "cp_stream": torch.cuda.Stream()} if cp.size > 1 else {}
+        layer_kw: dict[str, Any] = {"context_parallel": cp, "cp_stream": torch.cuda.Stream()} if cp.size > 1 else {}
         layers = []
-        for ctx in contexts:
+        for i, ctx in enumerate(contexts):
+            if config.backend == "te":  # an FP8/FP4 layer runs TE's projections (te_layers.py)
+                layer_kw["quantized"] = recipes is not None and recipes[i] is not None
             with ctx:
                 layers.append(layer_cls(config, device=device, dtype=dtype, **layer_kw))
         self.layers = nn.ModuleList(layers)
@@ -203,7 +205,7 @@ class EsmForMaskedLM(nn.Module):
     def _run_layers(self, x, packed: PackedInfo, position_ids=None) -> torch.Tensor:
         cfg = self.config
         rope: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
-        if cfg.backend == "te":
+        if packed.cp_size > 1:  # TE's fused rope places each token of the dual-chunk layout itself
             from recipe.model.te_layers import rotary_freqs
 
             rope = rotary_freqs(packed.max_seqlen, cfg.head_dim, cfg.rope_theta, x.device)

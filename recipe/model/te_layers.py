@@ -1,9 +1,10 @@
-"""The ESM-2 layer on TransformerEngine modules (THD input only; the model unpads BSHD before the layers).
+"""The ESM-2 layer on TransformerEngine (THD input only; the model unpads BSHD before the layers): TE's cuDNN
+attention in every layer, TE's projections and MLP in the layers the precision plan quantizes.
 
 Parameter names equal the torch backend's (see layers.py), so state dicts move between backends as they are.
 TE's fused LayerNormMLP only knows the tanh GELU. With `activation: gelu` (ESM-2's exact erf GELU, the default)
-the MLP runs through the same LayerNormMLP parameters in plain PyTorch, so a converted facebook checkpoint gives
-ESM-2's numbers; `activation: gelu_tanh` uses TE's fused kernel (measured difference: docs/numerics.md).
+the MLP runs in plain PyTorch, so a converted facebook checkpoint gives ESM-2's numbers; `activation: gelu_tanh`
+uses TE's fused kernel (measured difference: docs/numerics.md).
 """
 
 from __future__ import annotations
@@ -11,27 +12,59 @@ from __future__ import annotations
 import torch
 
 from recipe.model.config import ContextParallel, EsmConfig
-from recipe.model.layers import AttentionBlock, EsmLayerBase, PackedInfo, layer_norm_mlp, rotary_inv_freq
+from recipe.model.layers import (
+    AttentionBlock,
+    EsmLayerBase,
+    LayerNormLinear,
+    LayerNormMLP,
+    Linear,
+    PackedInfo,
+    fused_rope_qkv,
+    layer_norm_mlp,
+    rotary_inv_freq,
+)
 
 
 def rotary_freqs(max_seqlen: int, head_dim: int, theta: float, device) -> torch.Tensor:
-    """[S, 1, 1, D] fp32 angles for TE's fused rope (same non-interleaved layout as the torch backend)."""
+    """[S, 1, 1, D] fp32 angles for TE's fused rope under context parallelism (the same non-interleaved layout as
+    `rotary_cos_sin`)."""
     freqs = torch.arange(max_seqlen, device=device, dtype=torch.float)[:, None] * rotary_inv_freq(head_dim, theta, device)
     return torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
 
 
 class TEEsmLayer(EsmLayerBase):
+    """An ESM-2 layer on TE's attention. A `quantized` layer (FP8/FP4 under the precision plan) runs its projections
+    and MLP through TE's modules, whose GEMMs quantize. A BF16 layer runs its projections through our linears: TE's
+    keep a BF16 copy of every weight for backward under autocast, ours cast the FP32 weight again there (layers.py
+    `linear`), which is the same arithmetic with less memory (docs/benchmarks.md, lever 26)."""
+
     def __init__(
-        self, config: EsmConfig, device=None, dtype=None, context_parallel: ContextParallel | None = None, cp_stream=None
+        self,
+        config: EsmConfig,
+        device=None,
+        dtype=None,
+        context_parallel: ContextParallel | None = None,
+        cp_stream=None,
+        quantized: bool = False,
     ):
         super().__init__(config)
         import transformer_engine.pytorch as te
 
-        h, eps = config.hidden_size, config.layer_norm_eps
-        kw = dict(params_dtype=dtype or torch.float32, device=device if device is not None else "cuda")
+        h, eps, ffn = config.hidden_size, config.layer_norm_eps, config.intermediate_size
+        device = device if device is not None else "cuda"
+        kw = dict(params_dtype=dtype or torch.float32, device=device)
         self.eps, self.activation = eps, config.activation
-        self.attention = AttentionBlock(te.LayerNormLinear(h, 3 * h, eps=eps, bias=True, **kw), te.Linear(h, h, bias=True, **kw))
-        self.mlp = te.LayerNormMLP(h, config.intermediate_size, eps=eps, bias=True, activation="gelu", **kw)
+        if quantized:
+            qkv, proj = te.LayerNormLinear(h, 3 * h, eps=eps, bias=True, **kw), te.Linear(h, h, bias=True, **kw)
+        else:
+            qkv, proj = LayerNormLinear(h, 3 * h, eps, device=device, dtype=dtype), Linear(h, h, device=device, dtype=dtype)
+        self.attention = AttentionBlock(qkv, proj)
+        # TE's fused MLP has only the tanh GELU: with the exact GELU a BF16 layer runs ours (an FP8 layer keeps TE's
+        # parameters and runs them through `layer_norm_mlp`, see feed_forward).
+        if quantized or config.activation != "gelu":
+            self.mlp = te.LayerNormMLP(h, ffn, eps=eps, bias=True, activation="gelu", **kw)
+        else:
+            self.mlp = LayerNormMLP(h, ffn, eps, "gelu", device=device, dtype=dtype)
         cp = {}
         if context_parallel is not None and context_parallel.size > 1:
             cp = dict(
@@ -55,29 +88,19 @@ class TEEsmLayer(EsmLayerBase):
             return layer_norm_mlp(x, self.mlp, self.eps, "gelu")
         return self.mlp(x)
 
-    def attend(self, q, k, v, rope, packed: PackedInfo | None, key_padding_mask):
-        from transformer_engine.pytorch.attention.rope import apply_rotary_pos_emb
-
+    def attend(self, qkv, rope, packed: PackedInfo | None, key_padding_mask):
         if packed is None:
             raise ValueError("the te backend runs packed (THD) input only")
         cu, cu_pad = packed.cu_seqlens, packed.cu_seqlens_padded
-        # With context parallelism the fused rope finds each token's position in the full sequence from the padded
-        # offsets and this rank's place in the dual-chunk-swap layout.
-        # q and k stay strided views of the fused QKV output: the fused rope kernel reads any layout and writes
-        # contiguous outputs, so a copy first would only add a pass over both.
-        rope_kw = dict(
-            tensor_format="thd",
-            fused=True,
-            cu_seqlens=cu if cu_pad is None else cu_pad,
-            cp_size=packed.cp_size,
-            cp_rank=packed.cp_rank,
-        )
-        q = apply_rotary_pos_emb(q, rope, **rope_kw)
-        k = apply_rotary_pos_emb(k, rope, **rope_kw)
+        if packed.cp_size == 1:  # rope: (cos, sin) per token
+            cos, sin = rope
+            q, k, v = fused_rope_qkv(qkv, cos, sin, self.num_heads, self.head_dim)
+        else:  # rope: TE's angle table
+            q, k, v = self.rope_qkv_context_parallel(qkv, rope, packed)
         out = self.core_attention(
             q,
             k,
-            v.contiguous(),
+            v,
             cu_seqlens_q=cu,
             cu_seqlens_kv=cu,
             cu_seqlens_q_padded=cu_pad,
@@ -86,3 +109,14 @@ class TEEsmLayer(EsmLayerBase):
             max_seqlen_kv=packed.max_seqlen,
         )
         return out.view(*q.shape)
+
+    def rope_qkv_context_parallel(self, qkv, freqs, packed: PackedInfo):
+        """With context parallelism a rank holds two chunks of each sequence (dual-chunk swap): TE's fused rope finds
+        each token's position in the full sequence from the padded offsets and this rank's place in the layout.
+        q and k stay strided views of QKV (the kernel reads any layout and writes contiguous outputs)."""
+        from transformer_engine.pytorch.attention.rope import apply_rotary_pos_emb
+
+        q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(-3)
+        rope_kw = dict(tensor_format="thd", fused=True, cu_seqlens=packed.cu_seqlens_padded, cp_size=packed.cp_size,
+                       cp_rank=packed.cp_rank)  # fmt: skip
+        return apply_rotary_pos_emb(q, freqs, **rope_kw), apply_rotary_pos_emb(k, freqs, **rope_kw), v.contiguous()
