@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Lever runs of our trainer through bench/vs_reference.py --ours-only, two queues on GPUs 0 and 1 at once.
-# Each queue is a file of lines "NAME ROW [vs_reference.py options...]" (e.g. "compile 150M --set use_torch_compile=true").
+# Lever runs of our trainer through bench/vs_reference.py --ours-only, one queue per GPU, at once (GPUS, default
+# "0 1": the GPU of each queue file in order).
+# Each queue is a file of lines "NAME ROW [vs_reference.py options...]" (e.g. "compile 150M --set use_torch_compile=true",
+# "parent 650M --trainer .baseline/train_fsdp2.py" for an A/B against another tree).
 #   source .device/setup.sh && bash bench/device_levers.sh QUEUE0 QUEUE1
 # With TORCH_LOGS=recompiles set by the caller, each lever's log counts the recompilations. Results: $OUT/levers.txt.
 set -u -o pipefail
@@ -18,7 +20,8 @@ queue() {  # queue GPU FILE
       >> $W/levers_$gpu.txt
   done < "$2"
 }
-queue 0 "$1" & queue 1 "$2" & wait
-cat $W/levers_0.txt $W/levers_1.txt > $OUT/levers.txt
+read -r -a GPU_LIST <<< "${GPUS:-0 1}"
+i=0; for file in "$@"; do queue "${GPU_LIST[$i]}" "$file" & i=$((i + 1)); done; wait
+cat $W/levers_*.txt > $OUT/levers.txt
 tar czf $OUT/levers_logs.tgz -C $W . 2>/dev/null
 cat $OUT/levers.txt

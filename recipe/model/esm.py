@@ -20,7 +20,7 @@ from torch import nn
 
 from recipe.data.mlm import IGNORE_INDEX
 from recipe.model.config import EsmConfig, Runtime
-from recipe.model.layers import PackedInfo, TorchEsmLayer, init_scale, rotary_cos_sin
+from recipe.model.layers import Linear, PackedInfo, TorchEsmLayer, init_scale, linear, rotary_cos_sin
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +43,13 @@ class LMHead(nn.Module):
     def __init__(self, config: EsmConfig, device=None, dtype=None):
         super().__init__()
         h = config.hidden_size
-        self.dense = nn.Linear(h, h, device=device, dtype=dtype)
+        self.dense = Linear(h, h, device=device, dtype=dtype)  # layers.Linear: no BF16 weight copy kept for backward
         self.layer_norm = nn.LayerNorm(h, eps=config.layer_norm_eps, device=device, dtype=dtype)
         self.bias = nn.Parameter(torch.empty(config.vocab_size, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor, decoder_weight: torch.Tensor) -> torch.Tensor:
         x = self.layer_norm(F.gelu(self.dense(x)))
-        return F.linear(x, decoder_weight, self.bias)
+        return linear(x, decoder_weight, self.bias)
 
 
 def _layer_class(backend: str):
@@ -205,7 +205,7 @@ class EsmForMaskedLM(nn.Module):
     def _run_layers(self, x, packed: PackedInfo, position_ids=None) -> torch.Tensor:
         cfg = self.config
         rope: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
-        if packed.cp_size > 1:  # TE's fused rope places each token of the dual-chunk layout itself
+        if cfg.backend == "te":
             from recipe.model.te_layers import rotary_freqs
 
             rope = rotary_freqs(packed.max_seqlen, cfg.head_dim, cfg.rope_theta, x.device)

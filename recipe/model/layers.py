@@ -80,31 +80,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (xf * cos.unsqueeze(-2) + rotated * sin.unsqueeze(-2)).to(x.dtype)
 
 
-def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, head_dim: int):
-    """q, k, v [..., H, D] from the fused QKV projection [..., 3*H*D], with the rotary applied to q and k (fp32
-    arithmetic, as transformers) and all three contiguous, as the attention kernels keep them for backward (a view
-    of QKV kept there would keep all of it alive).
-
-    Plain tensor code, so that on a GPU torch.compile turns it into one pass over QKV, and its backward into one pass
-    that writes QKV's gradient (`fused_rope_qkv`); run eagerly, the same function takes a kernel per step."""
-    q, k, v = qkv.unflatten(-1, (3, num_heads, head_dim)).unbind(-3)
-    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v.contiguous()
-
-
-_compiled_rope_qkv: Any = None
-
-
-def fused_rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, head_dim: int):
-    """`rope_qkv`, compiled on CUDA (the packed length varies per batch: dynamic shapes, one graph), eager elsewhere
-    (and traced as it is inside a layer that is compiled whole)."""
-    global _compiled_rope_qkv
-    if not qkv.is_cuda or torch.compiler.is_compiling():
-        return rope_qkv(qkv, cos, sin, num_heads, head_dim)
-    if _compiled_rope_qkv is None:
-        _compiled_rope_qkv = torch.compile(rope_qkv, dynamic=True)
-    return _compiled_rope_qkv(qkv, cos, sin, num_heads, head_dim)
-
-
 def gelu(x: torch.Tensor, activation: str) -> torch.Tensor:
     return F.gelu(x, approximate="tanh" if activation == "gelu_tanh" else "none")
 
@@ -229,12 +204,13 @@ class EsmLayerBase(nn.Module):
         super().__init__()
         self.num_heads, self.head_dim = config.num_heads, config.head_dim
 
-    def attend(self, qkv, rope, packed: PackedInfo | None, key_padding_mask: torch.Tensor | None):
-        """Attention [..., H, D] from the fused QKV projection [..., 3*H*D] (rotary included)."""
+    def attend(self, q, k, v, rope, packed: PackedInfo | None, key_padding_mask: torch.Tensor | None):
         raise NotImplementedError
 
     def forward(self, x, rope, packed: PackedInfo | None = None, key_padding_mask: torch.Tensor | None = None):
-        out = self.attend(self.attention.layernorm_qkv(x), rope, packed, key_padding_mask)
+        qkv = self.attention.layernorm_qkv(x)
+        q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(-3)
+        out = self.attend(q, k, v, rope, packed, key_padding_mask)
         x = x + self.attention.proj(out.flatten(-2))
         return x + self.feed_forward(x)
 
@@ -255,9 +231,9 @@ class TorchEsmLayer(EsmLayerBase):
         )
         self.mlp = LayerNormMLP(h, config.intermediate_size, eps, config.activation, device=device, dtype=dtype)
 
-    def attend(self, qkv, rope, packed, key_padding_mask):
+    def attend(self, q, k, v, rope, packed, key_padding_mask):
         cos, sin = rope
-        q, k, v = fused_rope_qkv(qkv, cos, sin, self.num_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if packed is None:
             return padded_attention(q, k, v, key_padding_mask)
         return packed_attention(q, k, v, packed)
@@ -285,7 +261,9 @@ def packed_attention(q, k, v, packed: PackedInfo) -> torch.Tensor:
         from torch.nn.attention.varlen import varlen_attn
 
         cu = packed.cu_seqlens
-        out = varlen_attn(q, k, v, cu, cu, packed.max_seqlen, packed.max_seqlen)  # default scale 1/sqrt(D)
+        # The kernel keeps its inputs for backward. q and k arrive as fresh tensors from the rotary; v is still a view
+        # of the fused QKV projection, and keeping it would keep all of QKV alive: a copy of v frees two thirds of it.
+        out = varlen_attn(q, k, v.contiguous(), cu, cu, packed.max_seqlen, packed.max_seqlen)  # default scale 1/sqrt(D)
         return cast(torch.Tensor, out)  # without return_aux, only the output
     n = len(packed.cu_seqlens) - 1
     seq, off = packed.seq_index, packed.offsets

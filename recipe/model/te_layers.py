@@ -19,15 +19,13 @@ from recipe.model.layers import (
     LayerNormMLP,
     Linear,
     PackedInfo,
-    fused_rope_qkv,
     layer_norm_mlp,
     rotary_inv_freq,
 )
 
 
 def rotary_freqs(max_seqlen: int, head_dim: int, theta: float, device) -> torch.Tensor:
-    """[S, 1, 1, D] fp32 angles for TE's fused rope under context parallelism (the same non-interleaved layout as
-    `rotary_cos_sin`)."""
+    """[S, 1, 1, D] fp32 angles for TE's fused rope (same non-interleaved layout as the torch backend)."""
     freqs = torch.arange(max_seqlen, device=device, dtype=torch.float)[:, None] * rotary_inv_freq(head_dim, theta, device)
     return torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
 
@@ -88,19 +86,29 @@ class TEEsmLayer(EsmLayerBase):
             return layer_norm_mlp(x, self.mlp, self.eps, "gelu")
         return self.mlp(x)
 
-    def attend(self, qkv, rope, packed: PackedInfo | None, key_padding_mask):
+    def attend(self, q, k, v, rope, packed: PackedInfo | None, key_padding_mask):
+        from transformer_engine.pytorch.attention.rope import apply_rotary_pos_emb
+
         if packed is None:
             raise ValueError("the te backend runs packed (THD) input only")
         cu, cu_pad = packed.cu_seqlens, packed.cu_seqlens_padded
-        if packed.cp_size == 1:  # rope: (cos, sin) per token
-            cos, sin = rope
-            q, k, v = fused_rope_qkv(qkv, cos, sin, self.num_heads, self.head_dim)
-        else:  # rope: TE's angle table
-            q, k, v = self.rope_qkv_context_parallel(qkv, rope, packed)
+        # With context parallelism the fused rope finds each token's position in the full sequence from the padded
+        # offsets and this rank's place in the dual-chunk-swap layout.
+        # q and k stay strided views of the fused QKV output: the fused rope kernel reads any layout and writes
+        # contiguous outputs, so a copy first would only add a pass over both.
+        rope_kw = dict(
+            tensor_format="thd",
+            fused=True,
+            cu_seqlens=cu if cu_pad is None else cu_pad,
+            cp_size=packed.cp_size,
+            cp_rank=packed.cp_rank,
+        )
+        q = apply_rotary_pos_emb(q, rope, **rope_kw)
+        k = apply_rotary_pos_emb(k, rope, **rope_kw)
         out = self.core_attention(
             q,
             k,
-            v,
+            v.contiguous(),
             cu_seqlens_q=cu,
             cu_seqlens_kv=cu,
             cu_seqlens_q_padded=cu_pad,
@@ -109,14 +117,3 @@ class TEEsmLayer(EsmLayerBase):
             max_seqlen_kv=packed.max_seqlen,
         )
         return out.view(*q.shape)
-
-    def rope_qkv_context_parallel(self, qkv, freqs, packed: PackedInfo):
-        """With context parallelism a rank holds two chunks of each sequence (dual-chunk swap): TE's fused rope finds
-        each token's position in the full sequence from the padded offsets and this rank's place in the layout.
-        q and k stay strided views of QKV (the kernel reads any layout and writes contiguous outputs)."""
-        from transformer_engine.pytorch.attention.rope import apply_rotary_pos_emb
-
-        q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(-3)
-        rope_kw = dict(tensor_format="thd", fused=True, cu_seqlens=packed.cu_seqlens_padded, cp_size=packed.cp_size,
-                       cp_rank=packed.cp_rank)  # fmt: skip
-        return apply_rotary_pos_emb(q, freqs, **rope_kw), apply_rotary_pos_emb(k, freqs, **rope_kw), v.contiguous()
