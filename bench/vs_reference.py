@@ -329,7 +329,7 @@ def main() -> None:
             p.error("--nproc N runs ours only (--ours-only), on the N GPUs of --gpus")
         our_gpu = ",".join(gpus)
     ref = None if a.ours_only else Reference(a.reference.resolve(), a.data.resolve(), work)
-    gpu_name = torch.cuda.get_device_name(int(our_gpu) if our_gpu is not None else 0)
+    gpu_name = torch.cuda.get_device_name(int(our_gpu.split(",")[0]) if our_gpu is not None else 0)
     results: dict = {}
 
     def theirs_all():
