@@ -201,6 +201,11 @@ class Reference:
         return cmd, out
 
 
+def first_gpu(visible: str | None) -> int:
+    """The id of the first GPU of a CUDA_VISIBLE_DEVICES value ("1", "0,1,2,3"), or 0 when none is set."""
+    return int(visible.split(",")[0]) if visible else 0
+
+
 def _has_module(name: str) -> bool:
     import importlib.util
 
@@ -329,7 +334,7 @@ def main() -> None:
             p.error("--nproc N runs ours only (--ours-only), on the N GPUs of --gpus")
         our_gpu = ",".join(gpus)
     ref = None if a.ours_only else Reference(a.reference.resolve(), a.data.resolve(), work)
-    gpu_name = torch.cuda.get_device_name(int(our_gpu.split(",")[0]) if our_gpu is not None else 0)
+    gpu_name = torch.cuda.get_device_name(first_gpu(our_gpu))
     results: dict = {}
 
     def theirs_all():

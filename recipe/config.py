@@ -202,7 +202,9 @@ class QuantStatsConfig:
 class ProfilerConfig:
     """torch.profiler over a few optimizer steps of this run (recipe/profiling.py): a trace and a kernel-time summary."""
 
-    enabled: bool = False  # profile steps start_step .. start_step + num_steps - 1
+    # Profile steps start_step .. start_step + num_steps - 1. The profiler's cost and the trace export count in this
+    # run's tokens/s: measure speed in a run without it.
+    enabled: bool = False
     start_step: int = checked(10, "[1, inf)")  # first profiled optimizer step (1-based); the steps before it warm up
     num_steps: int = checked(3, "[1, inf)")  # optimizer steps profiled
     dir: str | None = None  # null = ${output_dir}/profile: trace_rank<R>.json.gz and summary_rank<R>.txt per rank

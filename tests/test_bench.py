@@ -73,3 +73,11 @@ def test_vs_reference_measures_the_trainer_itself(tmp_path, nproc):
     seconds = by_step[5]["train_seconds"] - by_step[2]["train_seconds"]
     assert result["timed_steps"] == 3 and result["peak_gib"] > 0
     assert result["tokens_per_s"] == pytest.approx(tokens / seconds / nproc)
+
+
+@pytest.mark.parametrize("visible, first", [(None, 0), ("1", 1), ("0,1,2,3", 0), ("2,3", 2)])
+def test_vs_reference_names_the_gpu_of_a_multi_gpu_run(visible, first):
+    """--nproc 4 runs ours on "0,1,2,3": the table's GPU name comes from the first id (this once crashed the run)."""
+    from bench.vs_reference import first_gpu
+
+    assert first_gpu(visible) == first
