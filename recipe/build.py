@@ -72,7 +72,26 @@ def resolved_model_config(cfg: DictConfig, info: DistInfo) -> EsmConfig:
 
         prepare_config(cfg)  # refuses what transformers' model cannot do; padded batches
     check_context_parallel(cfg.cp_size, info.world_size, info.device.type, mcfg.backend, cfg.dataset.layout)
+    check_rope_kernel(cfg.model.rope_kernel, mcfg.backend, cfg.cp_size)
     return mcfg
+
+
+def check_rope_kernel(kernel: str, backend: str, cp_size: int) -> None:
+    """model.rope_kernel=triton: the te backend's layer without context parallelism (under CP, TE's rope places each
+    token of the dual-chunk layout itself), with Triton installed."""
+    if kernel == "te":
+        return
+    if backend != "te":
+        raise config_lib.ConfigError(
+            f"model.rope_kernel={kernel} needs the te backend (resolved: {backend}); the {backend} backend runs its rotary "
+            "in PyTorch: leave model.rope_kernel=te"
+        )
+    if cp_size > 1:
+        raise config_lib.ConfigError(f"model.rope_kernel={kernel} runs without context parallelism only (cp_size={cp_size})")
+    from recipe.model import rope_kernel
+
+    if not rope_kernel.available():
+        raise config_lib.ConfigError(f"model.rope_kernel={kernel} needs Triton (pip install triton)")
 
 
 def model_name(cfg: DictConfig, mcfg: EsmConfig) -> str:
@@ -122,6 +141,7 @@ def build(
         layer_recipes=tuple(recipes.get(p) for p in plan.layers) if plan.quantized else None,
         amax_group=torch.distributed.group.WORLD if plan.quantized and torch.distributed.is_initialized() else None,
         check_inputs=False,  # our packer guarantees the invariants; skipping saves a GPU sync per micro-batch
+        rope_kernel=cfg.model.rope_kernel,
     )
     contexts = [quantization.init_context(recipes.get(p)) for p in plan.layers] if cfg.quantized_model_init else None
     # Quantized weights are made on the device (TE quantizes them as they are initialised), then sharded.

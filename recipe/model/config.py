@@ -96,10 +96,12 @@ class ContextParallel:
 @dataclass(frozen=True)
 class Runtime:
     """How the model runs, fixed when it is built (never set afterwards): context parallelism, the per-layer
-    quantization recipes, and whether forward checks its inputs. The trainer's packer guarantees what the checks
-    test, so it builds the model without them (each costs a GPU sync per micro-batch); anyone else keeps them."""
+    quantization recipes, the rotary kernel, and whether forward checks its inputs. The trainer's packer guarantees
+    what the checks test, so it builds the model without them (each costs a GPU sync per micro-batch); anyone else
+    keeps them."""
 
     context_parallel: ContextParallel = field(default_factory=ContextParallel)
     layer_recipes: tuple | None = None  # te backend: one TE recipe per layer, None for a BF16 layer
     amax_group: Any = None  # process group over which FP8 amaxes are reduced (all ranks)
     check_inputs: bool = True
+    rope_kernel: str = "te"  # te backend: "te" (TE's fused THD rope) or "triton" (recipe/model/rope_kernel.py)

@@ -20,7 +20,7 @@ from torch import nn
 
 from recipe.data.mlm import IGNORE_INDEX
 from recipe.model.config import EsmConfig, Runtime
-from recipe.model.layers import Linear, PackedInfo, TorchEsmLayer, init_scale, linear, rotary_cos_sin
+from recipe.model.layers import Linear, PackedInfo, TorchEsmLayer, init_scale, linear, rotary_cos_sin, rotary_inv_freq
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,7 @@ class EsmForMaskedLM(nn.Module):
         for i, ctx in enumerate(contexts):
             if config.backend == "te":  # an FP8/FP4 layer runs TE's projections (te_layers.py)
                 layer_kw["quantized"] = recipes is not None and recipes[i] is not None
+                layer_kw["rope_kernel"] = runtime.rope_kernel
             with ctx:
                 layers.append(layer_cls(config, device=device, dtype=dtype, **layer_kw))
         self.layers = nn.ModuleList(layers)
@@ -205,7 +206,9 @@ class EsmForMaskedLM(nn.Module):
     def _run_layers(self, x, packed: PackedInfo, position_ids=None) -> torch.Tensor:
         cfg = self.config
         rope: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
-        if cfg.backend == "te":
+        if cfg.backend == "te" and self.runtime.rope_kernel == "triton":
+            rope = (packed.offsets, rotary_inv_freq(cfg.head_dim, cfg.rope_theta, x.device))
+        elif cfg.backend == "te":
             from recipe.model.te_layers import rotary_freqs
 
             rope = rotary_freqs(packed.max_seqlen, cfg.head_dim, cfg.rope_theta, x.device)

@@ -204,13 +204,17 @@ class EsmLayerBase(nn.Module):
         super().__init__()
         self.num_heads, self.head_dim = config.num_heads, config.head_dim
 
-    def attend(self, q, k, v, rope, packed: PackedInfo | None, key_padding_mask: torch.Tensor | None):
+    def attend(self, qkv, rope, packed: PackedInfo | None, key_padding_mask: torch.Tensor | None):
+        """Attention [..., H, D] from the fused QKV projection [..., 3*H*D], the rotary included."""
         raise NotImplementedError
 
-    def forward(self, x, rope, packed: PackedInfo | None = None, key_padding_mask: torch.Tensor | None = None):
-        qkv = self.attention.layernorm_qkv(x)
+    def split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v [..., H, D]: views of the fused projection."""
         q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(-3)
-        out = self.attend(q, k, v, rope, packed, key_padding_mask)
+        return q, k, v
+
+    def forward(self, x, rope, packed: PackedInfo | None = None, key_padding_mask: torch.Tensor | None = None):
+        out = self.attend(self.attention.layernorm_qkv(x), rope, packed, key_padding_mask)
         x = x + self.attention.proj(out.flatten(-2))
         return x + self.feed_forward(x)
 
@@ -231,7 +235,8 @@ class TorchEsmLayer(EsmLayerBase):
         )
         self.mlp = LayerNormMLP(h, config.intermediate_size, eps, config.activation, device=device, dtype=dtype)
 
-    def attend(self, q, k, v, rope, packed, key_padding_mask):
+    def attend(self, qkv, rope, packed, key_padding_mask):
+        q, k, v = self.split_heads(qkv)
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if packed is None:

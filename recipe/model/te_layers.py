@@ -44,6 +44,7 @@ class TEEsmLayer(EsmLayerBase):
         context_parallel: ContextParallel | None = None,
         cp_stream=None,
         quantized: bool = False,
+        rope_kernel: str = "te",
     ):
         super().__init__(config)
         import transformer_engine.pytorch as te
@@ -51,7 +52,7 @@ class TEEsmLayer(EsmLayerBase):
         h, eps, ffn = config.hidden_size, config.layer_norm_eps, config.intermediate_size
         device = device if device is not None else "cuda"
         kw = dict(params_dtype=dtype or torch.float32, device=device)
-        self.eps, self.activation = eps, config.activation
+        self.eps, self.activation, self.rope_kernel = eps, config.activation, rope_kernel
         if quantized:
             qkv, proj = te.LayerNormLinear(h, 3 * h, eps=eps, bias=True, **kw), te.Linear(h, h, bias=True, **kw)
         else:
@@ -86,29 +87,21 @@ class TEEsmLayer(EsmLayerBase):
             return layer_norm_mlp(x, self.mlp, self.eps, "gelu")
         return self.mlp(x)
 
-    def attend(self, q, k, v, rope, packed: PackedInfo | None, key_padding_mask):
-        from transformer_engine.pytorch.attention.rope import apply_rotary_pos_emb
-
+    def attend(self, qkv, rope, packed: PackedInfo | None, key_padding_mask):
         if packed is None:
             raise ValueError("the te backend runs packed (THD) input only")
         cu, cu_pad = packed.cu_seqlens, packed.cu_seqlens_padded
-        # With context parallelism the fused rope finds each token's position in the full sequence from the padded
-        # offsets and this rank's place in the dual-chunk-swap layout.
-        # q and k stay strided views of the fused QKV output: the fused rope kernel reads any layout and writes
-        # contiguous outputs, so a copy first would only add a pass over both.
-        rope_kw = dict(
-            tensor_format="thd",
-            fused=True,
-            cu_seqlens=cu if cu_pad is None else cu_pad,
-            cp_size=packed.cp_size,
-            cp_rank=packed.cp_rank,
-        )
-        q = apply_rotary_pos_emb(q, rope, **rope_kw)
-        k = apply_rotary_pos_emb(k, rope, **rope_kw)
+        if self.rope_kernel == "triton":  # rope: (positions, inv_freq); one pass over QKV, contiguous q, k, v
+            from recipe.model import rope_kernel
+
+            positions, inv_freq = rope
+            q, k, v = rope_kernel.rope_qkv(qkv, positions, inv_freq, self.num_heads, self.head_dim)
+        else:  # rope: TE's angle table
+            q, k, v = self.te_rope(qkv, rope, packed)
         out = self.core_attention(
             q,
             k,
-            v.contiguous(),
+            v,
             cu_seqlens_q=cu,
             cu_seqlens_kv=cu,
             cu_seqlens_q_padded=cu_pad,
@@ -117,3 +110,16 @@ class TEEsmLayer(EsmLayerBase):
             max_seqlen_kv=packed.max_seqlen,
         )
         return out.view(*q.shape)
+
+    def te_rope(self, qkv, freqs, packed: PackedInfo):
+        """TE's fused rope on q and k. With context parallelism it finds each token's position in the full sequence
+        from the padded offsets and this rank's place in the dual-chunk-swap layout. q and k stay strided views of
+        QKV (the kernel reads any layout and writes contiguous outputs, so a copy first would only add a pass); v is
+        copied, because the attention keeps its inputs for backward and a view would keep all of QKV alive."""
+        from transformer_engine.pytorch.attention.rope import apply_rotary_pos_emb
+
+        q, k, v = self.split_heads(qkv)
+        cu_pad = packed.cu_seqlens_padded
+        rope_kw = dict(tensor_format="thd", fused=True, cu_seqlens=packed.cu_seqlens if cu_pad is None else cu_pad,
+                       cp_size=packed.cp_size, cp_rank=packed.cp_rank)  # fmt: skip
+        return apply_rotary_pos_emb(q, freqs, **rope_kw), apply_rotary_pos_emb(k, freqs, **rope_kw), v.contiguous()

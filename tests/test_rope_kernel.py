@@ -1,0 +1,68 @@
+"""model.rope_kernel=triton (recipe/model/rope_kernel.py): the kernels run through Triton's interpreter on CPU
+against the PyTorch rotary the torch backend uses, and the refusals of the setting. The GPU run of the same kernels
+inside the te model is tests/test_gpu.py::test_triton_rope_kernel_matches_te_rope."""
+
+import pytest
+import torch
+
+from recipe.build import check_rope_kernel
+from recipe.config import ConfigError
+from recipe.model import rope_kernel
+from recipe.model.layers import PackedInfo, apply_rotary, rotary_cos_sin, rotary_inv_freq
+
+needs_triton = pytest.mark.skipif(not rope_kernel.available(), reason="triton is in the dev extra")
+
+
+@pytest.fixture
+def interpreted(monkeypatch):
+    """Triton's interpreter (CPU tensors); the kernels are defined again under it."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    rope_kernel._kernels.cache_clear()
+    yield
+    rope_kernel._kernels.cache_clear()
+
+
+def reference(qkv, packed, heads, head_dim):
+    cos, sin = rotary_cos_sin(packed.offsets, head_dim, 10000.0)
+    q, k, v = qkv.unflatten(-1, (3, heads, head_dim)).unbind(-3)
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads, head_dim", [(4, 16), (20, 8), (3, 64)])  # head x half-dim pairs: 32, 80, 96
+def test_matches_the_pytorch_rotary_forward_and_backward(interpreted, dtype, heads, head_dim):
+    """Outputs and QKV's gradient against the torch backend's rotary, on three packed sequences (33 tokens: not a
+    multiple of the kernel's token block), positions restarting at each sequence."""
+    packed = PackedInfo(torch.tensor([0, 5, 12, 33], dtype=torch.int32), 21, 33)
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(33, 3 * heads * head_dim, generator=gen).to(dtype)
+    grads = [torch.randn(33, heads, head_dim, generator=gen).to(dtype) for _ in range(3)]
+    results = []
+    for fn in (lambda x: rope_kernel.rope_qkv(x, packed.offsets, rotary_inv_freq(head_dim, 10000.0), heads, head_dim),
+               lambda x: reference(x, packed, heads, head_dim)):  # fmt: skip
+        x = qkv.clone().requires_grad_()
+        out = fn(x)
+        torch.autograd.backward(out, grads)
+        results.append([*(o.detach() for o in out), x.grad])
+    assert all(o.is_contiguous() for o in results[0][:3])
+    assert torch.equal(results[0][2], results[1][2])  # v: a copy
+    for got, want in zip(results[0], results[1]):
+        # fp32: the same arithmetic but for the sin/cos implementation; bf16: at most one rounding step apart
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2**-7, atol=1e-6)
+        torch.testing.assert_close(got, want, **tol)
+
+
+@pytest.mark.parametrize(
+    "backend, cp_size, has_triton, message",
+    [
+        ("torch", 1, True, "model.rope_kernel=triton needs the te backend \\(resolved: torch\\)"),
+        ("te", 2, True, "model.rope_kernel=triton runs without context parallelism only \\(cp_size=2\\)"),
+        ("te", 1, False, "model.rope_kernel=triton needs Triton"),
+    ],
+)
+def test_refusals(monkeypatch, backend, cp_size, has_triton, message):
+    monkeypatch.setattr(rope_kernel, "available", lambda: has_triton)
+    with pytest.raises(ConfigError, match=message):
+        check_rope_kernel("triton", backend, cp_size)
+    check_rope_kernel("te", backend, cp_size)  # the default is never refused
