@@ -205,8 +205,8 @@ class QuantStatsConfig:
 class ProfilerConfig:
     """torch.profiler over a few optimizer steps of this run (recipe/profiling.py): a trace and a kernel-time summary."""
 
-    # Profile steps start_step .. start_step + num_steps - 1. The profiler's cost and the trace export count in this
-    # run's tokens/s: measure speed in a run without it.
+    # Profile steps start_step .. start_step + num_steps - 1. The profiled steps run slower (the trace export is left
+    # out of the training clock): measure speed in a run without the profiler.
     enabled: bool = False
     start_step: int = checked(10, "[1, inf)")  # first profiled optimizer step (1-based); the steps before it warm up
     num_steps: int = checked(3, "[1, inf)")  # optimizer steps profiled

@@ -177,7 +177,8 @@ def _fit(cfg: DictConfig, strategy: Strategy):
         state.step += 1
         if stats is not None:
             stats.step()  # logs the statistics this step collected
-        profiler.step()
+        with state.clock.pause():  # its trace export is not training time (as validation and checkpoint writes)
+            profiler.step()
         state.consumed_tokens += int(counts.real_tokens)
         state.consumed_samples += round(counts.samples)
         throughput.add(counts.real_tokens, counts.flops)
