@@ -21,6 +21,8 @@ queue() {  # queue GPU FILE
   done < "$2"
 }
 read -r -a GPU_LIST <<< "${GPUS:-0 1}"
+[ $# -le ${#GPU_LIST[@]} ] || { echo "$# queue files for ${#GPU_LIST[@]} GPUs (GPUS=\"${GPU_LIST[*]}\")"; exit 2; }
+rm -f $W/levers_*.txt  # a warm machine keeps /tmp: no results of an earlier call
 i=0; for file in "$@"; do queue "${GPU_LIST[$i]}" "$file" & i=$((i + 1)); done; wait
 cat $W/levers_*.txt > $OUT/levers.txt
 tar czf $OUT/levers_logs.tgz -C $W . 2>/dev/null

@@ -6,6 +6,7 @@
 #   (bench/quant_stats_cost.py), GPU 3 train_mfsdp.py at the matched rows (bench/vs_reference.py --trainer).
 #   Phase B, all four GPUs: 15B BF16 and FP8 block scaling under FSDP2 (bench/vs_reference.py --nproc 4).
 #   run: carry [".device"], command: source .device/setup.sh && bash bench/device_profiles_issue19.sh
+# shellcheck disable=SC2086  # word splitting of the option strings ($PYTEST, $VS, $PROF, rows) is intended
 set -u -o pipefail
 OUT=${OUT:-/tmp/out}; W=/tmp/w; mkdir -p "$OUT" "$W"; T0=$(date +%s)
 export PYTHONUNBUFFERED=1

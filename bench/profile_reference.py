@@ -40,6 +40,9 @@ def inner(start: int, steps: int, out: Path, rest: list[str]) -> None:
     calls = 0
 
     def write(prof) -> None:
+        if calls < start - 1 + steps:  # the run ended inside the window (stop() in `finally` lands here)
+            print(f"profile_reference: the run ended at step {calls}, inside the window: nothing written", flush=True)
+            return
         wall = (stamps[-1] - stamps[0]) * 1e3 / steps if len(stamps) == steps + 1 else None
         title = f"reference, steps {start}-{start + steps - 1}"
         text = summarize(prof, steps, wall, title)

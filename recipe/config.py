@@ -208,7 +208,7 @@ class ProfilerConfig:
     # Profile steps start_step .. start_step + num_steps - 1. The profiled steps run slower (the trace export is left
     # out of the training clock): measure speed in a run without the profiler.
     enabled: bool = False
-    start_step: int = checked(10, "[1, inf)")  # first profiled optimizer step (1-based); the steps before it warm up
+    start_step: int = checked(10, "[2, inf)")  # first profiled optimizer step (1-based); the steps before it warm up
     num_steps: int = checked(3, "[1, inf)")  # optimizer steps profiled
     dir: str | None = None  # null = ${output_dir}/profile: trace_rank<R>.json.gz and summary_rank<R>.txt per rank
     record_shapes: bool = False  # operator input shapes in the trace (larger trace)

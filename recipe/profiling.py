@@ -105,32 +105,36 @@ class StepProfiler:
 
     The loop calls `step()` after every optimizer step. The profiler starts recording one step early (its own first
     recorded step is slower, so it is a warm-up left out of the results) and writes its files when the window ends;
-    a run that ends first writes nothing and says so. The loop syncs the host once per step (the loss), so the wall
-    time between two `step()` calls is one whole step."""
+    a run that ends first, or starts too late to train a step before the window, writes nothing and says so. The
+    loop syncs the host once per step (the loss), so the wall time between two `step()` calls is one whole step."""
 
     def __init__(self, cfg: Any, out_dir: Path, rank: int, device: torch.device, first_step: int):
         """`cfg`: the `profiler` config section (off: every call does nothing); `first_step`: the run's step at start."""
         self.start, self.count, self.rank = cfg.start_step, cfg.num_steps, rank
         self.dir = Path(cfg.dir) if cfg.dir is not None else out_dir / "profile"
         self.step_no, self.prof = first_step, None
-        self.done = not cfg.enabled or first_step >= self.start
-        if cfg.enabled and self.done:  # a resumed run past the window
-            log.warning("profiler: the run starts after step %d (profiler.start_step): nothing is profiled", self.start)
+        # The profiler warms up on the step before the window, so the run must train one step before it.
+        self.done = not cfg.enabled or first_step > self.start - 2
+        if cfg.enabled and self.done:  # a resumed run at or past the window
+            log.warning(
+                "profiler: the run starts at step %d, past profiler.start_step=%d - 1: nothing is profiled",
+                first_step + 1,
+                self.start,
+            )
         if self.done:
             return
         from torch.profiler import ProfilerActivity, profile, schedule
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        wait = max(self.start - 2 - first_step, 0)
         self.prof = profile(
             activities=activities,
-            schedule=schedule(wait=wait, warmup=self.start - 1 - first_step - wait, active=self.count, repeat=1),
+            schedule=schedule(wait=self.start - 2 - first_step, warmup=1, active=self.count, repeat=1),
             on_trace_ready=self._write,
             record_shapes=cfg.record_shapes,
             with_stack=cfg.with_stack,
         )
         self.prof.start()
-        self.stamps = [time.perf_counter()] if first_step == self.start - 1 else []
+        self.stamps: list[float] = []
 
     def step(self) -> None:
         """After an optimizer step (the loop has synced the host on its loss)."""

@@ -66,3 +66,24 @@ def test_refusals(monkeypatch, backend, cp_size, has_triton, message):
     with pytest.raises(ConfigError, match=message):
         check_rope_kernel("triton", backend, cp_size)
     check_rope_kernel("te", backend, cp_size)  # the default is never refused
+
+
+@pytest.mark.parametrize(
+    "shape, positions, error",
+    [
+        ((7, 3 * 4 * 16 + 1), 7, "is not \\[T, 3 x 4 heads x 16\\]"),  # a QKV width that is not 3 x H x D
+        ((7, 3 * 4 * 16), 6, "positions \\(6,\\) is not \\[T\\]"),
+    ],
+)
+def test_malformed_input_is_refused_before_any_kernel(shape, positions, error):
+    with pytest.raises(ValueError, match=error):
+        rope_kernel.rope_qkv(torch.zeros(shape), torch.zeros(positions, dtype=torch.long), rotary_inv_freq(16, 1e4), 4, 16)
+
+
+def test_the_model_refuses_the_kernel_where_it_does_not_apply():
+    """Built directly (not through the trainer's config check): the torch backend has no use for it."""
+    from recipe.model import EsmConfig, build_model
+    from recipe.model.config import Runtime
+
+    with pytest.raises(ValueError, match="rope_kernel=triton is for the te backend without context parallelism"):
+        build_model(EsmConfig.from_size("tiny", backend="torch"), runtime=Runtime(rope_kernel="triton"))

@@ -71,6 +71,8 @@ class EsmForMaskedLM(nn.Module):
         cp, recipes = runtime.context_parallel, runtime.layer_recipes
         if config.backend != "te" and (cp.size > 1 or recipes is not None):
             raise ValueError("context parallelism and FP8/FP4 layers need the te backend (TransformerEngine)")
+        if runtime.rope_kernel != "te" and (config.backend != "te" or cp.size > 1):
+            raise ValueError(f"rope_kernel={runtime.rope_kernel} is for the te backend without context parallelism")
         if recipes is not None and len(recipes) != config.num_layers:
             raise ValueError(f"{len(recipes)} layer recipes for {config.num_layers} layers")
         h = config.hidden_size
@@ -96,7 +98,8 @@ class EsmForMaskedLM(nn.Module):
         fused kernels and stay eager (measured faster than leaving the MLP eager: docs/benchmarks.md)."""
         if self.config.backend == "te" and self.config.activation != "gelu":
             log.warning(
-                "torch.compile: with the te backend and activation %s every module is TE's own; nothing is compiled",
+                "torch.compile: with the te backend only the exact-GELU MLP is compiled; activation %s runs TE's fused "
+                "MLP, so nothing is compiled",
                 self.config.activation,
             )
             return
