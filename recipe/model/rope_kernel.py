@@ -30,7 +30,7 @@ def _kernels() -> tuple[Any, Any]:
 
     @triton.jit
     def rope_qkv_fwd(qkv, q, k, v, positions, inv_freq, num_tokens, HD: tl.constexpr, HALF: tl.constexpr,
-                PAIRS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):  # fmt: skip
+                     PAIRS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):  # fmt: skip
         which = tl.program_id(1)  # 0: q, 1: k, 2: v
         t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]
         p = tl.arange(0, BLOCK_P)[None, :]  # one (head, frequency) pair: elements j and j + HALF of a head
@@ -57,7 +57,7 @@ def _kernels() -> tuple[Any, Any]:
 
     @triton.jit
     def rope_qkv_bwd(dqkv, dq, dk, dv, positions, inv_freq, num_tokens, HD: tl.constexpr, HALF: tl.constexpr,
-                 PAIRS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):  # fmt: skip
+                     PAIRS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):  # fmt: skip
         which = tl.program_id(1)
         t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]
         p = tl.arange(0, BLOCK_P)[None, :]
