@@ -1,0 +1,102 @@
+"""The te backend's layer wiring on CPU, with TransformerEngine replaced by a stand-in (TE needs a GPU): which
+modules a BF16 and a quantized layer are built from, that the te layer computes what the torch layer computes from
+the same weights, and that model.rope_kernel=triton (through Triton's interpreter) gives what TE's rope path gives.
+
+The stand-in has only what te_layers.py calls, with TE's signatures: its attention is our packed attention and its
+rope the PyTorch rotary. What TE's kernels compute is checked on the GPU (tests/test_gpu.py)."""
+
+import dataclasses
+import sys
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from recipe.model import layers, rope_kernel
+from recipe.model.config import EsmConfig, Runtime
+from recipe.model.esm import EsmForMaskedLM, init_weights
+
+
+class _TEModule(nn.Module):
+    """TE's LayerNormLinear / Linear / LayerNormMLP, reduced to their parameter names."""
+
+    def __init__(self, *shape, names=(), **kwargs):
+        super().__init__()
+        for name in names:
+            self.register_parameter(name, nn.Parameter(torch.zeros(1)))
+
+
+class _DotProductAttention(nn.Module):
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+
+    def forward(self, q, k, v, cu_seqlens_q, cu_seqlens_kv, cu_seqlens_q_padded, cu_seqlens_kv_padded, max_seqlen_q,
+                max_seqlen_kv):  # fmt: skip
+        out = layers.packed_attention(q, k, v, layers.PackedInfo(cu_seqlens_q, max_seqlen_q, q.shape[0]))
+        return out.flatten(-2)
+
+
+def _apply_rotary_pos_emb(t, freqs, tensor_format, fused, cu_seqlens, cp_size, cp_rank):
+    angles = freqs[layers.PackedInfo(cu_seqlens, 0, t.shape[0]).offsets][:, 0, 0]  # [T, D]
+    return layers.apply_rotary(t, angles.cos(), angles.sin())
+
+
+@pytest.fixture
+def stand_in_te(monkeypatch):
+    te = types.ModuleType("transformer_engine")
+    tp = types.ModuleType("transformer_engine.pytorch")
+    attention = types.ModuleType("transformer_engine.pytorch.attention")
+    rope = types.ModuleType("transformer_engine.pytorch.attention.rope")
+    tp.LayerNormLinear = lambda *a, **k: _TEModule(names=("layer_norm_weight", "layer_norm_bias", "weight", "bias"))
+    tp.Linear = lambda *a, **k: _TEModule(names=("weight", "bias"))
+    tp.LayerNormMLP = lambda *a, **k: _TEModule(names=("layer_norm_weight", "layer_norm_bias", "fc1_weight"))
+    tp.DotProductAttention = _DotProductAttention
+    rope.apply_rotary_pos_emb = _apply_rotary_pos_emb
+    te.pytorch, tp.attention, attention.rope = tp, attention, rope
+    for name, module in [("transformer_engine", te), ("transformer_engine.pytorch", tp),
+                         ("transformer_engine.pytorch.attention", attention),
+                         ("transformer_engine.pytorch.attention.rope", rope)]:  # fmt: skip
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    rope_kernel._kernels.cache_clear()
+    yield
+    rope_kernel._kernels.cache_clear()
+
+
+CONFIG = dataclasses.replace(EsmConfig.from_size("8M"), num_layers=2)
+
+
+def test_bf16_layers_are_ours_and_quantized_layers_te(stand_in_te):
+    from recipe.model.te_layers import TEEsmLayer
+
+    bf16 = TEEsmLayer(dataclasses.replace(CONFIG, backend="te"), device="cpu")
+    assert type(bf16.attention.layernorm_qkv) is layers.LayerNormLinear and type(bf16.attention.proj) is layers.Linear
+    assert type(bf16.mlp) is layers.LayerNormMLP
+    quantized = TEEsmLayer(dataclasses.replace(CONFIG, backend="te"), device="cpu", quantized=True)
+    assert all(type(m) is _TEModule for m in (quantized.attention.layernorm_qkv, quantized.attention.proj, quantized.mlp))
+
+
+def run(model, ids, cu):
+    out = model(ids, cu_seqlens=cu, max_seqlen=15, labels=ids.clone(), return_logits=True)
+    out.loss.backward()
+    return out.logits.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+needs_triton = pytest.mark.skipif(not rope_kernel.available(), reason="triton is in the dev extra")
+
+
+@pytest.mark.parametrize("kernel", ["te", pytest.param("triton", marks=needs_triton)])
+def test_te_layer_computes_what_the_torch_layer_computes(stand_in_te, kernel):
+    """Same weights, same packed batch: the te model (TE's rope path, or the Triton kernel) against the torch
+    backend, logits and every gradient, in fp32."""
+    ids, cu = torch.randint(4, 24, (37,), generator=torch.Generator().manual_seed(0)), torch.tensor([0, 10, 25, 37]).int()
+    reference = EsmForMaskedLM(dataclasses.replace(CONFIG, backend="torch"))
+    init_weights(reference, 0)
+    model = EsmForMaskedLM(dataclasses.replace(CONFIG, backend="te"), device="cpu", runtime=Runtime(rope_kernel=kernel))
+    init_weights(model, 0)
+    (want, want_grads), (got, got_grads) = run(reference, ids, cu), run(model, ids, cu)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert got_grads.keys() == want_grads.keys()
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
