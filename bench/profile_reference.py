@@ -1,7 +1,7 @@
 """Where NVIDIA's recipe spends its step: the reference run that bench/vs_reference.py times (same rows, same
 settings, unmodified code under its own timing wrapper), with torch.profiler recording a window of its steps. The
-summary is the one our trainer writes with `profiler.enabled=true` (recipe/profiling.py), so the two read side by
-side; traces go beside it.
+profiler is the one our trainer runs with `profiler.enabled=true` (recipe/profiling.py), so the two summaries read
+side by side: OUT/reference_<row>/summary_rank0.txt, the trace beside it.
 
     source .device/setup.sh && python bench/profile_reference.py --rows 650M 3B --out $OUT/reference_profile
 
@@ -16,7 +16,6 @@ import dataclasses
 import os
 import runpy
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,54 +25,35 @@ from bench.vs_reference import ROWS, Reference, run_logged  # noqa: E402
 
 
 def inner(start: int, steps: int, out: Path, rest: list[str]) -> None:
-    """In the reference's process: profile optimizer steps start .. start + steps - 1, then run its wrapper."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile, schedule
+    """In the reference's process: the trainer's own StepProfiler over optimizer steps start .. start + steps - 1,
+    advanced by the recipe's per-step `log_step`, then its wrapper run as usual."""
+    from types import SimpleNamespace
 
-    from recipe.profiling import export_trace, summarize
+    import torch
+
+    from recipe.profiling import StepProfiler
 
     wrapper, args = rest[0], rest[1:]
     sys.path.insert(0, args[args.index("--recipe") + 1])
     import perf_logger  # the recipe's module: its train_*.py imports the same class
 
-    stamps: list[float] = []
-    calls = 0
-
-    def write(prof) -> None:
-        if calls < start - 1 + steps:  # the run ended inside the window (stop() in `finally` lands here)
-            print(f"profile_reference: the run ended at step {calls}, inside the window: nothing written", flush=True)
-            return
-        wall = (stamps[-1] - stamps[0]) * 1e3 / steps if len(stamps) == steps + 1 else None
-        title = f"reference, steps {start}-{start + steps - 1}"
-        text = summarize(prof, steps, wall, title)
-        out.with_suffix(".txt").write_text(text)
-        export_trace(prof, out.with_suffix(".json.gz"))
-        print(text, flush=True)
-
-    prof = profile(
-        activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
-        schedule=schedule(wait=start - 2, warmup=1, active=steps, repeat=1),
-        on_trace_ready=write,
-    )
+    settings = SimpleNamespace(enabled=True, start_step=start, num_steps=steps, dir=str(out), record_shapes=False,
+                               with_stack=False)  # fmt: skip
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    profiler = StepProfiler(settings, out, rank=0, device=device, first_step=0)
     original = perf_logger.PerfLogger.log_step
 
     def log_step(self, *a, **kw):
-        nonlocal calls
         result = original(self, *a, **kw)
-        calls += 1
-        if start - 1 <= calls <= start - 1 + steps:
-            torch.cuda.synchronize()
-            stamps.append(time.perf_counter())
-        prof.step()
+        profiler.step()  # after the recipe's step, whose gradient clipping synced the host
         return result
 
     perf_logger.PerfLogger.log_step = log_step
     sys.argv = [wrapper, *args]
-    prof.start()
     try:
         runpy.run_path(wrapper, run_name="__main__")
     finally:
-        prof.stop()
+        profiler.close()
 
 
 def main() -> None:
@@ -107,7 +87,7 @@ def main() -> None:
         wrapped = [sys.executable, __file__, "--inner", "--start", str(a.start), "--steps", str(a.steps)]
         wrapped += ["--out", str(a.out / f"reference_{name}"), "--", *cmd[1:]]
         rc, wall = run_logged(wrapped, a.out / f"reference_{name}.log", a.gpu, ref.env, a.timeout)
-        summary = a.out / f"reference_{name}.txt"
+        summary = a.out / f"reference_{name}" / "summary_rank0.txt"
         print(f"== {name}: rc {rc}, {wall:.0f} s")
         print(summary.read_text() if summary.exists() else f"no profile (see {a.out}/reference_{name}.log)", flush=True)
 

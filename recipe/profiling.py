@@ -151,8 +151,8 @@ class StepProfiler:
     def close(self) -> None:
         """At the end of the run: stop a window the run did not reach the end of."""
         if self.prof is not None and not self.done:
-            self.done = True  # _write (which stop() may call) leaves a partial window unwritten
-            self.prof.stop()
+            self.done = True
+            self.prof.stop()  # may call _write, which leaves a partial window unwritten
             log.warning(
                 "profiler: the run ended at step %d, before the window %d-%d ended: nothing written",
                 self.step_no,

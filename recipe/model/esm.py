@@ -81,11 +81,12 @@ class EsmForMaskedLM(nn.Module):
         contexts = layer_init_contexts or [nullcontext() for _ in range(config.num_layers)]
         # TE's context-parallel attention takes its group at construction; one side stream serves every layer.
         layer_kw: dict[str, Any] = {"context_parallel": cp, "cp_stream": torch.cuda.Stream()} if cp.size > 1 else {}
+        if config.backend == "te":
+            layer_kw["rope_kernel"] = runtime.rope_kernel
         layers = []
         for i, ctx in enumerate(contexts):
             if config.backend == "te":  # an FP8/FP4 layer runs TE's projections (te_layers.py)
                 layer_kw["quantized"] = recipes is not None and recipes[i] is not None
-                layer_kw["rope_kernel"] = runtime.rope_kernel
             with ctx:
                 layers.append(layer_cls(config, device=device, dtype=dtype, **layer_kw))
         self.layers = nn.ModuleList(layers)
