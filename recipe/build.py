@@ -63,7 +63,8 @@ def model_config(cfg: DictConfig) -> EsmConfig:
 
 def resolved_model_config(cfg: DictConfig, info: DistInfo) -> EsmConfig:
     """`model_config` with `backend: auto` resolved (once) and every backend-dependent refusal made: the hf
-    backend's, context parallelism's. May switch `cfg.dataset.layout` to bshd for the hf backend (logged)."""
+    backend's, context parallelism's. May switch `cfg.dataset.layout` to bshd for the hf backend, and sets
+    `cfg.model.rope_kernel` to what `auto` resolves to (both logged)."""
     quantized = bool(cfg.fp8_config.enabled or cfg.fp4_config.enabled)
     mcfg = model_config(cfg)
     mcfg = dataclasses.replace(mcfg, backend=resolve_backend(cfg.model.backend, mcfg, cfg.use_torch_compile, quantized))
@@ -72,26 +73,36 @@ def resolved_model_config(cfg: DictConfig, info: DistInfo) -> EsmConfig:
 
         prepare_config(cfg)  # refuses what transformers' model cannot do; padded batches
     check_context_parallel(cfg.cp_size, info.world_size, info.device.type, mcfg.backend, cfg.dataset.layout)
-    check_rope_kernel(cfg.model.rope_kernel, mcfg.backend, cfg.cp_size)
+    cfg.model.rope_kernel = resolve_rope_kernel(cfg.model.rope_kernel, mcfg.backend, cfg.cp_size)
     return mcfg
 
 
-def check_rope_kernel(kernel: str, backend: str, cp_size: int) -> None:
-    """model.rope_kernel=triton: the te backend's layer without context parallelism (under CP, TE's rope places each
-    token of the dual-chunk layout itself), with Triton installed."""
+def resolve_rope_kernel(kernel: str, backend: str, cp_size: int) -> str:
+    """model.rope_kernel: `auto` -> triton where it can run, else te (logged); an explicit triton needs the te backend
+    without context parallelism (under CP, TE's rope places each token of the dual-chunk layout itself) and Triton."""
+    from recipe.model import rope_kernel
+
+    if kernel == "auto":
+        if backend != "te":
+            return "te"  # unused: the torch and hf backends run their own rotary
+        if cp_size > 1:
+            why = f"context parallelism (cp_size={cp_size}) needs TE's rope"
+        else:
+            why = None if rope_kernel.available() else "Triton is not installed"
+        log.info("model.rope_kernel=auto picked %s", "triton" if why is None else f"te: {why}")
+        return "triton" if why is None else "te"
     if kernel == "te":
-        return
+        return kernel
     if backend != "te":
         raise config_lib.ConfigError(
             f"model.rope_kernel={kernel} needs the te backend (resolved: {backend}); the {backend} backend runs its rotary "
-            "in PyTorch: leave model.rope_kernel=te"
+            "in PyTorch: leave model.rope_kernel=auto"
         )
     if cp_size > 1:
         raise config_lib.ConfigError(f"model.rope_kernel={kernel} runs without context parallelism only (cp_size={cp_size})")
-    from recipe.model import rope_kernel
-
     if not rope_kernel.available():
         raise config_lib.ConfigError(f"model.rope_kernel={kernel} needs Triton (pip install triton)")
+    return kernel
 
 
 def model_name(cfg: DictConfig, mcfg: EsmConfig) -> str:

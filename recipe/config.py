@@ -84,9 +84,10 @@ class ModelConfig:
     layer_norm_eps: float | None = checked(None, "(0, inf)")  # LayerNorm epsilon (ESM-2's facebook checkpoints: 1e-5)
     token_dropout: bool | None = None  # ESM's <mask> embedding dropout with per-sequence rescaling (ESM-2: true)
     fp32_residual: bool = False  # under bf16 autocast keep the residual stream in fp32 (as transformers); false = bf16, faster
-    # te backend, cp_size 1: the rotary of q and k. te = TE's fused THD rope (default); triton = one Triton pass over the
-    # fused QKV forward and one backward (recipe/model/rope_kernel.py; experimental, not yet measured faster).
-    rope_kernel: str = checked("te", words=("te", "triton"))
+    # The te backend's rotary of q and k. te = TE's fused THD rope; triton = one Triton pass over the fused QKV forward
+    # and one backward (recipe/model/rope_kernel.py; te backend at cp_size 1 only); auto = triton where it can run
+    # (te backend, cp_size 1, Triton installed), else te. Measured: docs/benchmarks.md.
+    rope_kernel: str = checked("auto", words=("auto", "te", "triton"))
     # A local Hugging Face ESM-2 directory to start from (continued pretraining); its shape wins over model.size, and
     # shape keys given with it are an error.
     init_from: str | None = None

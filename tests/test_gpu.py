@@ -299,17 +299,20 @@ def test_quantized_model_init_trains(tmp_path, strategy):
         "fp8_config.fp8_recipe=transformer_engine.common.recipe.Float8CurrentScaling",
         "num_train_steps=60",
         "checkpoint.save_every_n_steps=30",
+        "log_every_n_steps=1",
         f"output_dir={tmp_path}",
     )
     assert r.returncode == 0, r.stderr[-4000:]
     held = next(x for x in r.stderr.splitlines() if "quantized model init:" in x)
     train, _ = read_metrics(tmp_path)
+    # Means over several steps: one step's loss moves by a few hundredths with the kernels' rounding.
+    first, last = (sum(x["loss"] for x in part) / len(part) for part in (train[:5], train[-10:]))
     print(
-        f"\n  quantized_model_init ({strategy}, Float8CurrentScaling): {held.split(': ', 2)[-1]}; loss {train[0]['loss']:.3f} -> "
-        f"{train[-1]['loss']:.3f}, peak memory {train[-1]['max_memory_gb']:.2f} GB"
+        f"\n  quantized_model_init ({strategy}, Float8CurrentScaling): {held.split(': ', 2)[-1]}; mean loss of the "
+        f"first 5 steps {first:.3f}, of the last 10 {last:.3f}; peak memory {train[-1]['max_memory_gb']:.2f} GB"
     )
     assert "16 weights held quantized" in held  # tiny: 4 layers x (qkv, proj, fc1, fc2)
-    assert train[-1]["loss"] < train[0]["loss"] - 0.2
+    assert len(train) == 60 and last < first - 0.15
 
 
 SWISSPROT = ROOT / ".device" / "data"

@@ -2,10 +2,12 @@
 against the PyTorch rotary the torch backend uses, and the refusals of the setting. The GPU run of the same kernels
 inside the te model is tests/test_gpu.py::test_triton_rope_kernel_matches_te_rope."""
 
+import re
+
 import pytest
 import torch
 
-from recipe.build import check_rope_kernel
+from recipe.build import resolve_rope_kernel
 from recipe.config import ConfigError
 from recipe.model import rope_kernel
 from recipe.model.layers import PackedInfo, apply_rotary, rotary_cos_sin, rotary_inv_freq
@@ -30,7 +32,7 @@ def reference(qkv, packed, heads, head_dim):
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("heads, head_dim", [(4, 16), (20, 8), (3, 64)])  # head x half-dim pairs: 32, 80, 96
+@pytest.mark.parametrize("heads, head_dim", [(4, 16), (20, 8), (3, 64), (2, 24)])  # half-dims 8, 4, 32, 12 (35M)
 def test_matches_the_pytorch_rotary_forward_and_backward(interpreted, dtype, heads, head_dim):
     """Outputs and QKV's gradient against the torch backend's rotary, on three packed sequences (33 tokens: not a
     multiple of the kernel's token block), positions restarting at each sequence."""
@@ -64,8 +66,28 @@ def test_matches_the_pytorch_rotary_forward_and_backward(interpreted, dtype, hea
 def test_refusals(monkeypatch, backend, cp_size, has_triton, message):
     monkeypatch.setattr(rope_kernel, "available", lambda: has_triton)
     with pytest.raises(ConfigError, match=message):
-        check_rope_kernel("triton", backend, cp_size)
-    check_rope_kernel("te", backend, cp_size)  # the default is never refused
+        resolve_rope_kernel("triton", backend, cp_size)
+    assert resolve_rope_kernel("te", backend, cp_size) == "te"  # never refused
+
+
+@pytest.mark.parametrize(
+    "backend, cp_size, has_triton, picked, logged",
+    [
+        ("te", 1, True, "triton", "picked triton"),
+        ("te", 2, True, "te", "picked te: context parallelism \\(cp_size=2\\) needs TE's rope"),
+        ("te", 1, False, "te", "picked te: Triton is not installed"),
+        ("torch", 1, True, "te", None),  # not used by the torch backend: nothing to say
+    ],
+)
+def test_auto_picks_triton_where_it_can_run(monkeypatch, caplog, backend, cp_size, has_triton, picked, logged):
+    monkeypatch.setattr(rope_kernel, "available", lambda: has_triton)
+    with caplog.at_level("INFO", logger="recipe"):
+        assert resolve_rope_kernel("auto", backend, cp_size) == picked
+    lines = [r.getMessage() for r in caplog.records if "rope_kernel" in r.getMessage()]
+    if logged is None:
+        assert lines == []
+    else:
+        assert len(lines) == 1 and re.search(logged, lines[0]), lines
 
 
 @pytest.mark.parametrize(

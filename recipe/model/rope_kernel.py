@@ -25,72 +25,23 @@ def available() -> bool:
 
 @functools.cache
 def _kernels() -> tuple[Any, Any]:
-    import triton
-    import triton.language as tl
+    """The forward and backward kernels. Reloaded after a cache_clear, so that a change of TRITON_INTERPRET (read when
+    Triton decorates a kernel) takes effect."""
+    import importlib
+    import sys
 
-    @triton.jit
-    def rope_qkv_fwd(qkv, q, k, v, positions, inv_freq, num_tokens, HD: tl.constexpr, HALF: tl.constexpr,
-                     PAIRS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):  # fmt: skip
-        which = tl.program_id(1)  # 0: q, 1: k, 2: v
-        t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]
-        p = tl.arange(0, BLOCK_P)[None, :]  # one (head, frequency) pair: elements j and j + HALF of a head
-        mask = (t < num_tokens) & (p < PAIRS)
-        col = (p // HALF) * (2 * HALF) + p % HALF
-        src = qkv + t.to(tl.int64) * (3 * HD) + which * HD + col
-        x1 = tl.load(src, mask=mask)
-        x2 = tl.load(src + HALF, mask=mask)
-        dst = t.to(tl.int64) * HD + col
-        if which == 2:
-            tl.store(v + dst, x1, mask=mask)
-            tl.store(v + dst + HALF, x2, mask=mask)
-        else:
-            angle = tl.load(positions + t, mask=t < num_tokens, other=0).to(tl.float32) * tl.load(inv_freq + p % HALF)
-            cos, sin = tl.cos(angle), tl.sin(angle)
-            a, b = x1.to(tl.float32), x2.to(tl.float32)
-            y1, y2 = (a * cos - b * sin).to(x1.dtype), (b * cos + a * sin).to(x1.dtype)
-            if which == 0:
-                tl.store(q + dst, y1, mask=mask)
-                tl.store(q + dst + HALF, y2, mask=mask)
-            else:
-                tl.store(k + dst, y1, mask=mask)
-                tl.store(k + dst + HALF, y2, mask=mask)
-
-    @triton.jit
-    def rope_qkv_bwd(dqkv, dq, dk, dv, positions, inv_freq, num_tokens, HD: tl.constexpr, HALF: tl.constexpr,
-                     PAIRS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):  # fmt: skip
-        which = tl.program_id(1)
-        t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]
-        p = tl.arange(0, BLOCK_P)[None, :]
-        mask = (t < num_tokens) & (p < PAIRS)
-        col = (p // HALF) * (2 * HALF) + p % HALF
-        src = t.to(tl.int64) * HD + col
-        dst = dqkv + t.to(tl.int64) * (3 * HD) + which * HD + col
-        if which == 2:
-            tl.store(dst, tl.load(dv + src, mask=mask), mask=mask)
-            tl.store(dst + HALF, tl.load(dv + src + HALF, mask=mask), mask=mask)
-        else:
-            if which == 0:
-                g1, g2 = tl.load(dq + src, mask=mask), tl.load(dq + src + HALF, mask=mask)
-            else:
-                g1, g2 = tl.load(dk + src, mask=mask), tl.load(dk + src + HALF, mask=mask)
-            angle = tl.load(positions + t, mask=t < num_tokens, other=0).to(tl.float32) * tl.load(inv_freq + p % HALF)
-            cos, sin = tl.cos(angle), tl.sin(angle)
-            a, b = g1.to(tl.float32), g2.to(tl.float32)
-            # The transpose of the rotation: rotate by -angle.
-            tl.store(dst, (a * cos + b * sin).to(g1.dtype), mask=mask)
-            tl.store(dst + HALF, (b * cos - a * sin).to(g1.dtype), mask=mask)
-
-    return rope_qkv_fwd, rope_qkv_bwd  # named so that profiles group them with the other rope kernels
+    name = "recipe.model.rope_triton"
+    module = importlib.reload(sys.modules[name]) if name in sys.modules else importlib.import_module(name)
+    return module.rope_qkv_fwd, module.rope_qkv_bwd
 
 
 def _launch(kernel, big: torch.Tensor, parts: tuple[torch.Tensor, ...], positions, inv_freq, heads: int, head_dim: int):
-    num_tokens = big.shape[0]
-    pairs = heads * head_dim // 2
-    block_p = 1 << (pairs - 1).bit_length()
-    block_t = max(1, 4096 // block_p)
-    grid = ((num_tokens + block_t - 1) // block_t, 3)
-    kernel[grid](big, *parts, positions, inv_freq, num_tokens, HD=heads * head_dim, HALF=head_dim // 2, PAIRS=pairs,
-                 BLOCK_T=block_t, BLOCK_P=block_p)  # fmt: skip
+    num_tokens, half = big.shape[0], head_dim // 2
+    block_j = 1 << (half - 1).bit_length()
+    block_t = max(1, 4096 // block_j)
+    grid = ((num_tokens + block_t - 1) // block_t, heads)
+    kernel[grid](big, *parts, positions, inv_freq, num_tokens, HD=heads * head_dim, HALF=half, BLOCK_T=block_t,
+                 BLOCK_J=block_j)  # fmt: skip
 
 
 class _RopeQKV(torch.autograd.Function):

@@ -1,0 +1,93 @@
+"""The te layer's two rotary paths on one layer's packed QKV, timed alone and in front of TE's attention.
+
+`te`: q, k, v as views of QKV, TE's fused THD rope on q and k, v copied; backward concatenates dq, dk, dv.
+`triton` (`model.rope_kernel=triton`, recipe/model/rope_kernel.py): one pass each way. Forward and backward are
+timed separately with CUDA events (median of `--reps`), on Swiss-Prot-like lengths at a size's head shape.
+
+    source .device/setup.sh && python bench/rope_kernels.py --heads 20 --head-dim 64 --tokens 49152
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# isort: off
+import transformer_engine.pytorch as te  # before torch touches CUDA (TE loads its cuDNN first)
+import torch
+# isort: on
+
+from bench.attention_shapes import cu_seqlens  # noqa: E402
+from recipe.model import rope_kernel  # noqa: E402
+from recipe.model.layers import PackedInfo, rotary_inv_freq  # noqa: E402
+from recipe.model.te_layers import rotary_freqs  # noqa: E402
+
+
+def te_path(qkv, packed: PackedInfo, heads: int, head_dim: int):
+    from transformer_engine.pytorch.attention.rope import apply_rotary_pos_emb
+
+    q, k, v = qkv.unflatten(-1, (3, heads, head_dim)).unbind(-3)
+    freqs = rotary_freqs(packed.max_seqlen, head_dim, 10000.0, qkv.device)
+    kw = dict(tensor_format="thd", fused=True, cu_seqlens=packed.cu_seqlens)
+    return apply_rotary_pos_emb(q, freqs, **kw), apply_rotary_pos_emb(k, freqs, **kw), v.contiguous()
+
+
+def triton_path(qkv, packed: PackedInfo, heads: int, head_dim: int):
+    return rope_kernel.rope_qkv(qkv, packed.offsets, rotary_inv_freq(head_dim, 10000.0, qkv.device), heads, head_dim)
+
+
+def timed(fn, reps: int) -> tuple[float, float]:
+    """Median forward and backward milliseconds of fn() -> (outputs, grads)."""
+    fwd, bwd = [], []
+    for _ in range(reps + 2):
+        e = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+        e[0].record()
+        outs, grads, leaf = fn()
+        e[1].record()
+        torch.autograd.backward(outs, grads)
+        e[2].record()
+        torch.cuda.synchronize()
+        fwd.append(e[0].elapsed_time(e[1]))
+        bwd.append(e[1].elapsed_time(e[2]))
+        leaf.grad = None
+    fwd, bwd = sorted(fwd[2:]), sorted(bwd[2:])
+    return fwd[len(fwd) // 2], bwd[len(bwd) // 2]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--heads", type=int, default=20)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--tokens", type=int, default=49152)
+    p.add_argument("--seqs", type=int, default=135)
+    p.add_argument("--reps", type=int, default=20)
+    a = p.parse_args()
+    dev = torch.device("cuda")
+    H, D, T = a.heads, a.head_dim, a.tokens
+    cu = cu_seqlens(T, a.seqs, 1024, dev)
+    qkv = torch.randn(T, 3 * H * D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    attn = te.DotProductAttention(H, D, attention_dropout=0.0, qkv_format="thd", attn_mask_type="padding",
+                                  softmax_scale=D**-0.5)  # fmt: skip
+    mb = 3 * T * H * D * 2 / 1e6
+    print(f"{torch.cuda.get_device_name()}, T={T}, {H} heads x {D}; QKV is {mb:.0f} MB")
+    for name, path in (("te", te_path), ("triton", triton_path)):
+        for with_attention in (False, True):
+
+            def step(path=path, with_attention=with_attention):
+                packed = PackedInfo(cu, 1024, T)
+                q, k, v = path(qkv, packed, H, D)
+                if with_attention:
+                    out = attn(q, k, v, cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=1024, max_seqlen_kv=1024)
+                    return [out], [torch.ones_like(out)], qkv
+                return [q, k, v], [torch.ones_like(q), torch.ones_like(k), torch.ones_like(v)], qkv
+
+            f, b = timed(step, a.reps)
+            what = "rope + attention" if with_attention else "rope"
+            print(f"{name:7s} {what:17s} forward {f:7.3f} ms  backward {b:7.3f} ms", flush=True)
+
+
+if __name__ == "__main__":
+    main()
