@@ -1,12 +1,13 @@
-"""Rotary embedding of packed QKV in one Triton pass forward and one backward (`model.rope_kernel=triton`).
+"""Rotary embedding of packed QKV in one Triton pass forward and one backward (`model.rope_kernel=triton`, which
+`auto` picks for the te backend without context parallelism when Triton is installed).
 
-The te backend's default (`te`) splits the fused QKV projection into q, k, v views, runs TE's fused THD rope on q
+TE's way (`te`) splits the fused QKV projection into q, k, v views, runs TE's fused THD rope on q
 and k (a kernel each, forward and backward), copies v, and in backward concatenates dq, dk, dv into QKV's gradient.
 Here one kernel reads each QKV row once and writes q and k rotated and v copied, and the backward kernel reads dq,
 dk, dv once and writes QKV's gradient: the same arithmetic (angles position x inv_freq in fp32, the rotation in fp32,
-rounded once to the input dtype) in fewer passes over memory. Experimental: off by default until it is measured
-faster through the trainer (docs/benchmarks.md). Needs Triton (ships with PyTorch's CUDA wheels); the CPU tests run
-it through Triton's interpreter (TRITON_INTERPRET=1).
+rounded once to the input dtype) in fewer passes over memory (measured through the trainer: docs/benchmarks.md,
+lever 29). Needs Triton (ships with PyTorch's CUDA wheels); the CPU tests run it through Triton's interpreter
+(TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
