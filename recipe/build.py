@@ -85,10 +85,11 @@ def resolve_rope_kernel(kernel: str, backend: str, cp_size: int) -> str:
     if kernel == "auto":
         if backend != "te":
             return "te"  # unused: the torch and hf backends run their own rotary
+        why: str | None = None
         if cp_size > 1:
             why = f"context parallelism (cp_size={cp_size}) needs TE's rope"
-        else:
-            why = None if rope_kernel.available() else "Triton is not installed"
+        elif not rope_kernel.available():
+            why = "Triton is not installed"
         log.info("model.rope_kernel=auto picked %s", "triton" if why is None else f"te: {why}")
         return "triton" if why is None else "te"
     if kernel == "te":
