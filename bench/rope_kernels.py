@@ -40,18 +40,24 @@ def triton_path(qkv, packed: PackedInfo, heads: int, head_dim: int):
 
 
 def timed(fn, reps: int) -> tuple[float, float]:
-    """Median forward and backward milliseconds of fn() -> (outputs, grads)."""
+    """Median forward and backward milliseconds of fn() -> (outputs, leaf). A GPU sleep queued before each window
+    keeps the GPU busy while the host launches the window's work, so the events time the kernels, not the launches;
+    the output gradients are made between the windows."""
     fwd, bwd = [], []
     for _ in range(reps + 2):
-        e = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+        e = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+        torch.cuda._sleep(2_000_000)
         e[0].record()
-        outs, grads, leaf = fn()
+        outs, leaf = fn()
         e[1].record()
-        torch.autograd.backward(outs, grads)
+        grads = [torch.ones_like(o) for o in outs]
+        torch.cuda._sleep(2_000_000)
         e[2].record()
+        torch.autograd.backward(outs, grads)
+        e[3].record()
         torch.cuda.synchronize()
         fwd.append(e[0].elapsed_time(e[1]))
-        bwd.append(e[1].elapsed_time(e[2]))
+        bwd.append(e[2].elapsed_time(e[3]))
         leaf.grad = None
     fwd, bwd = sorted(fwd[2:]), sorted(bwd[2:])
     return fwd[len(fwd) // 2], bwd[len(bwd) // 2]
@@ -80,9 +86,8 @@ def main() -> None:
                 packed = PackedInfo(cu, 1024, T)
                 q, k, v = path(qkv, packed, H, D)
                 if with_attention:
-                    out = attn(q, k, v, cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=1024, max_seqlen_kv=1024)
-                    return [out], [torch.ones_like(out)], qkv
-                return [q, k, v], [torch.ones_like(q), torch.ones_like(k), torch.ones_like(v)], qkv
+                    return [attn(q, k, v, cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=1024, max_seqlen_kv=1024)], qkv
+                return [q, k, v], qkv
 
             f, b = timed(step, a.reps)
             what = "rope + attention" if with_attention else "rope"

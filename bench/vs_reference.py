@@ -296,6 +296,15 @@ def table(results: dict, header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def placement_words(gpus: list, with_reference: bool, nproc: int) -> str:
+    """Where each side ran, for the table's header (`gpus`: --gpus, or [None] for the default GPU)."""
+    if nproc > 1:  # ours only (checked in main)
+        return f"ours only, on GPUs {', '.join(gpus)} ({nproc} processes under torchrun; rates per GPU)"
+    if not with_reference:
+        return "ours only, on one GPU"
+    return f"theirs on GPU {gpus[0]}, ours on GPU {gpus[-1]}, at once" if len(gpus) > 1 else "one after the other on one GPU"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reference", type=Path, default=ROOT / ".device/peers/bionemo-esm2-native-te")
@@ -363,7 +372,7 @@ def main() -> None:
         theirs_all()
         ours_all()
     command = "python bench/vs_reference.py " + " ".join(sys.argv[1:])
-    placement = "theirs on GPU 0, ours on GPU 1, at once" if len(gpus) > 1 else "one after the other on one GPU"
+    placement = placement_words(gpus, ref is not None, a.nproc)
     header = (
         f"**{gpu_name}**, {datetime.date.today()}, torch {torch.__version__}, {placement}: `{command}`. Timed steps per row: "
         + ", ".join(f"{n} {ROWS[n].timed} after {ROWS[n].warmup}" for n in a.rows)

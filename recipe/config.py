@@ -86,7 +86,8 @@ class ModelConfig:
     fp32_residual: bool = False  # under bf16 autocast keep the residual stream in fp32 (as transformers); false = bf16, faster
     # The te backend's rotary of q and k. te = TE's fused THD rope; triton = one Triton pass over the fused QKV forward
     # and one backward (recipe/model/rope_kernel.py; te backend at cp_size 1 only); auto = triton where it can run
-    # (te backend, cp_size 1, Triton installed), else te. Measured: docs/benchmarks.md.
+    # (te backend, cp_size 1, Triton importable), else te; the start-up log and the run's saved config.yaml record the
+    # pick. Measured: docs/benchmarks.md.
     rope_kernel: str = checked("auto", words=("auto", "te", "triton"))
     # A local Hugging Face ESM-2 directory to start from (continued pretraining); its shape wins over model.size, and
     # shape keys given with it are an error.

@@ -81,3 +81,19 @@ def test_vs_reference_names_the_gpu_of_a_multi_gpu_run(visible, first):
     from bench.vs_reference import first_gpu
 
     assert first_gpu(visible) == first
+
+
+@pytest.mark.parametrize(
+    "gpus, with_reference, nproc, words",
+    [
+        (["0", "1", "2", "3"], False, 4, "ours only, on GPUs 0, 1, 2, 3 (4 processes under torchrun; rates per GPU)"),
+        (["2"], False, 1, "ours only, on one GPU"),
+        (["0", "1"], True, 1, "theirs on GPU 0, ours on GPU 1, at once"),
+        ([None], True, 1, "one after the other on one GPU"),
+    ],
+)
+def test_vs_reference_header_says_where_each_side_ran(gpus, with_reference, nproc, words):
+    """The table's header once said "theirs on GPU 0, ours on GPU 1" for a four-GPU run of ours alone."""
+    from bench.vs_reference import placement_words
+
+    assert placement_words(gpus, with_reference, nproc) == words

@@ -32,14 +32,18 @@ def reference(qkv, packed, heads, head_dim):
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("heads, head_dim", [(4, 16), (20, 8), (3, 64), (2, 24)])  # half-dims 8, 4, 32, 12 (35M)
-def test_matches_the_pytorch_rotary_forward_and_backward(interpreted, dtype, heads, head_dim):
-    """Outputs and QKV's gradient against the torch backend's rotary, on three packed sequences (33 tokens: not a
-    multiple of the kernel's token block), positions restarting at each sequence."""
-    packed = PackedInfo(torch.tensor([0, 5, 12, 33], dtype=torch.int32), 21, 33)
+@pytest.mark.parametrize(
+    "heads, head_dim, tokens",
+    [(4, 16, 33), (20, 8, 33), (3, 64, 33), (2, 24, 33), (3, 64, 300)],  # half-dims 8, 4, 32, 12 (35M)
+)
+def test_matches_the_pytorch_rotary_forward_and_backward(interpreted, dtype, heads, head_dim, tokens):
+    """Outputs and QKV's gradient against the torch backend's rotary, on three packed sequences (33 tokens: less than
+    one of the kernel's token blocks, not a multiple of it; 300 at half-dim 32: three blocks of 128), positions
+    restarting at each sequence."""
+    packed = PackedInfo(torch.tensor([0, 5, 12, tokens], dtype=torch.int32), tokens - 12, tokens)
     gen = torch.Generator().manual_seed(0)
-    qkv = torch.randn(33, 3 * heads * head_dim, generator=gen).to(dtype)
-    grads = [torch.randn(33, heads, head_dim, generator=gen).to(dtype) for _ in range(3)]
+    qkv = torch.randn(tokens, 3 * heads * head_dim, generator=gen).to(dtype)
+    grads = [torch.randn(tokens, heads, head_dim, generator=gen).to(dtype) for _ in range(3)]
     results = []
     for fn in (lambda x: rope_kernel.rope_qkv(x, packed.offsets, rotary_inv_freq(head_dim, 10000.0), heads, head_dim),
                lambda x: reference(x, packed, heads, head_dim)):  # fmt: skip
@@ -76,7 +80,8 @@ def test_refusals(monkeypatch, backend, cp_size, has_triton, message):
         ("te", 1, True, "triton", "picked triton"),
         ("te", 2, True, "te", "picked te: context parallelism \\(cp_size=2\\) needs TE's rope"),
         ("te", 1, False, "te", "picked te: Triton is not installed"),
-        ("torch", 1, True, "te", None),  # not used by the torch backend: nothing to say
+        ("torch", 1, True, "te", None),  # not used by the torch and hf backends: nothing to say
+        ("hf", 1, True, "te", None),
     ],
 )
 def test_auto_picks_triton_where_it_can_run(monkeypatch, caplog, backend, cp_size, has_triton, picked, logged):

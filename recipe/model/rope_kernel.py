@@ -13,15 +13,21 @@ lever 29). Needs Triton (ships with PyTorch's CUDA wheels); the CPU tests run it
 from __future__ import annotations
 
 import functools
-import importlib.util
 from typing import Any
 
 import torch
 from torch.autograd.function import once_differentiable
 
 
+@functools.cache
 def available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    """Triton imports (not merely installed: `model.rope_kernel=auto` must not pick a broken install)."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # an install that fails to import for any reason counts as absent
+        return False
+    return True
 
 
 @functools.cache
@@ -60,7 +66,7 @@ class _RopeQKV(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dq, dk, dv):
         positions, inv_freq = ctx.saved_tensors
-        grads = [torch.zeros_like(dq if dq is not None else dk) if g is None else g.contiguous() for g in (dq, dk, dv)]
+        grads = [g.contiguous() for g in (dq, dk, dv)]  # autograd gives zeros for outputs that got no gradient
         dqkv = grads[0].new_empty(grads[0].shape[0], 3 * ctx.heads * ctx.head_dim)
         _launch(_kernels()[1], dqkv, tuple(grads), positions, inv_freq, ctx.heads, ctx.head_dim)
         return dqkv, None, None, None, None
