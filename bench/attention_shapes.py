@@ -47,12 +47,18 @@ def host_ms(attn, shape: tuple[int, int, int], heads: int, head_dim: int) -> tup
     return (t1 - t0) * 1e3, (t3 - t2) * 1e3
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def shape_arguments(doc: str) -> argparse.ArgumentParser:
+    """The options of a one-layer probe: a size's head shape and a packed batch (defaults: 650M, 49,152 tokens)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--heads", type=int, default=20)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--tokens", type=int, default=49152)
     p.add_argument("--seqs", type=int, default=135)
+    return p
+
+
+def main() -> None:
+    p = shape_arguments(__doc__)
     p.add_argument("--max-seqlen", type=int, default=1024)
     a = p.parse_args()
     attn = te.DotProductAttention(a.heads, a.head_dim, attention_dropout=0.0, qkv_format="thd",

@@ -9,7 +9,6 @@ timed separately with CUDA events (median of `--reps`), on Swiss-Prot-like lengt
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import transformer_engine.pytorch as te  # before torch touches CUDA (TE loads i
 import torch
 # isort: on
 
-from bench.attention_shapes import cu_seqlens  # noqa: E402
+from bench.attention_shapes import cu_seqlens, shape_arguments  # noqa: E402
 from recipe.model import rope_kernel  # noqa: E402
 from recipe.model.layers import PackedInfo, rotary_inv_freq  # noqa: E402
 from recipe.model.te_layers import rotary_freqs  # noqa: E402
@@ -64,11 +63,7 @@ def timed(fn, reps: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--heads", type=int, default=20)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--tokens", type=int, default=49152)
-    p.add_argument("--seqs", type=int, default=135)
+    p = shape_arguments(__doc__)
     p.add_argument("--reps", type=int, default=20)
     a = p.parse_args()
     dev = torch.device("cuda")

@@ -14,9 +14,16 @@ import triton.language as tl
 
 
 @triton.jit
-def _angles(positions, inv_freq, t, j, num_tokens, HALF: tl.constexpr):
+def _tile(positions, inv_freq, num_tokens, HD: tl.constexpr, HALF: tl.constexpr, BLOCK_T: tl.constexpr,
+          BLOCK_J: tl.constexpr):  # fmt: skip
+    """This program's tile: offsets of the first half-head in QKV (`packed`) and in q, k, v (`split`), the mask, and
+    the angles' cos and sin."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]
+    j = tl.arange(0, BLOCK_J)[None, :]
+    col = tl.program_id(1) * (2 * HALF) + j
     angle = tl.load(positions + t, mask=t < num_tokens, other=0).to(tl.float32) * tl.load(inv_freq + j, mask=j < HALF, other=0.0)
-    return tl.cos(angle), tl.sin(angle)
+    mask = (t < num_tokens) & (j < HALF)
+    return t.to(tl.int64) * (3 * HD) + col, t.to(tl.int64) * HD + col, mask, tl.cos(angle), tl.sin(angle)
 
 
 @triton.jit
@@ -32,13 +39,7 @@ def _rotate(src, dst, cos, sin, mask, HALF: tl.constexpr, SIGN: tl.constexpr):
 @triton.jit
 def rope_qkv_fwd(qkv, q, k, v, positions, inv_freq, num_tokens, HD: tl.constexpr, HALF: tl.constexpr,
                  BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr):  # fmt: skip
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]
-    j = tl.arange(0, BLOCK_J)[None, :]
-    mask = (t < num_tokens) & (j < HALF)
-    col = tl.program_id(1) * (2 * HALF) + j
-    packed = t.to(tl.int64) * (3 * HD) + col  # in QKV
-    split = t.to(tl.int64) * HD + col  # in q, k, v
-    cos, sin = _angles(positions, inv_freq, t, j, num_tokens, HALF)
+    packed, split, mask, cos, sin = _tile(positions, inv_freq, num_tokens, HD, HALF, BLOCK_T, BLOCK_J)
     _rotate(qkv + packed, q + split, cos, sin, mask, HALF, 1.0)
     _rotate(qkv + packed + HD, k + split, cos, sin, mask, HALF, 1.0)
     tl.store(v + split, tl.load(qkv + packed + 2 * HD, mask=mask), mask=mask)
@@ -48,13 +49,7 @@ def rope_qkv_fwd(qkv, q, k, v, positions, inv_freq, num_tokens, HD: tl.constexpr
 @triton.jit
 def rope_qkv_bwd(dqkv, dq, dk, dv, positions, inv_freq, num_tokens, HD: tl.constexpr, HALF: tl.constexpr,
                  BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr):  # fmt: skip
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]
-    j = tl.arange(0, BLOCK_J)[None, :]
-    mask = (t < num_tokens) & (j < HALF)
-    col = tl.program_id(1) * (2 * HALF) + j
-    packed = t.to(tl.int64) * (3 * HD) + col
-    split = t.to(tl.int64) * HD + col
-    cos, sin = _angles(positions, inv_freq, t, j, num_tokens, HALF)
+    packed, split, mask, cos, sin = _tile(positions, inv_freq, num_tokens, HD, HALF, BLOCK_T, BLOCK_J)
     _rotate(dq + split, dqkv + packed, cos, sin, mask, HALF, -1.0)
     _rotate(dk + split, dqkv + packed + HD, cos, sin, mask, HALF, -1.0)
     tl.store(dqkv + packed + 2 * HD, tl.load(dv + split, mask=mask), mask=mask)
