@@ -12,13 +12,26 @@ time, and prints the host time of each call (the GPU is idle meanwhile, so host 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 # isort: off
 import transformer_engine
-import transformer_engine.pytorch as te  # before torch touches CUDA (TE loads its cuDNN first)
+import transformer_engine.pytorch  # noqa: F401  (before torch touches CUDA: TE loads its cuDNN first)
 import torch
 # isort: on
+
+from recipe.model import EsmConfig  # noqa: E402
+from recipe.model.te_layers import TEEsmLayer  # noqa: E402
+
+
+def te_layer(heads: int, head_dim: int, rope_kernel: str = "te") -> tuple[EsmConfig, TEEsmLayer]:
+    """The te backend's ESM-2 layer (and its config) at this head shape, on the GPU: the probes run its own code."""
+    cfg = EsmConfig.from_size("650M", backend="te", hidden_size=heads * head_dim, num_heads=heads)
+    return cfg, TEEsmLayer(cfg, device="cuda", rope_kernel=rope_kernel)
 
 
 def cu_seqlens(num_tokens: int, num_seqs: int, max_seqlen: int, device) -> torch.Tensor:
@@ -61,8 +74,7 @@ def main() -> None:
     p = shape_arguments(__doc__)
     p.add_argument("--max-seqlen", type=int, default=1024)
     a = p.parse_args()
-    attn = te.DotProductAttention(a.heads, a.head_dim, attention_dropout=0.0, qkv_format="thd",
-                                  attn_mask_type="padding", softmax_scale=a.head_dim**-0.5)  # fmt: skip
+    attn = te_layer(a.heads, a.head_dim)[1].core_attention  # the model's attention module, as the layer builds it
     T, b, s = a.tokens, a.seqs, a.max_seqlen
     cases = [("first call", (T, b, s))] + [("same shape", (T, b, s))] * 3
     cases += [(f"b {b}->{b + d}", (T, b + d, s)) for d in (1, 2, 40)] + [(f"b back to {b + 1}", (T, b + 1, s))]

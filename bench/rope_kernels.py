@@ -1,7 +1,8 @@
 """The te layer's two rotary paths on one layer's packed QKV, timed alone and in front of TE's attention.
 
 `te`: q, k, v as views of QKV, TE's fused THD rope on q and k, v copied; backward concatenates dq, dk, dv.
-`triton` (`model.rope_kernel=triton`, recipe/model/rope_kernel.py): one pass each way. Forward and backward are
+`triton` (`model.rope_kernel=triton`, recipe/model/rope_kernel.py): one pass each way. Both run through the te
+layer's own code (`TEEsmLayer.rotate`, and `attend` for the attention). Forward and backward are
 timed separately with CUDA events (median of `--reps`), on Swiss-Prot-like lengths at a size's head shape.
 
     source .device/setup.sh && python bench/rope_kernels.py --heads 20 --head-dim 64 --tokens 49152
@@ -15,27 +16,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 # isort: off
-import transformer_engine.pytorch as te  # before torch touches CUDA (TE loads its cuDNN first)
+import transformer_engine.pytorch  # noqa: F401  (before torch touches CUDA: TE loads its cuDNN first)
 import torch
 # isort: on
 
-from bench.attention_shapes import cu_seqlens, shape_arguments  # noqa: E402
-from recipe.model import rope_kernel  # noqa: E402
-from recipe.model.layers import PackedInfo, rotary_inv_freq  # noqa: E402
-from recipe.model.te_layers import rotary_freqs  # noqa: E402
-
-
-def te_path(qkv, packed: PackedInfo, heads: int, head_dim: int):
-    from transformer_engine.pytorch.attention.rope import apply_rotary_pos_emb
-
-    q, k, v = qkv.unflatten(-1, (3, heads, head_dim)).unbind(-3)
-    freqs = rotary_freqs(packed.max_seqlen, head_dim, 10000.0, qkv.device)
-    kw = dict(tensor_format="thd", fused=True, cu_seqlens=packed.cu_seqlens)
-    return apply_rotary_pos_emb(q, freqs, **kw), apply_rotary_pos_emb(k, freqs, **kw), v.contiguous()
-
-
-def triton_path(qkv, packed: PackedInfo, heads: int, head_dim: int):
-    return rope_kernel.rope_qkv(qkv, packed.offsets, rotary_inv_freq(head_dim, 10000.0, qkv.device), heads, head_dim)
+from bench.attention_shapes import cu_seqlens, shape_arguments, te_layer  # noqa: E402
+from recipe.model.esm import rope_inputs  # noqa: E402
+from recipe.model.layers import PackedInfo  # noqa: E402
 
 
 def timed(fn, reps: int) -> tuple[float, float]:
@@ -70,19 +57,18 @@ def main() -> None:
     H, D, T = a.heads, a.head_dim, a.tokens
     cu = cu_seqlens(T, a.seqs, 1024, dev)
     qkv = torch.randn(T, 3 * H * D, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    attn = te.DotProductAttention(H, D, attention_dropout=0.0, qkv_format="thd", attn_mask_type="padding",
-                                  softmax_scale=D**-0.5)  # fmt: skip
     mb = 3 * T * H * D * 2 / 1e6
     print(f"{torch.cuda.get_device_name()}, T={T}, {H} heads x {D}; QKV is {mb:.0f} MB")
-    for name, path in (("te", te_path), ("triton", triton_path)):
+    for name in ("te", "triton"):
+        cfg, layer = te_layer(H, D, rope_kernel=name)  # the model's own layer: its rotate and attend
         for with_attention in (False, True):
 
-            def step(path=path, with_attention=with_attention):
+            def step(cfg=cfg, layer=layer, with_attention=with_attention):
                 packed = PackedInfo(cu, 1024, T)
-                q, k, v = path(qkv, packed, H, D)
+                rope = rope_inputs(cfg, layer.rope_kernel, packed, device=dev)
                 if with_attention:
-                    return [attn(q, k, v, cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=1024, max_seqlen_kv=1024)], qkv
-                return [q, k, v], qkv
+                    return [layer.attend(qkv, rope, packed, None)], qkv
+                return list(layer.rotate(qkv, rope, packed)), qkv
 
             f, b = timed(step, a.reps)
             what = "rope + attention" if with_attention else "rope"

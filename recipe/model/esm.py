@@ -37,6 +37,18 @@ class EsmOutput:
     last_hidden_state: torch.Tensor | None = None
 
 
+def rope_inputs(config: EsmConfig, rope_kernel: str, packed: PackedInfo, position_ids=None, device=None):
+    """What every layer's `attend` takes as `rope` for a packed batch, built once per forward: the torch backend's
+    cos/sin tables (by `position_ids` if given), TE's angle table, or the Triton kernel's (positions, inv_freq)."""
+    if config.backend == "te" and rope_kernel == "triton":
+        return packed.offsets, rotary_inv_freq(config.head_dim, config.rope_theta, device)
+    if config.backend == "te":
+        from recipe.model.te_layers import rotary_freqs
+
+        return rotary_freqs(packed.max_seqlen, config.head_dim, config.rope_theta, device)
+    return rotary_cos_sin(packed.offsets if position_ids is None else position_ids, config.head_dim, config.rope_theta)
+
+
 class LMHead(nn.Module):
     """dense -> GELU -> LayerNorm -> decoder (tied to the word embeddings) + bias."""
 
@@ -208,16 +220,7 @@ class EsmForMaskedLM(nn.Module):
         return self._run_layers(x, packed, position_ids)
 
     def _run_layers(self, x, packed: PackedInfo, position_ids=None) -> torch.Tensor:
-        cfg = self.config
-        rope: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
-        if cfg.backend == "te" and self.runtime.rope_kernel == "triton":
-            rope = (packed.offsets, rotary_inv_freq(cfg.head_dim, cfg.rope_theta, x.device))
-        elif cfg.backend == "te":
-            from recipe.model.te_layers import rotary_freqs
-
-            rope = rotary_freqs(packed.max_seqlen, cfg.head_dim, cfg.rope_theta, x.device)
-        else:
-            rope = rotary_cos_sin(packed.offsets if position_ids is None else position_ids, cfg.head_dim, cfg.rope_theta)
+        rope = rope_inputs(self.config, self.runtime.rope_kernel, packed, position_ids, x.device)
         outer, per_layer = self._layer_contexts()
         if self.runtime.layer_recipes is not None and x.shape[0] % 16:
             raise ValueError(f"FP8/FP4 layers need a token count divisible by 16, got {x.shape[0]} (dataset.pad_to_multiple_of)")

@@ -91,13 +91,7 @@ class TEEsmLayer(EsmLayerBase):
         if packed is None:
             raise ValueError("the te backend runs packed (THD) input only")
         cu, cu_pad = packed.cu_seqlens, packed.cu_seqlens_padded
-        if self.rope_kernel == "triton":  # rope: (positions, inv_freq); one pass over QKV, contiguous q, k, v
-            from recipe.model import rope_kernel
-
-            positions, inv_freq = rope
-            q, k, v = rope_kernel.rope_qkv(qkv, positions, inv_freq, self.num_heads, self.head_dim)
-        else:  # rope: TE's angle table
-            q, k, v = self.te_rope(qkv, rope, packed)
+        q, k, v = self.rotate(qkv, rope, packed)
         out = self.core_attention(
             q,
             k,
@@ -110,6 +104,16 @@ class TEEsmLayer(EsmLayerBase):
             max_seqlen_kv=packed.max_seqlen,
         )
         return out.view(*q.shape)
+
+    def rotate(self, qkv, rope, packed: PackedInfo):
+        """q and k rotated, and v, as contiguous [T, H, D] from QKV, by the layer's rope kernel (`rope`: what
+        esm.rope_inputs builds for it)."""
+        if self.rope_kernel == "triton":  # rope: (positions, inv_freq); one pass over QKV
+            from recipe.model import rope_kernel
+
+            positions, inv_freq = rope
+            return rope_kernel.rope_qkv(qkv, positions, inv_freq, self.num_heads, self.head_dim)
+        return self.te_rope(qkv, rope, packed)  # rope: TE's angle table
 
     def te_rope(self, qkv, freqs, packed: PackedInfo):
         """TE's fused rope on q and k. With context parallelism it finds each token's position in the full sequence
