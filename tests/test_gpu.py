@@ -126,6 +126,49 @@ def test_bf16_te_layers_keep_no_weight_copies(batch):
 
 
 @needs_te
+@pytest.mark.parametrize("recipe_name", ["Float8BlockScaling", "Float8CurrentScaling"])
+def test_fp8_te_layers_keep_no_fp8_weight_copies(batch, recipe_name):
+    """Quantized te layers outside FSDP2 quantize their weights again in backward rather than keep the forward's FP8
+    copies (te_layers.requantize_weight_in_backward), and compute the same loss and gradients as TE's default."""
+    import transformer_engine.common.recipe as te_recipe
+
+    from recipe.model.config import Runtime
+
+    cfg = EsmConfig.from_size("8M", backend="te", activation="gelu_tanh")
+    results = {}
+    for requantize in (True, False):
+        recipe = getattr(te_recipe, recipe_name)()
+        model = build_model(cfg, device="cuda", seed=0, runtime=Runtime(layer_recipes=(recipe,) * cfg.num_layers))
+        if not requantize:  # TE's default outside FSDP2: keep the forward's FP8 weights for backward
+            for m in model.modules():
+                if hasattr(m, "_is_fsdp2"):
+                    m._is_fsdp2 = False
+        sizes = {p.numel() for p in model.parameters() if p.dim() == 2}
+        saved = []
+
+        def keep(t, saved=saved):
+            saved.append(t)
+            return t
+
+        with torch.autocast("cuda", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            out = model(
+                batch["input_ids"], cu_seqlens=batch["cu_seqlens"], max_seqlen=batch["max_seqlen"], labels=batch["labels"]
+            )
+        fp8_weights = [t for t in saved if t.dtype == torch.uint8 and t.numel() in sizes]
+        out.loss.backward()
+        results[requantize] = (out.loss.item(), {n: p.grad.float() for n, p in model.named_parameters()}, len(fp8_weights))
+        del model
+    (loss, grads, kept), (loss_default, grads_default, kept_default) = results[True], results[False]
+    worst = min(torch.nn.functional.cosine_similarity(grads[n].flatten(), g.flatten(), dim=0).item()
+                for n, g in grads_default.items() if g.norm() > 0)  # fmt: skip
+    print(f"\n  {recipe_name}: FP8 weight-sized tensors kept for backward {kept} (TE's default {kept_default}); "
+          f"loss {loss:.5f} vs {loss_default:.5f}; worst gradient cosine {worst:.6f}")  # fmt: skip
+    assert kept_default > 0, "the check sees TE's FP8 weight copies (else it cannot fail)"
+    assert kept == 0
+    assert abs(loss - loss_default) < 1e-4 and worst > 0.9999
+
+
+@needs_te
 @pytest.mark.parametrize("size", ["8M", "650M"])
 def test_triton_rope_kernel_matches_te_rope(batch, size):
     """model.rope_kernel=triton against TE's fused rope in the same te model: logits, loss and every gradient."""

@@ -19,12 +19,17 @@ from recipe.model.esm import EsmForMaskedLM, init_weights
 
 
 class _TEModule(nn.Module):
-    """TE's LayerNormLinear / Linear / LayerNormMLP, reduced to their parameter names."""
+    """TE's LayerNormLinear / Linear / LayerNormMLP, reduced to their parameter names and TE's FSDP2 flag (a property
+    that caches whether FSDP2 wraps the module in `_is_fsdp2`)."""
 
     def __init__(self, *shape, names=(), **kwargs):
         super().__init__()
         for name in names:
             self.register_parameter(name, nn.Parameter(torch.zeros(1)))
+
+    @property
+    def is_fsdp2(self) -> bool:
+        return getattr(self, "_is_fsdp2", False)
 
 
 class _DotProductAttention(nn.Module):
@@ -74,7 +79,9 @@ def test_bf16_layers_are_ours_and_quantized_layers_te(stand_in_te):
     assert type(bf16.attention.layernorm_qkv) is layers.LayerNormLinear and type(bf16.attention.proj) is layers.Linear
     assert type(bf16.mlp) is layers.LayerNormMLP
     quantized = TEEsmLayer(dataclasses.replace(CONFIG, backend="te"), device="cpu", quantized=True)
-    assert all(type(m) is _TEModule for m in (quantized.attention.layernorm_qkv, quantized.attention.proj, quantized.mlp))
+    te_modules = (quantized.attention.layernorm_qkv, quantized.attention.proj, quantized.mlp)
+    assert all(type(m) is _TEModule for m in te_modules)
+    assert all(m.is_fsdp2 for m in te_modules)  # they quantize their weights again in backward, as under FSDP2
 
 
 def run(model, ids, cu):

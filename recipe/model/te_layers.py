@@ -30,6 +30,18 @@ def rotary_freqs(max_seqlen: int, head_dim: int, theta: float, device) -> torch.
     return torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
 
 
+def requantize_weight_in_backward(module: torch.nn.Module) -> None:
+    """Ask a quantized TE module to quantize its weight again in backward instead of keeping the forward's FP8 copy
+    (row- and column-wise) until then. TE does this under FSDP2 (its `is_fsdp2` path, for the same memory reason);
+    our unsharded one-GPU runs and DDP would otherwise hold those copies for every quantized layer at the peak. The
+    backward reads the module's own full weight, which outside FSDP2 is always there. Weights held quantized
+    (quantized_model_init) are left alone: under FSDP2 their usages are kept by FSDP2's hooks, which we lack."""
+    if any(hasattr(p, "_quantizer") for p in module.parameters()):
+        return
+    if isinstance(getattr(type(module), "is_fsdp2", None), property):  # TE's cached flag behind the property
+        module._is_fsdp2 = True  # type: ignore[assignment]
+
+
 class TEEsmLayer(EsmLayerBase):
     """An ESM-2 layer on TE's attention. A `quantized` layer (FP8/FP4 under the precision plan) runs its projections
     and MLP through TE's modules, whose GEMMs quantize. A BF16 layer runs its projections through our linears: TE's
@@ -72,6 +84,9 @@ class TEEsmLayer(EsmLayerBase):
                 cp_stream=cp_stream,
                 cp_comm_type=context_parallel.comm_type,
             )
+        if quantized:
+            for module in (qkv, proj, self.mlp):
+                requantize_weight_in_backward(module)
         self.core_attention = te.DotProductAttention(
             config.num_heads,
             config.head_dim,
