@@ -7,7 +7,7 @@ when to validate, `MetricsWriter` (recipe/metrics.py) when to log. What a config
 the model is parallelised in recipe/parallel.py.
 
 One optimizer step (`train_step`): `grad_acc_steps` micro-batches, their labelled tokens counted on the CPU and
-all-reduced once with the step's other counters (`count_step`), then forward/backward on each with the loss scaled to
+all-reduced once with the step's other counters (`StepCounter`), then forward/backward on each with the loss scaled to
 a token-weighted mean over the whole global step (so DDP, FSDP2, any world size and any accumulation give the same
 gradient), then clip. The loop checks for non-finite values before it updates.
 """
@@ -61,12 +61,11 @@ class StepCounts(NamedTuple):
     time_up: float  # > 0: max_train_minutes reached on some rank
 
 
-def count_step(batches: list[dict], mcfg: EsmConfig, info: DistInfo, stop: bool, time_up: bool) -> torch.Tensor:
-    """StepCounts of this step in one all-reduce, as a device tensor: the loss denominator is read from it on the
-    device, the rest after the step (`StepCounts(*t.tolist())`), so no host sync comes before the forward. Under
-    context parallelism each rank of a CP group counts the whole batch's sequences: divided by cp_size."""
+def local_counts(batches: list[dict], mcfg: EsmConfig, info: DistInfo, stop: bool, time_up: bool) -> list[float]:
+    """This rank's StepCounts, from the batches on the host. Under context parallelism each rank of a CP group counts
+    the whole batch's sequences: divided by cp_size."""
     cp = info.cp.size
-    local = [
+    return [
         sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches),
         sum(b["num_real_tokens"] for b in batches),
         sum(batch_flops(mcfg, b["seq_lengths"].tolist()) for b in batches) / cp,
@@ -74,7 +73,52 @@ def count_step(batches: list[dict], mcfg: EsmConfig, info: DistInfo, stop: bool,
         float(stop),
         float(time_up),
     ]
-    return all_reduce(torch.tensor(local, device=info.device, dtype=torch.float64))
+
+
+class HostReadback:
+    """Device values read on the host without draining the GPU's queue: `send` queues a non-blocking copy into a
+    pinned buffer and an event, `get` waits for that event only. The host can queue more work between the two (the
+    optimizer step, the next step's counts) instead of waiting for all of it. The buffer is reused: each `get` comes
+    before the next `send`."""
+
+    def __init__(self, device: torch.device, n: int):
+        cuda = device.type == "cuda"
+        self.buffer = torch.zeros(n, dtype=torch.float64, pin_memory=cuda)
+        self.copied = torch.cuda.Event() if cuda else None
+
+    def send(self, values: torch.Tensor) -> None:
+        self.buffer.copy_(values.detach().double(), non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
+
+    def get(self) -> list[float]:
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.buffer.tolist()
+
+
+class StepCounter:
+    """Each step's StepCounts in one all-reduce, without making the host wait for the GPU: the counts go up through
+    a pinned buffer (a non-blocking copy) and come back through a HostReadback, so neither the upload before the
+    forward nor the read after the optimizer step waits for the step's GPU work. The loss denominator is used on the
+    device (`start`'s tensor). The upload buffer is reused: safe because the step's loss readback waits for the GPU
+    to pass this step's copies before the next step writes it again."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.up = torch.zeros(len(StepCounts._fields), dtype=torch.float64, pin_memory=device.type == "cuda")
+        self.down = HostReadback(device, len(StepCounts._fields))
+
+    def start(self, local: list[float]) -> torch.Tensor:
+        """All-reduce this rank's counts; returns the summed counts on the device."""
+        self.up.copy_(torch.tensor(local, dtype=torch.float64))
+        summed = all_reduce(self.up.to(self.device, non_blocking=True))
+        self.down.send(summed)
+        return summed
+
+    def result(self) -> StepCounts:
+        """The summed counts on the host (waits only for their own copy, queued before the step's forward)."""
+        return StepCounts(*self.down.get())
 
 
 def train_step(model, strategy: Strategy, batches: list[dict], masked_tokens: torch.Tensor, amp, max_norm):
@@ -154,26 +198,27 @@ def _fit(cfg: DictConfig, strategy: Strategy):
         torch.cuda.reset_peak_memory_stats(info.device)
     model.train()
 
-    counts = StepCounts(0, 0, 0, 0, 0, 0)
+    counts, counter, readback = StepCounts(0, 0, 0, 0, 0, 0), StepCounter(info.device), HostReadback(info.device, 2)
     while state.step < cfg.num_train_steps:
         # The step's micro-batches: the data position counts what reaches the model; then this rank's CP share.
         batches = [next(train_iter) for _ in range(cfg.grad_acc_steps)]
         ckpt.consume(batches)
         batches = [data.shard(b) for b in batches]
-        reduced = count_step(batches, mcfg, info, preempt.requested, state.clock.seconds >= time_limit)
+        reduced = counter.start(local_counts(batches, mcfg, info, preempt.requested, state.clock.seconds >= time_limit))
 
         # Forward, backward, clip; stop before the update on a non-finite loss or gradient.
         lr = scheduled_lr(state.step, cfg.optimizer.lr, cfg.lr_scheduler, cfg.num_train_steps)
         set_lr(optimizer, lr)
         loss, grad_norm = train_step(model, strategy, batches, reduced[0].clamp(min=1).float(), amp, cfg.max_grad_norm)
-        loss_v, norm_v = loss.item(), grad_norm.item()
-        if cfg.detect_anomaly:
-            check_finite(loss_v, norm_v, state.step + 1)
-        optimizer.step()
+        if cfg.detect_anomaly:  # the update waits for the check
+            check_finite(loss.item(), grad_norm.item(), state.step + 1)
+        readback.send(torch.stack([loss, grad_norm.float()]))
+        optimizer.step()  # queued before the host waits for the loss: the GPU does not wait for these launches
         optimizer.zero_grad(set_to_none=True)
+        loss_v, norm_v = readback.get()
 
         # Count it, then whatever the schedules ask for at this step.
-        counts = StepCounts(*reduced.tolist())
+        counts = counter.result()
         state.step += 1
         if stats is not None:
             stats.step()  # logs the statistics this step collected
