@@ -197,6 +197,35 @@ def test_triton_rope_kernel_matches_te_rope(batch, size):
 
 
 @needs_te
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_te_layer_norm_matches_torch_layer_norm(param_dtype, has_bias):
+    """recipe/model/te_kernels.py's LayerNorm against layers.py's, followed by a linear, under BF16 autocast:
+    outputs and every gradient, in the parameters' dtypes."""
+    from recipe.model import layers, te_kernels
+
+    torch.manual_seed(0)
+    T, h, out_features = 4096, 320, 1280
+    x0 = torch.randn(T, h, device="cuda", dtype=torch.bfloat16)
+    params = [torch.randn(h, device="cuda") * 0.1 + 1, torch.randn(h, device="cuda") * 0.1,
+              torch.randn(out_features, h, device="cuda") * h**-0.5,
+              torch.randn(out_features, device="cuda") * 0.1 if has_bias else None]  # fmt: skip
+    results = {}
+    for name, norm in (("torch", layers.layer_norm), ("te", te_kernels.layer_norm)):
+        ps = [None if p is None else p.to(param_dtype).requires_grad_() for p in params]
+        x = x0.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = layers.linear(norm(x, ps[0], ps[1], 1e-5), ps[2], ps[3])
+        y.float().square().mean().backward()
+        results[name] = [y, x.grad] + [p.grad for p in ps if p is not None]
+        assert all(p.grad.dtype == param_dtype for p in ps if p is not None)
+    errs = [rel_err(a, b) for a, b in zip(results["te"], results["torch"], strict=True)]
+    shown = ", ".join(f"{e:.1e}" for e in errs)
+    print(f"\n  te LayerNorm vs torch LayerNorm ({param_dtype}, bias {has_bias}): relative errors {shown}")
+    assert max(errs) < 1e-2
+
+
+@needs_te
 def test_te_backend_trains_and_matches_gradients(batch):
     torch_model = build_model(EsmConfig.from_size("8M", backend="torch"), device="cuda", seed=0)
     te_model = build_model(EsmConfig.from_size("8M", backend="te"), device="cuda", seed=None)

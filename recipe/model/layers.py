@@ -8,6 +8,7 @@ a backend supplies its modules and its attention kernel.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -134,10 +135,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     return F.linear(x, weight, bias)
 
 
-def layer_norm_mlp(x: torch.Tensor, mlp: Any, eps: float, activation: str) -> torch.Tensor:
+# A LayerNorm kernel: (x, weight, bias, eps) -> normalized x. `layer_norm` above, or TransformerEngine's in the te
+# backend's layers (recipe/model/te_kernels.py); a module gets its kernel at construction.
+Norm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+def layer_norm_mlp(x: torch.Tensor, mlp: Any, eps: float, activation: str, norm: Norm = layer_norm) -> torch.Tensor:
     """Pre-LN MLP from LayerNormMLP-named parameters (`mlp`: ours or TE's module), in plain PyTorch (also TE's
     exact-GELU path)."""
-    h = layer_norm(x, mlp.layer_norm_weight, mlp.layer_norm_bias, eps)
+    h = norm(x, mlp.layer_norm_weight, mlp.layer_norm_bias, eps)
     h = gelu(linear(h, mlp.fc1_weight, mlp.fc1_bias), activation)
     return linear(h, mlp.fc2_weight, mlp.fc2_bias)
 
@@ -149,16 +155,16 @@ def _param(*shape: int, device=None, dtype=None) -> nn.Parameter:
 class LayerNormLinear(nn.Module):
     """LayerNorm then Linear, named as te.LayerNormLinear."""
 
-    def __init__(self, in_features: int, out_features: int, eps: float, device=None, dtype=None):
+    def __init__(self, in_features: int, out_features: int, eps: float, device=None, dtype=None, norm: Norm = layer_norm):
         super().__init__()
-        self.eps = eps
+        self.eps, self.norm = eps, norm
         self.layer_norm_weight = _param(in_features, device=device, dtype=dtype)
         self.layer_norm_bias = _param(in_features, device=device, dtype=dtype)
         self.weight = _param(out_features, in_features, device=device, dtype=dtype)
         self.bias = _param(out_features, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(layer_norm(x, self.layer_norm_weight, self.layer_norm_bias, self.eps), self.weight, self.bias)
+        return linear(self.norm(x, self.layer_norm_weight, self.layer_norm_bias, self.eps), self.weight, self.bias)
 
 
 class Linear(nn.Linear):
@@ -171,9 +177,9 @@ class Linear(nn.Linear):
 class LayerNormMLP(nn.Module):
     """LayerNorm, fc1, GELU, fc2, named as te.LayerNormMLP."""
 
-    def __init__(self, hidden: int, ffn: int, eps: float, activation: str, device=None, dtype=None):
+    def __init__(self, hidden: int, ffn: int, eps: float, activation: str, device=None, dtype=None, norm: Norm = layer_norm):
         super().__init__()
-        self.eps, self.activation = eps, activation
+        self.eps, self.activation, self.norm = eps, activation, norm
         self.layer_norm_weight = _param(hidden, device=device, dtype=dtype)
         self.layer_norm_bias = _param(hidden, device=device, dtype=dtype)
         self.fc1_weight = _param(ffn, hidden, device=device, dtype=dtype)
@@ -182,7 +188,7 @@ class LayerNormMLP(nn.Module):
         self.fc2_bias = _param(hidden, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return layer_norm_mlp(x, self, self.eps, self.activation)
+        return layer_norm_mlp(x, self, self.eps, self.activation, self.norm)
 
 
 class AttentionBlock(nn.Module):

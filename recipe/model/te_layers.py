@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from recipe.model import te_kernels
 from recipe.model.config import ContextParallel, EsmConfig
 from recipe.model.layers import (
     AttentionBlock,
@@ -46,7 +47,8 @@ class TEEsmLayer(EsmLayerBase):
     """An ESM-2 layer on TE's attention. A `quantized` layer (FP8/FP4 under the precision plan) runs its projections
     and MLP through TE's modules, whose GEMMs quantize. A BF16 layer runs its projections through our linears: TE's
     keep a BF16 copy of every weight for backward under autocast, ours cast the FP32 weight again there (layers.py
-    `linear`), which is the same arithmetic with less memory (docs/benchmarks.md, lever 26)."""
+    `linear`), which is the same arithmetic with less memory (docs/benchmarks.md, lever 26). Its LayerNorms run TE's
+    kernels (te_kernels.py, lever 33)."""
 
     def __init__(
         self,
@@ -68,14 +70,15 @@ class TEEsmLayer(EsmLayerBase):
         if quantized:
             qkv, proj = te.LayerNormLinear(h, 3 * h, eps=eps, bias=True, **kw), te.Linear(h, h, bias=True, **kw)
         else:
-            qkv, proj = LayerNormLinear(h, 3 * h, eps, device=device, dtype=dtype), Linear(h, h, device=device, dtype=dtype)
+            qkv = LayerNormLinear(h, 3 * h, eps, device=device, dtype=dtype, norm=te_kernels.layer_norm)
+            proj = Linear(h, h, device=device, dtype=dtype)
         self.attention = AttentionBlock(qkv, proj)
         # TE's fused MLP has only the tanh GELU: with the exact GELU a BF16 layer runs ours (an FP8 layer keeps TE's
         # parameters and runs them through `layer_norm_mlp`, see feed_forward).
         if quantized or config.activation != "gelu":
             self.mlp = te.LayerNormMLP(h, ffn, eps=eps, bias=True, activation="gelu", **kw)
         else:
-            self.mlp = LayerNormMLP(h, ffn, eps, "gelu", device=device, dtype=dtype)
+            self.mlp = LayerNormMLP(h, ffn, eps, "gelu", device=device, dtype=dtype, norm=te_kernels.layer_norm)
         cp = {}
         if context_parallel is not None and context_parallel.size > 1:
             cp = dict(
@@ -99,7 +102,7 @@ class TEEsmLayer(EsmLayerBase):
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation == "gelu":
-            return layer_norm_mlp(x, self.mlp, self.eps, "gelu")
+            return layer_norm_mlp(x, self.mlp, self.eps, "gelu", te_kernels.layer_norm)
         return self.mlp(x)
 
     def attend(self, qkv, rope, packed: PackedInfo | None, key_padding_mask):
