@@ -64,7 +64,7 @@ def model_config(cfg: DictConfig) -> EsmConfig:
 def resolved_model_config(cfg: DictConfig, info: DistInfo) -> EsmConfig:
     """`model_config` with `backend: auto` resolved (once) and every backend-dependent refusal made: the hf
     backend's, context parallelism's. May switch `cfg.dataset.layout` to bshd for the hf backend, and sets
-    `cfg.model.rope_kernel` to what `auto` resolves to (both logged)."""
+    `cfg.model.rope_kernel` and `cfg.dataset.pad_to_multiple_of` to what `auto` resolves to (all logged)."""
     quantized = bool(cfg.fp8_config.enabled or cfg.fp4_config.enabled)
     mcfg = model_config(cfg)
     mcfg = dataclasses.replace(mcfg, backend=resolve_backend(cfg.model.backend, mcfg, cfg.use_torch_compile, quantized))
@@ -74,6 +74,10 @@ def resolved_model_config(cfg: DictConfig, info: DistInfo) -> EsmConfig:
         prepare_config(cfg)  # refuses what transformers' model cannot do; padded batches
     check_context_parallel(cfg.cp_size, info.world_size, info.device.type, mcfg.backend, cfg.dataset.layout)
     cfg.model.rope_kernel = resolve_rope_kernel(cfg.model.rope_kernel, mcfg.backend, cfg.cp_size)
+    if cfg.dataset.pad_to_multiple_of == "auto":
+        multiple, why = config_lib.pad_multiple(cfg)
+        log.info("dataset.pad_to_multiple_of=auto picked %d: %s", multiple, why)
+        cfg.dataset.pad_to_multiple_of = multiple
     return mcfg
 
 
@@ -199,7 +203,7 @@ class Data:
 
 def cp_chunk(cfg: DictConfig) -> int:
     """Context parallelism pads every sequence to a multiple of 2 x cp_size x this (see `cp_shard`)."""
-    return max(1, cfg.dataset.pad_to_multiple_of // 2)
+    return max(1, config_lib.pad_multiple(cfg)[0] // 2)
 
 
 def batch_settings(cfg: DictConfig) -> BatchSettings:
@@ -209,7 +213,7 @@ def batch_settings(cfg: DictConfig) -> BatchSettings:
         layout=d.layout,
         token_micro_batch_size=config_lib.token_budget(cfg),
         micro_batch_size=d.micro_batch_size,
-        pad_to_multiple_of=d.pad_to_multiple_of,
+        pad_to_multiple_of=config_lib.pad_multiple(cfg)[0],
         pad_to_fixed=d.pad_to_fixed,
         sequence_multiple=2 * cfg.cp_size * cp_chunk(cfg) if cfg.cp_size > 1 else 1,
         mask_prob=d.mask_prob,

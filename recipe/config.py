@@ -112,7 +112,10 @@ class DatasetConfig:
     micro_batch_size: int = checked(16, "[1, inf)")  # sequences per micro-batch (bshd); with thd, sets the default token budget
     # thd token budget per micro-batch; null = micro_batch_size * max_seq_length.
     token_micro_batch_size: int | None = checked(None, "[1, inf)")
-    pad_to_multiple_of: int = checked(16, "[1, inf)")  # thd total padded to a multiple of this (FP8 needs 16)
+    # thd: each micro-batch's token count padded to a multiple of this. auto: 128 where layers run FP8 block scaling
+    # without context parallelism and the token budget is a multiple of 128 (TE's block-scaling quantization takes
+    # its fast path on whole 128-token tiles only), else 16 (what FP8 GEMMs need); the pick is logged.
+    pad_to_multiple_of: Any = checked("auto", "[1, inf)", words=("auto",), kind=int)
     pad_to_fixed: bool = False  # thd: pad every micro-batch to exactly token_micro_batch_size (static shapes)
     mask_prob: float = checked(0.15, "(0, 1)")  # MLM: share of residues selected (80 % <mask>, 10 % random, 10 % kept)
     num_workers: int = checked(1, "[0, inf)")  # loader worker processes (0 = in the training process)
@@ -404,6 +407,27 @@ def token_budget(cfg: DictConfig) -> int:
     return int(d.token_micro_batch_size) if d.token_micro_batch_size is not None else int(d.micro_batch_size * d.max_seq_length)
 
 
+PAD_MULTIPLE = 16  # FP8 GEMMs need token counts divisible by 16
+BLOCK_SCALING_TILE = 128  # rows of TE's FP8 block-scaling quantization tiles
+
+
+def pad_multiple(cfg: DictConfig) -> tuple[int, str]:
+    """dataset.pad_to_multiple_of as a number, and why (for the log when it was `auto`). Measured: FP8 block
+    scaling on token counts of whole 128-token tiles runs TE's aligned quantization kernel; on others its unaligned
+    one, much slower (docs/benchmarks.md, lever 34). BF16 runs gain nothing from it and keep 16."""
+    given = cfg.dataset.pad_to_multiple_of
+    if given != "auto":
+        return int(given), "set"
+    fp8 = cfg.fp8_config
+    if not (fp8.enabled and str(fp8.fp8_recipe).rsplit(".", 1)[-1] == "Float8BlockScaling"):
+        return PAD_MULTIPLE, "no FP8 block scaling"
+    if cfg.cp_size > 1:
+        return PAD_MULTIPLE, "context parallelism pads each sequence instead"
+    if token_budget(cfg) % BLOCK_SCALING_TILE:
+        return PAD_MULTIPLE, f"the token budget {token_budget(cfg)} is not a multiple of {BLOCK_SCALING_TILE}"
+    return BLOCK_SCALING_TILE, "FP8 block scaling quantizes whole 128-token tiles fastest"
+
+
 def validate(cfg: DictConfig) -> None:
     """Every check that can fail before the first step. Raises ConfigError naming the key or path."""
     if OmegaConf.get_type(cfg) is not TrainConfig:  # a config file without the defaults chain: nothing typed it
@@ -420,10 +444,12 @@ def validate(cfg: DictConfig) -> None:
             f"{d.micro_batch_size * d.max_seq_length} tokens does not fit "
             f"dataset.token_micro_batch_size={d.token_micro_batch_size}"
         )
-    if d.layout == "thd" and token_budget(cfg) % d.pad_to_multiple_of:
+    multiple = PAD_MULTIPLE if d.pad_to_multiple_of == "auto" else d.pad_to_multiple_of
+    if d.layout == "thd" and token_budget(cfg) % multiple:
+        given = f"auto (at least {PAD_MULTIPLE})" if d.pad_to_multiple_of == "auto" else multiple
         raise ConfigError(
             f"the token budget {token_budget(cfg)} (dataset.token_micro_batch_size) must be a multiple of "
-            f"dataset.pad_to_multiple_of={d.pad_to_multiple_of}"
+            f"dataset.pad_to_multiple_of={given}"
         )
     for key in ("train_path", "val_path"):
         path = d[key]

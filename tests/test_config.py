@@ -31,7 +31,10 @@ def load(name="L0_sanity", *overrides, out="/tmp/esm-config-test"):
             ["dataset.micro_batch_size=64", "dataset.token_micro_batch_size=4096"],
             r"dataset.micro_batch_size=64 x dataset.max_seq_length=256 .* does not fit dataset.token_micro_batch_size=4096",
         ),
-        (["dataset.token_micro_batch_size=4100", "dataset.micro_batch_size=1"], r"multiple of dataset.pad_to_multiple_of=16"),
+        (
+            ["dataset.token_micro_batch_size=4100", "dataset.micro_batch_size=1"],
+            r"multiple of dataset.pad_to_multiple_of=auto \(at least 16\)",
+        ),
         (["num_train_steps=0"], r"num_train_steps=0 must be an integer >= 1"),
         (["precision=fp16"], r"precision='fp16' must be one of"),
         (["model.init_from=/nonexistent/model"], r"model.init_from=/nonexistent/model"),
@@ -360,3 +363,43 @@ def test_init_from_names_the_model_it_loads(own_settings_export, tmp_path):
     assert model_name(cfg, model_config(cfg)).startswith(expected)
     with pytest.raises(ConfigError, match="model.num_layers=3: model.init_from=.* fixes the shape"):
         model_config(load("L0_sanity", f"model.init_from={own_settings_export}", "model.num_layers=3", out=str(tmp_path)))
+
+
+@pytest.mark.parametrize(
+    "overrides, multiple, why",
+    [
+        ([], 16, "no FP8 block scaling"),
+        (["fp8_config.enabled=true", "fp8_config.fp8_recipe=transformer_engine.common.recipe.DelayedScaling"], 16,
+         "no FP8 block scaling"),
+        (["fp8_config.enabled=true", "fp8_config.fp8_recipe=transformer_engine.common.recipe.Float8BlockScaling"], 128,
+         "FP8 block scaling"),
+        (["fp8_config.enabled=true", "fp8_config.fp8_recipe=Float8BlockScaling", "cp_size=2"], 16, "context parallelism"),
+        (["fp8_config.enabled=true", "fp8_config.fp8_recipe=Float8BlockScaling", "dataset.token_micro_batch_size=4112",
+          "dataset.micro_batch_size=1"], 16, "token budget 4112 is not a multiple of 128"),
+        (["fp8_config.enabled=true", "fp8_config.fp8_recipe=Float8BlockScaling", "dataset.pad_to_multiple_of=64"], 64, "set"),
+    ],
+)  # fmt: skip
+def test_pad_multiple_auto_picks_128_for_fp8_block_scaling_only(overrides, multiple, why):
+    """dataset.pad_to_multiple_of=auto: whole 128-token tiles where TE's FP8 block-scaling quantization needs them
+    for its fast kernel (measured, docs/benchmarks.md lever 34), 16 elsewhere; an explicit value is kept."""
+    from recipe.config import pad_multiple
+
+    got, reason = pad_multiple(load("L0_sanity", *overrides))
+    assert got == multiple and why in reason
+
+
+def test_pad_multiple_auto_is_resolved_logged_and_saved(caplog, tmp_path):
+    """The trainer resolves `auto` once, logs the pick and writes the number into the config it saves."""
+    import logging
+
+    import torch
+
+    from recipe.build import resolved_model_config
+    from recipe.parallel import DistInfo
+
+    cfg = load("L0_sanity", "model.backend=torch", out=str(tmp_path))
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    with caplog.at_level(logging.INFO, logger="recipe"):
+        resolved_model_config(cfg, info)
+    assert cfg.dataset.pad_to_multiple_of == 16
+    assert "dataset.pad_to_multiple_of=auto picked 16: no FP8 block scaling" in caplog.text
