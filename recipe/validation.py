@@ -23,9 +23,15 @@ MODEL_INPUTS = ("input_ids", "labels", "cu_seqlens", "cu_seqlens_padded", "atten
 
 
 def model_inputs(batch: dict, device: torch.device) -> dict:
+    """The batch's model arguments on `device` (non-blocking copies). With labels on the host, also the positions of
+    the labelled tokens (`masked_index`): the LM head runs on those only, and selecting them on the device from the
+    labels would make the host wait there for the whole forward (a data-dependent size)."""
     out = {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
     if "max_seqlen" in batch:
         out["max_seqlen"] = batch["max_seqlen"]
+    labels = batch.get("labels")
+    if labels is not None and labels.device.type == "cpu":
+        out["masked_index"] = torch.nonzero(labels.reshape(-1) != IGNORE_INDEX).squeeze(1).to(device, non_blocking=True)
     return out
 
 

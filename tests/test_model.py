@@ -461,3 +461,32 @@ def test_packed_attention_keeps_no_view_of_qkv(monkeypatch):
     x = torch.randn(12, SHAPES["tiny"]["hidden_size"])
     layer(x, layers.rotary_cos_sin(packed.offsets, layer.head_dim, 10000.0), packed=packed)
     assert seen == [True, True, True]
+
+
+@pytest.mark.parametrize("layout", ["thd", "bshd"])
+def test_head_on_masked_index_matches_head_on_label_mask(layout):
+    """The loop passes the labelled tokens' positions (`model_inputs`' masked_index, found on the host) so that the
+    LM head's token selection makes the host wait for nothing. Loss, counts and gradients are those of the selection
+    by the labels on the device, and of the full logits."""
+    from recipe.validation import model_inputs
+
+    _, ours = make_pair("tiny", True)
+    ids, attn, labels = random_batch(seed=5, batch=4)
+    flat, cu, max_len, flat_labels = to_thd(ids, attn, labels)
+    batch = dict(input_ids=flat, cu_seqlens=cu, max_seqlen=max_len, labels=flat_labels)
+    if layout == "bshd":
+        batch = dict(input_ids=ids, attention_mask=attn, labels=labels)
+    inputs = model_inputs(batch, torch.device("cpu"))
+    assert torch.equal(inputs["masked_index"], torch.nonzero(batch["labels"].reshape(-1) != -100).squeeze(1))
+    results = []
+    for how in ("index", "mask", "logits"):
+        ours.zero_grad()
+        kwargs = {k: v for k, v in inputs.items() if how == "index" or k != "masked_index"}
+        out = ours(**kwargs, return_logits=how == "logits")
+        out.loss.backward()
+        results.append((out.loss_sum.detach(), out.num_tokens, out.num_correct, [p.grad.clone() for p in ours.parameters()]))
+    for other in results[1:]:
+        torch.testing.assert_close(other[0], results[0][0], rtol=1e-6, atol=1e-6)
+        assert other[1] == results[0][1] and other[2] == results[0][2]
+        for a, b in zip(other[3], results[0][3], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -190,10 +190,12 @@ class EsmForMaskedLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         cu_seqlens_padded: torch.Tensor | None = None,
         seq_mask_counts: torch.Tensor | None = None,
+        masked_index: torch.Tensor | None = None,
     ) -> EsmOutput:
         """`cu_seqlens_padded`: the padded sequences' offsets (with context parallelism: of the full sequences, of
         which this rank holds 1/cp_size each, and cu_seqlens has their real lengths); `seq_mask_counts`: `<mask>`
-        tokens per full sequence, which token dropout needs under context parallelism (see recipe/data/context_parallel.py)."""
+        tokens per full sequence, which token dropout needs under context parallelism (see recipe/data/context_parallel.py);
+        `masked_index`: the flat positions of the labelled tokens, if known (see `masked_lm_output`)."""
         cp = self.runtime.context_parallel
         if self.runtime.check_inputs:
             check_inputs(self.config, input_ids, cu_seqlens, max_seqlen, attention_mask, labels, cu_seqlens_padded, cp.size)
@@ -212,7 +214,7 @@ class EsmForMaskedLM(nn.Module):
             hidden = self._forward_packed(input_ids, packed, position_ids, seq_mask_counts)
         else:
             hidden = self._forward_padded(input_ids, attention_mask)
-        return self.head_and_loss(hidden, labels, return_logits)
+        return self.head_and_loss(hidden, labels, return_logits, masked_index)
 
     def _forward_packed(self, input_ids, packed: PackedInfo, position_ids=None, seq_mask_counts=None) -> torch.Tensor:
         masked = None if seq_mask_counts is None else seq_mask_counts.float()
@@ -248,13 +250,19 @@ class EsmForMaskedLM(nn.Module):
             x = layer(x, rope, key_padding_mask=key_padding_mask)
         return self.final_layer_norm(x)
 
-    def head_and_loss(self, hidden: torch.Tensor, labels: torch.Tensor | None, return_logits: bool) -> EsmOutput:
-        return masked_lm_output(hidden, labels, return_logits, lambda x: self.lm_head(x, self.embed_tokens.weight))
+    def head_and_loss(
+        self, hidden: torch.Tensor, labels: torch.Tensor | None, return_logits: bool, masked_index: torch.Tensor | None = None
+    ) -> EsmOutput:
+        return masked_lm_output(hidden, labels, return_logits, lambda x: self.lm_head(x, self.embed_tokens.weight), masked_index)
 
 
-def masked_lm_output(hidden: torch.Tensor, labels: torch.Tensor | None, return_logits: bool, head) -> EsmOutput:
+def masked_lm_output(
+    hidden: torch.Tensor, labels: torch.Tensor | None, return_logits: bool, head, masked_index: torch.Tensor | None = None
+) -> EsmOutput:
     """LM head (`head`: hidden -> logits) and summed cross-entropy. Shared with the hf backend's adapter so that both
-    report loss, token and correct counts the same way."""
+    report loss, token and correct counts the same way. Without `return_logits` the head runs on the labelled tokens
+    only: at `masked_index` (their flat positions, computed on the host by the loop, so nothing here waits for the
+    GPU) or, without it, where the labels say (a boolean selection, which makes the host wait for the forward)."""
     if labels is None:
         return EsmOutput(logits=head(hidden), last_hidden_state=hidden)
     flat_labels = labels.reshape(-1)
@@ -263,9 +271,12 @@ def masked_lm_output(hidden: torch.Tensor, labels: torch.Tensor | None, return_l
         picked, target = logits.reshape(-1, logits.shape[-1]), flat_labels
     else:
         logits = None
-        keep = flat_labels != IGNORE_INDEX
-        picked = head(hidden.reshape(-1, hidden.shape[-1])[keep])
-        target = flat_labels[keep]
+        flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+        if masked_index is None:
+            keep = flat_labels != IGNORE_INDEX
+            picked, target = head(flat_hidden[keep]), flat_labels[keep]
+        else:
+            picked, target = head(flat_hidden.index_select(0, masked_index)), flat_labels.index_select(0, masked_index)
     loss_sum = F.cross_entropy(picked.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
     valid = target != IGNORE_INDEX
     num = valid.sum()

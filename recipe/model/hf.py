@@ -80,13 +80,14 @@ class HFEsmForMaskedLM(nn.Module):
         return_logits: bool = False,
         position_ids: torch.Tensor | None = None,
         cu_seqlens_padded: torch.Tensor | None = None,
+        masked_index: torch.Tensor | None = None,
     ) -> EsmOutput:
         if input_ids.dim() != 2 or cu_seqlens is not None or cu_seqlens_padded is not None:
             raise HFBackendError("model.backend=hf takes padded [B, S] batches (dataset.layout=bshd), not packed THD ones")
         if self.runtime.check_inputs:
             check_inputs(self.config, input_ids, None, None, attention_mask, labels)
         hidden = self.hf.esm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
-        return masked_lm_output(hidden, labels, return_logits, self.hf.lm_head)
+        return masked_lm_output(hidden, labels, return_logits, self.hf.lm_head, masked_index)
 
     # ---------------------------------------------------------------- initialisation
     @torch.no_grad()
