@@ -97,3 +97,25 @@ def test_vs_reference_header_says_where_each_side_ran(gpus, with_reference, npro
     from bench.vs_reference import placement_words
 
     assert placement_words(gpus, with_reference, nproc) == words
+
+
+def test_sync_check_names_our_call_chain_innermost_first():
+    """bench/sync_check.py groups synchronizing calls by the chain of our frames (innermost first, at most four),
+    leaving out frames outside the project and its own."""
+    import traceback
+
+    from bench.sync_check import ROOT, our_frames
+
+    def frame(path, line):
+        return traceback.FrameSummary(str(path), line, "f")
+
+    stack = [
+        frame("/usr/lib/python3/runpy.py", 1),
+        frame(ROOT / "bench/sync_check.py", 49),
+        frame(ROOT / "train_fsdp2.py", 12),
+        frame(ROOT / "recipe/train.py", 152),
+        frame(ROOT / "recipe/train.py", 214),
+        frame("/site/torch/optim/adam.py", 9),
+    ]
+    assert our_frames(stack) == "recipe/train.py:214 <- recipe/train.py:152 <- train_fsdp2.py:12"
+    assert our_frames(stack[:2]) == ""
