@@ -213,7 +213,7 @@ def _fit(cfg: DictConfig, strategy: Strategy):
         if cfg.detect_anomaly:  # the update waits for the check
             check_finite(loss.item(), grad_norm.item(), state.step + 1)
         readback.send(torch.stack([loss, grad_norm.float()]))
-        optimizer.step()  # queued before the host waits for the loss: the GPU does not wait for these launches
+        optimizer.step()  # without the check above, queued before the host waits for the loss
         optimizer.zero_grad(set_to_none=True)
         loss_v, norm_v = readback.get()
 
