@@ -23,7 +23,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def our_frames(stack: list[traceback.FrameSummary]) -> str:
     """The call chain within this project (outermost first), shortened to file:line."""
-    ours = [f for f in stack if str(ROOT) in f.filename and "sync_check" not in f.filename]
+    ours = [
+        f
+        for f in stack
+        if Path(f.filename).is_relative_to(ROOT) and "site-packages" not in f.filename and "sync_check" not in f.filename
+    ]
     return " <- ".join(f"{Path(f.filename).relative_to(ROOT)}:{f.lineno}" for f in reversed(ours[-4:]))
 
 

@@ -268,11 +268,14 @@ def resume_expectations(cfg: DictConfig, info: DistInfo, mcfg: EsmConfig, settin
     """What must not change between a run and its resumption (it is stored in every checkpoint). The world size,
     strategy and worker count may change: weights and optimizer are resharded by torch.distributed.checkpoint and
     the data position is global (`DataPosition`). The training data is compared by its resolved path."""
+    unchecked_data = {"sequence_multiple"} | ({"pad_to_multiple_of"} if info.cp.size == 1 else set())
     return {
         "cp_size": info.cp.size,
         "model_shape": mcfg.shape_dict(),
-        # sequence_multiple follows from cp_size and pad_to_multiple_of, both checked: left out, older checkpoints resume
-        "data": {k: v for k, v in dataclasses.asdict(settings).items() if k != "sequence_multiple"}
+        # sequence_multiple follows from cp_size and pad_to_multiple_of, both checked: left out, older checkpoints resume.
+        # Without CP the pad multiple only pads each micro-batch's tail, never changes which sequences it holds: left
+        # out, a run that resolves `auto` otherwise than the run it resumes (16 before FP8 block scaling's 128) goes on.
+        "data": {k: v for k, v in dataclasses.asdict(settings).items() if k not in unchecked_data}
         | {"train_path": str(Path(cfg.dataset.train_path).resolve())},
         "precision": plan.to_dict(),
     }

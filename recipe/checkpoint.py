@@ -54,6 +54,20 @@ _UNLISTED = {MANIFEST, "COMPLETE"}
 _OWNER = (re.compile(r"^rank_(\d+)\.pt$"), re.compile(r"^__(\d+)_\d+\.distcp$"))
 
 
+def differences(meta: dict, expect: dict) -> list[str]:
+    """What a checkpoint's meta has otherwise than this run expects. A section given as a dict is compared by the
+    keys this run expects, so that a setting a newer version no longer compares (one that cannot change what
+    training sees) does not refuse older checkpoints that still record it."""
+
+    def differs(stored, want) -> bool:
+        if isinstance(want, dict) and isinstance(stored, dict):
+            return any(stored.get(k) != v for k, v in want.items())
+        return stored != want
+
+    changed = [key for key, want in expect.items() if differs(meta.get(key), want)]
+    return [f"{key}: checkpoint {meta.get(key)} vs this run {expect[key]}" for key in changed]
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or trusted; the message names the path."""
 
@@ -370,9 +384,7 @@ class Checkpointer:
             raise CheckpointError(f"cannot resume from {path}: it does not verify against its manifest (errors above)")
         self.run_id = (read_manifest(path) or {}).get("run_id", self.run_id)
         meta = json.loads((path / "meta.json").read_text())
-        changed = [
-            f"{key}: checkpoint {meta.get(key)} vs this run {want}" for key, want in expect.items() if meta.get(key) != want
-        ]
+        changed = differences(meta, expect)
         if changed:
             raise RuntimeError(f"cannot resume from {path}: " + "; ".join(changed))
         self._check_strategy(path, meta.get("strategy"))

@@ -418,6 +418,8 @@ def pad_multiple(cfg: DictConfig) -> tuple[int, str]:
     given = cfg.dataset.pad_to_multiple_of
     if given != "auto":
         return int(given), "set"
+    if cfg.dataset.layout != "thd":
+        return PAD_MULTIPLE, "bshd batches pad each row instead"
     fp8 = cfg.fp8_config
     if not (fp8.enabled and str(fp8.fp8_recipe).rsplit(".", 1)[-1] == "Float8BlockScaling"):
         return PAD_MULTIPLE, "no FP8 block scaling"

@@ -37,7 +37,7 @@ from recipe.model.convert import config_from_hf, load_hf_into
 # --masking: (share of selected tokens replaced by <mask>, share replaced by a random residue)
 MASKING = {"esm": (0.8, 0.1), "all-mask": (1.0, 0.0)}
 MASK_PROB = 0.15
-PAD_MULTIPLE = 16  # packed batches are padded as in training (dataset.pad_to_multiple_of's default)
+PAD_MULTIPLE = 16  # packed batches are padded as BF16 training pads them (dataset.pad_to_multiple_of=auto, no FP8)
 
 
 class InputError(Exception):

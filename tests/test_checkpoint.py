@@ -214,3 +214,40 @@ def test_disk_full_is_named_cleaned_up_and_spares_older_checkpoints(tmp_path, mo
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_1", "step_2"]
     assert resume(tmp_path)[0].name == "step_2"
+
+
+def test_differences_compare_a_section_by_the_keys_this_run_expects():
+    """A checkpoint may record a setting this version no longer compares (it resumes), never a different value of
+    one it compares, nor a different scalar."""
+    from recipe.checkpoint import differences
+
+    meta = {"cp_size": 1, "data": {"max_seq_length": 1024, "pad_to_multiple_of": 16}}
+    assert differences(meta, {"cp_size": 1, "data": {"max_seq_length": 1024}}) == []
+    assert differences(meta, {"cp_size": 1, "data": {"max_seq_length": 512}}) == [
+        "data: checkpoint {'max_seq_length': 1024, 'pad_to_multiple_of': 16} vs this run {'max_seq_length': 512}"
+    ]
+    assert differences(meta, {"cp_size": 2}) == ["cp_size: checkpoint 1 vs this run 2"]
+    assert differences(meta, {"data": {"pad_to_multiple_of": 128}}) != []
+
+
+@pytest.mark.parametrize("cp_size, compared", [(1, False), (2, True)])
+def test_pad_multiple_is_compared_on_resume_under_context_parallelism_only(cp_size, compared, tmp_path):
+    """Without CP the pad multiple only pads each micro-batch's tail (which sequences a batch holds does not
+    change), so a run that resolves dataset.pad_to_multiple_of=auto to 128 resumes one that had 16; under CP it
+    pads every sequence, and a change is refused."""
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from recipe.build import batch_settings, resume_expectations
+    from recipe.config import CONFIG_DIR
+    from recipe.model import EsmConfig
+    from recipe.model.config import ContextParallel
+    from recipe.parallel import DistInfo
+    from recipe.quantization import PrecisionPlan
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("L0_sanity", overrides=[f"output_dir={tmp_path}", f"cp_size={cp_size}", "dataset.pad_to_multiple_of=16"])
+    info = DistInfo(rank=0, world_size=cp_size, local_rank=0, device=torch.device("cpu"), cp=ContextParallel(size=cp_size))
+    mcfg = EsmConfig.from_size("tiny")
+    expect = resume_expectations(cfg, info, mcfg, batch_settings(cfg), PrecisionPlan(["bf16"] * mcfg.num_layers))
+    assert ("pad_to_multiple_of" in expect["data"]) == compared

@@ -377,6 +377,7 @@ def test_init_from_names_the_model_it_loads(own_settings_export, tmp_path):
         (["fp8_config.enabled=true", "fp8_config.fp8_recipe=Float8BlockScaling", "dataset.token_micro_batch_size=4112",
           "dataset.micro_batch_size=1"], 16, "token budget 4112 is not a multiple of 128"),
         (["fp8_config.enabled=true", "fp8_config.fp8_recipe=Float8BlockScaling", "dataset.pad_to_multiple_of=64"], 64, "set"),
+        (["fp8_config.enabled=true", "fp8_config.fp8_recipe=Float8BlockScaling", "dataset.layout=bshd"], 16, "bshd"),
     ],
 )  # fmt: skip
 def test_pad_multiple_auto_picks_128_for_fp8_block_scaling_only(overrides, multiple, why):

@@ -314,14 +314,17 @@ def test_import_skips_contact_head_and_rejects_strangers(tmp_path, caplog):
         (dict(cu=torch.tensor([0, 2, 3], dtype=torch.int32)), "end at T=4"),
         (dict(cu=torch.tensor([0, 2, 4])), "int32"),
         (dict(max_len=1), "max_seqlen"),
+        (dict(masked_index=torch.tensor([1, 2])), "masked_index must list the positions of the labelled tokens"),
+        (dict(masked_index=torch.tensor([2]), labels=None), "masked_index .* goes with labels"),
     ],
 )
 def test_bad_input_is_a_clear_error(kwargs, match):
     model = build_model(EsmConfig(**SHAPES["tiny"], backend="torch"))
     ids = kwargs.get("ids", torch.tensor([0, 5, 6, 2]))
     cu = kwargs.get("cu", torch.tensor([0, 2, 4], dtype=torch.int32))
+    labels = kwargs.get("labels", torch.tensor([-100, -100, 6, -100]))
     with pytest.raises((ValueError, TypeError), match=match):
-        model(ids, cu_seqlens=cu, max_seqlen=kwargs.get("max_len", 4))
+        model(ids, cu_seqlens=cu, max_seqlen=kwargs.get("max_len", 4), labels=labels, masked_index=kwargs.get("masked_index"))
 
 
 def test_te_backend_refuses_masks_it_cannot_mirror():

@@ -199,6 +199,7 @@ class EsmForMaskedLM(nn.Module):
         cp = self.runtime.context_parallel
         if self.runtime.check_inputs:
             check_inputs(self.config, input_ids, cu_seqlens, max_seqlen, attention_mask, labels, cu_seqlens_padded, cp.size)
+            check_masked_index(masked_index, labels)
         if cu_seqlens_padded is not None and self.config.backend != "te":
             raise ValueError("cu_seqlens_padded (context-parallel batches) needs the te backend")
         if cp.size > 1 and (
@@ -334,6 +335,20 @@ def check_inputs(
             )
     else:
         raise ValueError(f"input_ids must be [T] (packed) or [B, S] (padded), got shape {tuple(input_ids.shape)}")
+
+
+def check_masked_index(masked_index: torch.Tensor | None, labels: torch.Tensor | None) -> None:
+    """masked_index must be what `model_inputs` computes: the flat positions of exactly the labelled tokens."""
+    if masked_index is None:
+        return
+    if labels is None:
+        raise ValueError("masked_index (the labelled tokens' positions) goes with labels")
+    expected = torch.nonzero(labels.reshape(-1) != IGNORE_INDEX).squeeze(1)
+    if masked_index.shape != expected.shape or not torch.equal(masked_index.to(expected.device), expected):
+        raise ValueError(
+            f"masked_index must list the positions of the labelled tokens ({expected.numel()} of them), in order; got "
+            f"{masked_index.numel()} positions (recipe.validation.model_inputs computes it)"
+        )
 
 
 def _check_cp_offsets(cu: torch.Tensor, cu_pad: torch.Tensor, num_tokens: int, cp_size: int) -> None:

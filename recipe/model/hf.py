@@ -19,7 +19,15 @@ from torch import nn
 
 from recipe.model.config import EsmConfig, Runtime
 from recipe.model.convert import hf_config_dict, hf_to_ours, ours_to_hf
-from recipe.model.esm import EsmForMaskedLM, EsmOutput, check_inputs, copy_full_into, initial_value, masked_lm_output
+from recipe.model.esm import (
+    EsmForMaskedLM,
+    EsmOutput,
+    check_inputs,
+    check_masked_index,
+    copy_full_into,
+    initial_value,
+    masked_lm_output,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +94,7 @@ class HFEsmForMaskedLM(nn.Module):
             raise HFBackendError("model.backend=hf takes padded [B, S] batches (dataset.layout=bshd), not packed THD ones")
         if self.runtime.check_inputs:
             check_inputs(self.config, input_ids, None, None, attention_mask, labels)
+            check_masked_index(masked_index, labels)
         hidden = self.hf.esm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
         return masked_lm_output(hidden, labels, return_logits, self.hf.lm_head, masked_index)
 

@@ -49,6 +49,7 @@ class _LayerNorm(torch.autograd.Function):
         return dx.view(ctx.shape), dw.to(weight.dtype), db.to(ctx.bias_dtype), None, None
 
 
+@torch.compiler.disable  # TE's kernels are opaque to torch.compile: a compiled MLP (te + compile) calls them eagerly
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     """layers.layer_norm through TE's kernels (CUDA under autocast; PyTorch's otherwise)."""
     dtype = _autocast_dtype(x)
