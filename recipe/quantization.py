@@ -112,7 +112,8 @@ def check_hardware(
     """Refuse, before the first step, a plan this run cannot execute; the message names the GPU and what it lacks."""
     if not plan.quantized:
         return
-    wanted = " and ".join(plan.recipes.values())
+    keys = " and ".join(f"{fmt}_config.enabled=true" for fmt in plan.recipes)
+    wanted = f"{keys} ({' and '.join(plan.recipes.values())})"
     if device_type != "cuda":
         raise PrecisionError(f"{wanted} needs a CUDA GPU with TransformerEngine; this run is on {device_type}")
     if backend != "te":

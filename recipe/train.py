@@ -29,15 +29,30 @@ from omegaconf import DictConfig, OmegaConf
 from recipe import config as config_lib
 from recipe import quant_stats, run_dir
 from recipe.build import build, build_data, compute_dtype, model_name, precision_plan, resolved_model_config, resume_expectations
+from recipe.checkpoint import CheckpointError
+from recipe.data.sources import DataError
+from recipe.data.store import StoreError
 from recipe.metrics import MetricsWriter, Throughput, peak_tflops
-from recipe.model import EsmConfig
+from recipe.model import BackendUnavailable, EsmConfig
 from recipe.model.convert import export_hf
 from recipe.model.esm import IGNORE_INDEX
 from recipe.model.flops import batch_flops
+from recipe.model.hf import HFBackendError
 from recipe.optim import build_optimizer, scheduled_lr, set_lr
-from recipe.parallel import STRATEGIES, DistInfo, Strategy, all_reduce, barrier, init_distributed, setup_mesh, unwrap
+from recipe.parallel import (
+    STRATEGIES,
+    ContextParallelError,
+    DistInfo,
+    Strategy,
+    all_reduce,
+    barrier,
+    init_distributed,
+    setup_mesh,
+    unwrap,
+)
 from recipe.preemption import Preemption
 from recipe.profiling import StepProfiler
+from recipe.quantization import PrecisionError
 from recipe.run_state import RunCheckpointer, TrainState
 from recipe.validation import Validator, model_inputs
 
@@ -351,6 +366,22 @@ def progress_bar(cfg: DictConfig, info: DistInfo, step: int):
     )
 
 
+# Refusals of a config, of input data, of an output directory or checkpoint, and a stop on a non-finite loss: the
+# entrypoint prints their one-line message (to stderr and train.log) and exits 1. Anything else keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    config_lib.ConfigError,
+    PrecisionError,
+    DataError,
+    StoreError,
+    ContextParallelError,
+    HFBackendError,
+    BackendUnavailable,
+    run_dir.RunDirError,
+    CheckpointError,
+    NonFiniteError,
+)
+
+
 def entrypoint(strategy_name: str, config_name: str = "L0_sanity"):
     """The hydra `main` of a train_*.py file: configs from hydra_config/, `config_name` unless --config-name."""
     import hydra
@@ -358,7 +389,11 @@ def entrypoint(strategy_name: str, config_name: str = "L0_sanity"):
     @hydra.main(config_path=str(config_lib.CONFIG_DIR), config_name=config_name, version_base="1.3")
     def main(cfg: DictConfig) -> None:
         cfg.output_dir = run_dir.multirun_output_dir(cfg)  # -m: each job its own directory
-        run(cfg, strategy_name)
+        try:
+            run(cfg, strategy_name)
+        except USER_ERRORS as exc:  # what the message says is the whole story: no traceback of our internals
+            log.error("%s: %s", type(exc).__name__, exc)
+            raise SystemExit(1) from None
 
     def main_or_help() -> None:
         """--help / -h lists the shipped configs (hydra's own help cannot read their comments); --hydra-help stays."""

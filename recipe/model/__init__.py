@@ -16,8 +16,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
+class BackendUnavailable(RuntimeError):
+    """model.backend asks for a backend this machine cannot run (the message says why)."""
+
+
 __all__ = [
     "SIZES",
+    "BackendUnavailable",
     "ContextParallel",
     "EsmConfig",
     "Runtime",
@@ -69,7 +75,7 @@ def resolve_backend(requested: str, config: EsmConfig | None = None, compiled: b
     usable, why = te_status()
     if requested == "te":
         if not usable:
-            raise RuntimeError(f"model.backend=te cannot run here: {why}")
+            raise BackendUnavailable(f"model.backend=te cannot run here: {why}")
         return "te"
     if requested != "auto":
         raise ValueError(f"model.backend={requested!r} is not one of auto, torch, te, hf")
