@@ -25,6 +25,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from recipe.quantization import recipe_name
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "hydra_config"
 
 
@@ -421,7 +423,7 @@ def pad_multiple(cfg: DictConfig) -> tuple[int, str]:
     if cfg.dataset.layout != "thd":
         return PAD_MULTIPLE, "bshd batches pad each row instead"
     fp8 = cfg.fp8_config
-    if not (fp8.enabled and str(fp8.fp8_recipe).rsplit(".", 1)[-1] == "Float8BlockScaling"):
+    if not (fp8.enabled and recipe_name(fp8.fp8_recipe) == "Float8BlockScaling"):
         return PAD_MULTIPLE, "no FP8 block scaling"
     if cfg.cp_size > 1:
         return PAD_MULTIPLE, "context parallelism pads each sequence instead"

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from recipe.data.dataset import MLMBatches
 from recipe.metrics import MetricsWriter
-from recipe.model.esm import IGNORE_INDEX
+from recipe.model.esm import IGNORE_INDEX, labelled_positions
 from recipe.parallel import all_reduce
 from recipe.run_state import TrainState
 
@@ -31,7 +31,7 @@ def model_inputs(batch: dict, device: torch.device) -> dict:
         out["max_seqlen"] = batch["max_seqlen"]
     labels = batch.get("labels")
     if labels is not None and labels.device.type == "cpu":
-        out["masked_index"] = torch.nonzero(labels.reshape(-1) != IGNORE_INDEX).squeeze(1).to(device, non_blocking=True)
+        out["masked_index"] = labelled_positions(labels).to(device, non_blocking=True)
     return out
 
 

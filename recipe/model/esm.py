@@ -257,13 +257,20 @@ class EsmForMaskedLM(nn.Module):
         return masked_lm_output(hidden, labels, return_logits, lambda x: self.lm_head(x, self.embed_tokens.weight), masked_index)
 
 
+def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
+    """The flat positions of the labelled tokens (what the LM head runs on), in order. On the host before the batch
+    goes up (recipe.validation.model_inputs), it costs the GPU nothing; on the device, its data-dependent size makes
+    the host wait for the work queued before it."""
+    return torch.nonzero(labels.reshape(-1) != IGNORE_INDEX).squeeze(1)
+
+
 def masked_lm_output(
     hidden: torch.Tensor, labels: torch.Tensor | None, return_logits: bool, head, masked_index: torch.Tensor | None = None
 ) -> EsmOutput:
     """LM head (`head`: hidden -> logits) and summed cross-entropy. Shared with the hf backend's adapter so that both
     report loss, token and correct counts the same way. Without `return_logits` the head runs on the labelled tokens
-    only: at `masked_index` (their flat positions, computed on the host by the loop, so nothing here waits for the
-    GPU) or, without it, where the labels say (a boolean selection, which makes the host wait for the forward)."""
+    only: at `masked_index` (`labelled_positions`, found on the host by the loop, so nothing here waits for the GPU)
+    or, without it, at the positions found here from the labels (which makes the host wait for the forward)."""
     if labels is None:
         return EsmOutput(logits=head(hidden), last_hidden_state=hidden)
     flat_labels = labels.reshape(-1)
@@ -272,12 +279,10 @@ def masked_lm_output(
         picked, target = logits.reshape(-1, logits.shape[-1]), flat_labels
     else:
         logits = None
-        flat_hidden = hidden.reshape(-1, hidden.shape[-1])
         if masked_index is None:
-            keep = flat_labels != IGNORE_INDEX
-            picked, target = head(flat_hidden[keep]), flat_labels[keep]
-        else:
-            picked, target = head(flat_hidden.index_select(0, masked_index)), flat_labels.index_select(0, masked_index)
+            masked_index = labelled_positions(labels)
+        picked = head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, masked_index))
+        target = flat_labels.index_select(0, masked_index)
     loss_sum = F.cross_entropy(picked.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
     valid = target != IGNORE_INDEX
     num = valid.sum()
@@ -343,7 +348,7 @@ def check_masked_index(masked_index: torch.Tensor | None, labels: torch.Tensor |
         return
     if labels is None:
         raise ValueError("masked_index (the labelled tokens' positions) goes with labels")
-    expected = torch.nonzero(labels.reshape(-1) != IGNORE_INDEX).squeeze(1)
+    expected = labelled_positions(labels)
     if masked_index.shape != expected.shape or not torch.equal(masked_index.to(expected.device), expected):
         raise ValueError(
             f"masked_index must list the positions of the labelled tokens ({expected.numel()} of them), in order; got "
