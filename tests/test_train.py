@@ -416,11 +416,7 @@ def test_a_fresh_run_never_clobbers_another_runs_directory(tmp_path):
     replaces the old run, and a later resume loads the new run's checkpoint, not the old run's higher step."""
     out, args = tmp_path / "run", [*TINY, "dataset.num_workers=0", "checkpoint.save_every_n_steps=2"]
     check(torchrun("train_ddp.py", 1, *args, "num_train_steps=4", f"output_dir={out}"))
-    before = {
-        p: p.read_bytes()
-        for p in sorted(out.rglob("*"))
-        if p.is_file() and p.suffix not in (".log", ".lock")
-    }
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.suffix not in (".log", ".lock")}
     assert not (out / ".hydra").exists()
     r = torchrun("train_ddp.py", 1, *args, "num_train_steps=4", "seed=1", f"output_dir={out}")
     assert r.returncode != 0 and f"output_dir={out} holds another run's outputs" in r.stderr
