@@ -225,9 +225,10 @@ def _fit(cfg: DictConfig, strategy: Strategy):
         lr = scheduled_lr(state.step, cfg.optimizer.lr, cfg.lr_scheduler, cfg.num_train_steps)
         set_lr(optimizer, lr)
         loss, grad_norm = train_step(model, strategy, batches, reduced[0].clamp(min=1).float(), amp, cfg.max_grad_norm)
-        if cfg.detect_anomaly:  # the update waits for the check
-            check_finite(loss.item(), grad_norm.item(), state.step + 1)
         readback.send(torch.stack([loss, grad_norm.float()]))
+        if cfg.detect_anomaly:  # the update waits for the check
+            loss_v, norm_v = readback.get()
+            check_finite(loss_v, norm_v, state.step + 1)
         optimizer.step()  # without the check above, queued before the host waits for the loss
         optimizer.zero_grad(set_to_none=True)
         loss_v, norm_v = readback.get()
