@@ -140,11 +140,21 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
 Norm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 
-def layer_norm_mlp(x: torch.Tensor, mlp: Any, eps: float, activation: str, norm: Norm = layer_norm) -> torch.Tensor:
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str) -> torch.Tensor:
+    """GELU(linear(x)): the MLP's first half (te_kernels.linear_gelu is the te backend's, with a fused backward)."""
+    return gelu(linear(x, weight, bias), activation)
+
+
+LinearGelu = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, str], torch.Tensor]
+
+
+def layer_norm_mlp(
+    x: torch.Tensor, mlp: Any, eps: float, activation: str, norm: Norm = layer_norm, fc1_gelu: LinearGelu = linear_gelu
+) -> torch.Tensor:
     """Pre-LN MLP from LayerNormMLP-named parameters (`mlp`: ours or TE's module), in plain PyTorch (also TE's
     exact-GELU path)."""
     h = norm(x, mlp.layer_norm_weight, mlp.layer_norm_bias, eps)
-    h = gelu(linear(h, mlp.fc1_weight, mlp.fc1_bias), activation)
+    h = fc1_gelu(h, mlp.fc1_weight, mlp.fc1_bias, activation)
     return linear(h, mlp.fc2_weight, mlp.fc2_bias)
 
 
@@ -177,9 +187,12 @@ class Linear(nn.Linear):
 class LayerNormMLP(nn.Module):
     """LayerNorm, fc1, GELU, fc2, named as te.LayerNormMLP."""
 
-    def __init__(self, hidden: int, ffn: int, eps: float, activation: str, device=None, dtype=None, norm: Norm = layer_norm):
+    def __init__(
+        self, hidden: int, ffn: int, eps: float, activation: str, device=None, dtype=None, norm: Norm = layer_norm,
+        fc1_gelu: LinearGelu = linear_gelu,
+    ):  # fmt: skip
         super().__init__()
-        self.eps, self.activation, self.norm = eps, activation, norm
+        self.eps, self.activation, self.norm, self.fc1_gelu = eps, activation, norm, fc1_gelu
         self.layer_norm_weight = _param(hidden, device=device, dtype=dtype)
         self.layer_norm_bias = _param(hidden, device=device, dtype=dtype)
         self.fc1_weight = _param(ffn, hidden, device=device, dtype=dtype)
@@ -188,7 +201,7 @@ class LayerNormMLP(nn.Module):
         self.fc2_bias = _param(hidden, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return layer_norm_mlp(x, self, self.eps, self.activation, self.norm)
+        return layer_norm_mlp(x, self, self.eps, self.activation, self.norm, self.fc1_gelu)
 
 
 class AttentionBlock(nn.Module):

@@ -3,8 +3,10 @@ modules, their parameters and what they keep for backward stay ours (layers.py);
 
 - `layer_norm`: TE's LayerNorm kernels. Their backward computes the weight and bias gradients inside the kernel,
   where PyTorch's runs a separate column reduction over all tokens for them (docs/benchmarks.md, lever 33).
-- The linears stay `layers.linear`: TE's weight-gradient GEMM with the bias gradient in its epilogue was measured
-  and was no faster (lever 32).
+- `linear_gelu`: the exact-GELU MLP's fc1 and GELU, whose backward turns the gradient into the pre-activation's in
+  place and sums fc1's bias gradient in the same pass, one Triton kernel (gelu_triton.py; lever 37).
+- The other linears stay `layers.linear`: TE's weight-gradient GEMM with the bias gradient in its epilogue was
+  measured and was no faster (lever 32).
 
 TE's path is taken for CUDA input under autocast only, PyTorch's otherwise, so a te model moved to the CPU still
 computes. What it computes is checked against PyTorch's on the GPU (tests/test_gpu.py).
@@ -12,9 +14,15 @@ computes. What it computes is checked against PyTorch's on the GPU (tests/test_g
 
 from __future__ import annotations
 
-import torch
+import functools
+import importlib
+import sys
+from typing import Any
 
-from recipe.model import layers
+import torch
+from torch.autograd.function import once_differentiable
+
+from recipe.model import layers, rope_kernel
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -56,3 +64,76 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     if dtype is None or x.dtype != dtype:  # also an FP32 residual stream: layers.layer_norm's FP32 path
         return layers.layer_norm(x, weight, bias, eps)
     return _LayerNorm.apply(x, weight, bias, eps, dtype)
+
+
+@functools.cache
+def _gelu_kernel() -> Any:
+    """The Triton kernel (gelu_triton.py), reloaded after a cache_clear so that TRITON_INTERPRET takes effect."""
+    name = "recipe.model.gelu_triton"
+    module = importlib.reload(sys.modules[name]) if name in sys.modules else importlib.import_module(name)
+    return module.gelu_bwd_bias
+
+
+def gelu_backward_and_bias(grad: torch.Tensor, pre: torch.Tensor, rows: int = 512) -> torch.Tensor:
+    """The exact GELU's backward in place: `grad` ([T, F], the gradient of GELU(pre)) becomes that of `pre`; returns
+    the column sums of the result in fp32 (the bias gradient of the linear that produced `pre`). One pass over both,
+    where PyTorch writes a new [T, F] tensor and reads it once more for the bias gradient (docs/benchmarks.md,
+    lever 37). The peak does not drop by it: fc2's backward, just before, holds its saved input and the new gradient
+    at once, which is the same [T, F] pair."""
+    if grad.shape != pre.shape or grad.dim() != 2 or not (grad.is_contiguous() and pre.is_contiguous()):
+        raise ValueError(f"gelu_backward_and_bias takes two contiguous [T, F] tensors, got {grad.shape} and {pre.shape}")
+    if rows % 32:
+        raise ValueError(f"rows={rows} must be a multiple of the kernel's 32-row tiles")
+    num_tokens, features = grad.shape
+    block_f = min(128, triton_next_pow2(features))
+    partial = torch.empty(-(-num_tokens // rows), features, device=grad.device, dtype=torch.float32)
+    grid = (partial.shape[0], -(-features // block_f))
+    _gelu_kernel()[grid](grad, pre, partial, num_tokens, F=features, ROWS=rows, BLOCK_T=32, BLOCK_F=block_f)
+    return partial.sum(0)
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+class _LinearGelu(torch.autograd.Function):
+    """GELU(x W^T + b), exact GELU, in `dtype` with the FP32 weight kept for backward (as layers.linear). The backward
+    turns the incoming gradient into the pre-activation's in place and sums the bias gradient in the same pass
+    (`gelu_backward_and_bias`), then runs the two GEMMs as layers.linear does.
+
+    In place is safe only where this function's output has one consumer whose backward hands over a gradient
+    tensor of its own: in the MLP, fc2's linear (a fresh matmul output). Autograd may pass one tensor to several
+    places (a sum's inputs, or a `backward(dy)` called on this output), so do not use it elsewhere."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, dtype):
+        with torch.autocast("cuda", enabled=False):
+            pre = torch.nn.functional.linear(x, weight.to(dtype), bias.to(dtype))
+        ctx.save_for_backward(x, weight, pre)
+        ctx.dtype, ctx.bias_dtype = dtype, bias.dtype
+        return torch.nn.functional.gelu(pre)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, weight, pre = ctx.saved_tensors
+        features = pre.shape[-1]
+        g2 = grad.reshape(-1, features)
+        if not g2.is_contiguous() or g2.dtype != pre.dtype:
+            g2 = g2.contiguous().to(pre.dtype)
+        grad_b = gelu_backward_and_bias(g2, pre.reshape(-1, features))
+        x2 = x.reshape(-1, x.shape[-1])
+        grad_x = (g2 @ weight.to(ctx.dtype)).view_as(x) if ctx.needs_input_grad[0] else None
+        grad_w = (g2.t() @ x2).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w, grad_b.to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None, None
+
+
+@torch.compiler.disable  # a Triton launch torch.compile would only break around (te + compile compiles the MLP)
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str) -> torch.Tensor:
+    """layers.linear_gelu with the fused backward (CUDA under autocast, exact GELU, Triton importable, a gradient
+    wanted); layers.linear_gelu otherwise. For the MLP's first half only (see _LinearGelu on its in-place backward)."""
+    dtype = _autocast_dtype(x)
+    trained = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)
+    if dtype is None or activation != "gelu" or not trained or not rope_kernel.available():
+        return layers.linear_gelu(x, weight, bias, activation)
+    return _LinearGelu.apply(x.to(dtype), weight, bias, dtype)

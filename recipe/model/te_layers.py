@@ -78,7 +78,9 @@ class TEEsmLayer(EsmLayerBase):
         if quantized or config.activation != "gelu":
             self.mlp = te.LayerNormMLP(h, ffn, eps=eps, bias=True, activation="gelu", **kw)
         else:
-            self.mlp = LayerNormMLP(h, ffn, eps, "gelu", device=device, dtype=dtype, norm=te_kernels.layer_norm)
+            self.mlp = LayerNormMLP(
+                h, ffn, eps, "gelu", device=device, dtype=dtype, norm=te_kernels.layer_norm, fc1_gelu=te_kernels.linear_gelu
+            )
         cp = {}
         if context_parallel is not None and context_parallel.size > 1:
             cp = dict(
@@ -102,7 +104,7 @@ class TEEsmLayer(EsmLayerBase):
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation == "gelu":
-            return layer_norm_mlp(x, self.mlp, self.eps, "gelu", te_kernels.layer_norm)
+            return layer_norm_mlp(x, self.mlp, self.eps, "gelu", te_kernels.layer_norm, te_kernels.linear_gelu)
         return self.mlp(x)
 
     def attend(self, qkv, rope, packed: PackedInfo | None, key_padding_mask):

@@ -1,0 +1,75 @@
+"""recipe/model/te_kernels.py's fused exact-GELU backward on CPU, through Triton's interpreter, against PyTorch's
+GELU backward and bias gradient. The GPU run inside the te model is tests/test_gpu.py::test_fused_gelu_mlp_matches."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from recipe.model import rope_kernel, te_kernels
+
+needs_triton = pytest.mark.skipif(not rope_kernel.available(), reason="triton is in the dev extra")
+
+
+@pytest.fixture
+def interpreted(monkeypatch):
+    """Triton's interpreter (CPU tensors); the kernel is defined again under it."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    te_kernels._gelu_kernel.cache_clear()
+    yield
+    te_kernels._gelu_kernel.cache_clear()
+
+
+def tolerance(dtype):
+    """fp32: the interpreter's erf and exp differ from PyTorch's in the last bits; bf16: one rounding step."""
+    return dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-3)
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens, features, rows", [(33, 200, 512), (700, 64, 64), (512, 128, 32)])
+def test_gelu_backward_and_bias_matches_pytorch(interpreted, dtype, tokens, features, rows):
+    """Token counts that are and are not whole multiples of a program's rows, feature counts below, at and past one
+    column block: the gradient (written in place) and the bias gradient (fp32) against PyTorch's."""
+    torch.manual_seed(0)
+    pre = (torch.randn(tokens, features) * 2).to(dtype)
+    grad = torch.randn(tokens, features).to(dtype)
+    leaf = pre.clone().requires_grad_()
+    F.gelu(leaf).backward(grad)
+    expected = leaf.grad
+    inplace = grad.clone()
+    bias_grad = te_kernels.gelu_backward_and_bias(inplace, pre, rows=rows)
+    torch.testing.assert_close(inplace, expected, **tolerance(dtype))
+    torch.testing.assert_close(bias_grad, inplace.float().sum(0), rtol=1e-5, atol=1e-4)  # the sum of what it stored
+    assert rel_err(bias_grad, expected.float().sum(0)) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+@needs_triton
+def test_linear_gelu_matches_pytorch_autograd(interpreted):
+    """The autograd function against GELU(linear) through PyTorch's autograd, FP32 weights cast to BF16 as under
+    autocast: the output, the input's, weight's and bias's gradients, the last two in the parameters' dtype."""
+    torch.manual_seed(1)
+    x0 = torch.randn(70, 48).bfloat16()
+    w0, b0 = torch.randn(96, 48) * 48**-0.5, torch.randn(96) * 0.1
+    outs = {}
+    for name in ("fused", "pytorch"):
+        x, w, b = x0.clone().requires_grad_(), w0.clone().requires_grad_(), b0.clone().requires_grad_()
+        if name == "fused":
+            y = te_kernels._LinearGelu.apply(x, w, b, torch.bfloat16)
+        else:
+            y = F.gelu(F.linear(x, w.bfloat16(), b.bfloat16()))
+        y.float().square().sum().backward()
+        outs[name] = (y, x.grad, w.grad, b.grad)
+    for got, want in zip(outs["fused"], outs["pytorch"], strict=True):
+        assert got.dtype == want.dtype
+        assert rel_err(got, want) < 5e-3  # BF16 roundings in another order, not more
+
+
+def test_malformed_input_is_refused():
+    with pytest.raises(ValueError, match="two contiguous"):
+        te_kernels.gelu_backward_and_bias(torch.zeros(4, 6).t(), torch.zeros(6, 4))
+    with pytest.raises(ValueError, match="rows=48 must be a multiple"):  # overlapping tiles would apply GELU twice
+        te_kernels.gelu_backward_and_bias(torch.zeros(64, 8), torch.zeros(64, 8), rows=48)
