@@ -170,10 +170,15 @@ def test_fp8_te_layers_keep_no_fp8_weight_copies(batch, recipe_name):
 
 @needs_te
 @pytest.mark.parametrize("size", ["8M", "650M"])
-def test_triton_rope_kernel_matches_te_rope(batch, size):
-    """model.rope_kernel=triton against TE's fused rope in the same te model: logits, loss and every gradient."""
+def test_triton_rope_kernel_matches_te_rope(batch, size, monkeypatch):
+    """model.rope_kernel=triton against TE's fused rope in the same te model: logits, loss and every gradient; each
+    layer's QKV bias gradient summed by the rope's backward kernel (rope_kernel.linear_rope_qkv)."""
+    from recipe.model import rope_kernel
     from recipe.model.config import Runtime
 
+    sums = []
+    backward = rope_kernel._backward
+    monkeypatch.setattr(rope_kernel, "_backward", lambda *a, **k: sums.append(k["bias"]) or backward(*a, **k))
     results = {}
     for kernel in ("te", "triton"):
         model = build_model(EsmConfig.from_size(size, backend="te"), device="cuda", seed=0, runtime=Runtime(rope_kernel=kernel))
@@ -194,6 +199,7 @@ def test_triton_rope_kernel_matches_te_rope(batch, size):
           f"{te.loss.item():.5f}, worst gradient cosine {worst:.5f}")  # fmt: skip
     # A wrong rotation moves these by orders of magnitude; one bf16 rounding step here and there, not measurably.
     assert err < 2e-2 and abs(tri.loss.item() - te.loss.item()) < 2e-3 and worst > 0.99
+    assert sums == [True] * EsmConfig.from_size(size).num_layers
 
 
 @needs_te

@@ -10,7 +10,7 @@ import torch
 from recipe.build import resolve_rope_kernel
 from recipe.config import ConfigError
 from recipe.model import rope_kernel
-from recipe.model.layers import PackedInfo, apply_rotary, rotary_cos_sin, rotary_inv_freq
+from recipe.model.layers import PackedInfo, apply_rotary, linear, rotary_cos_sin, rotary_inv_freq
 
 needs_triton = pytest.mark.skipif(not rope_kernel.available(), reason="triton is in the dev extra")
 
@@ -114,3 +114,50 @@ def test_the_model_refuses_the_kernel_where_it_does_not_apply():
 
     with pytest.raises(ValueError, match="rope_kernel=triton is for the te backend without context parallelism"):
         build_model(EsmConfig.from_size("tiny", backend="torch"), runtime=Runtime(rope_kernel="triton"))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "heads, head_dim, tokens, tiles",
+    [(3, 64, 300, 1), (3, 64, 300, 2), (2, 24, 700, None), (20, 8, 33, None)],  # 128-token tiles; 256; 512
+)
+def test_backward_sums_the_bias_gradient(interpreted, dtype, heads, head_dim, tokens, tiles):
+    """The backward kernel's column sums of the QKV gradient it writes (the projection's bias gradient), over
+    programs of one and two tiles and token counts that end inside a program: equal to summing that gradient
+    afterwards, and the gradient itself the same as without the sums."""
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(tokens, heads, head_dim, generator=gen).to(dtype) for _ in range(3)]
+    positions = torch.randint(0, 1024, (tokens,), generator=gen)
+    inv_freq = rotary_inv_freq(head_dim, 10000.0)
+    dqkv, bias_grad = rope_kernel._backward(*grads, positions, inv_freq, heads, head_dim, bias=True, tiles=tiles)
+    plain, none = rope_kernel._backward(*grads, positions, inv_freq, heads, head_dim, bias=False)
+    assert none is None and torch.equal(dqkv, plain)
+    torch.testing.assert_close(bias_grad, dqkv.float().sum(0), rtol=1e-5, atol=1e-4)
+
+
+@needs_triton
+def test_linear_rope_matches_linear_then_rope(interpreted):
+    """The fused QKV projection and rope against layers.linear followed by rope_qkv through autograd, FP32 weights
+    cast to BF16 as under autocast: q, k, v and the input's, weight's and bias's gradients (the bias's from the
+    rope kernel's sums, in the bias's dtype)."""
+    heads, head_dim, tokens = 3, 16, 150
+    torch.manual_seed(2)
+    packed = PackedInfo(torch.tensor([0, 40, 97, tokens], dtype=torch.int32), 57, tokens)
+    x0 = torch.randn(tokens, 40).bfloat16()
+    w0, b0 = torch.randn(3 * heads * head_dim, 40) * 40**-0.5, torch.randn(3 * heads * head_dim) * 0.1
+    inv_freq = rotary_inv_freq(head_dim, 10000.0)
+    grads = [torch.randn(tokens, heads, head_dim).bfloat16() for _ in range(3)]
+    results = {}
+    for name in ("fused", "separate"):
+        x, w, b = x0.clone().requires_grad_(), w0.clone().requires_grad_(), b0.clone().requires_grad_()
+        if name == "fused":
+            out = rope_kernel._LinearRopeQKV.apply(x, w, b, packed.offsets, inv_freq, heads, head_dim, torch.bfloat16)
+        else:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = rope_kernel.rope_qkv(linear(x, w, b), packed.offsets, inv_freq, heads, head_dim)
+        torch.autograd.backward(out, grads)
+        results[name] = [*(o.detach() for o in out), x.grad, w.grad, b.grad]
+    for got, want in zip(results["fused"], results["separate"], strict=True):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=2**-7, atol=1e-3)

@@ -118,11 +118,19 @@ class _LinearRecastInBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
-        grad_x = (g2 @ weight.to(ctx.dtype)).view_as(x) if ctx.needs_input_grad[0] else None
-        grad_w = (g2.t() @ x2).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        g2 = grad.reshape(-1, grad.shape[-1])
+        grad_x, grad_w = linear_grads(g2, x, weight, ctx.dtype, ctx.needs_input_grad[:2])
         grad_b = g2.sum(0).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None
+
+
+def linear_grads(g2: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype, needs: tuple[bool, ...]):
+    """The input's and weight's gradients of `x W^T` from the output's gradient `g2` [T, out], as the linears here
+    compute them: GEMMs in `dtype` (the weight cast again), the weight's gradient in the weight's dtype; None where
+    `needs` (ctx.needs_input_grad for x, weight) says no gradient is wanted."""
+    grad_x = (g2 @ weight.to(dtype)).view_as(x) if needs[0] else None
+    grad_w = (g2.t() @ x.reshape(-1, x.shape[-1])).to(weight.dtype) if needs[1] else None
+    return grad_x, grad_w
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -233,9 +241,12 @@ class EsmLayerBase(nn.Module):
         return q, k, v
 
     def forward(self, x, rope, packed: PackedInfo | None = None, key_padding_mask: torch.Tensor | None = None):
-        out = self.attend(self.attention.layernorm_qkv(x), rope, packed, key_padding_mask)
-        x = x + self.attention.proj(out.flatten(-2))
+        x = x + self.attention.proj(self.attention_output(x, rope, packed, key_padding_mask).flatten(-2))
         return x + self.feed_forward(x)
+
+    def attention_output(self, x, rope, packed: PackedInfo | None, key_padding_mask: torch.Tensor | None):
+        """Attention [..., H, D] of the layer's input: its LayerNorm, QKV projection, rotary and attention."""
+        return self.attend(self.attention.layernorm_qkv(x), rope, packed, key_padding_mask)
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(x)

@@ -18,6 +18,10 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
+from recipe.model import layers
+
+ROWS = 256  # tokens per program of the backward kernel: one row of bias partial sums per ROWS tokens
+
 
 @functools.cache
 def available() -> bool:
@@ -42,45 +46,100 @@ def _kernels() -> tuple[Any, Any]:
     return module.rope_qkv_fwd, module.rope_qkv_bwd
 
 
-def _launch(kernel, big: torch.Tensor, parts: tuple[torch.Tensor, ...], positions, inv_freq, heads: int, head_dim: int):
-    num_tokens, half = big.shape[0], head_dim // 2
-    block_j = 1 << (half - 1).bit_length()
-    block_t = max(1, 4096 // block_j)
-    grid = ((num_tokens + block_t - 1) // block_t, heads)
-    kernel[grid](big, *parts, positions, inv_freq, num_tokens, HD=heads * head_dim, HALF=half, BLOCK_T=block_t,
-                 BLOCK_J=block_j)  # fmt: skip
+def _blocks(head_dim: int) -> tuple[int, int]:
+    """(BLOCK_J, BLOCK_T): a half-head's lanes (a power of two) and the tokens of one tile (4096 elements a tile)."""
+    block_j = 1 << (head_dim // 2 - 1).bit_length()
+    return block_j, max(1, 4096 // block_j)
+
+
+def _forward(qkv: torch.Tensor, positions, inv_freq, heads: int, head_dim: int):
+    num_tokens = qkv.shape[0]
+    q, k, v = (qkv.new_empty(num_tokens, heads, head_dim) for _ in range(3))
+    block_j, block_t = _blocks(head_dim)
+    grid = (-(-num_tokens // block_t), heads)
+    _kernels()[0][grid](qkv, q, k, v, positions, inv_freq, num_tokens, HD=heads * head_dim, HALF=head_dim // 2,
+                        BLOCK_T=block_t, BLOCK_J=block_j)  # fmt: skip
+    return q, k, v
+
+
+def _backward(dq, dk, dv, positions, inv_freq, heads: int, head_dim: int, bias: bool, tiles: int | None = None):
+    """QKV's gradient [T, 3 HD] from dq, dk, dv, and with `bias` its column sums in fp32 (else None). A program
+    covers `tiles` token tiles (default: about ROWS tokens)."""
+    grads = [g.contiguous() for g in (dq, dk, dv)]  # autograd gives zeros for outputs that got no gradient
+    num_tokens, hd = grads[0].shape[0], heads * head_dim
+    dqkv = grads[0].new_empty(num_tokens, 3 * hd)
+    block_j, block_t = _blocks(head_dim)
+    rows = block_t * (tiles or max(1, ROWS // block_t))
+    blocks = -(-num_tokens // rows)
+    partial = torch.empty(blocks if bias else 1, 3 * hd, device=dqkv.device, dtype=torch.float32)
+    _kernels()[1][(blocks, heads)](dqkv, *grads, positions, inv_freq, partial, num_tokens, HD=hd, HALF=head_dim // 2,
+                                   ROWS=rows, BLOCK_T=block_t, BLOCK_J=block_j, BIAS=bias)  # fmt: skip
+    return dqkv, partial.sum(0) if bias else None
 
 
 class _RopeQKV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv, positions, inv_freq, heads: int, head_dim: int):
-        qkv = qkv.contiguous()
-        shape = (qkv.shape[0], heads, head_dim)
-        q, k, v = (qkv.new_empty(shape) for _ in range(3))
-        _launch(_kernels()[0], qkv, (q, k, v), positions, inv_freq, heads, head_dim)
         ctx.save_for_backward(positions, inv_freq)
         ctx.heads, ctx.head_dim = heads, head_dim
-        return q, k, v
+        return _forward(qkv.contiguous(), positions, inv_freq, heads, head_dim)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dq, dk, dv):
         positions, inv_freq = ctx.saved_tensors
-        grads = [g.contiguous() for g in (dq, dk, dv)]  # autograd gives zeros for outputs that got no gradient
-        dqkv = grads[0].new_empty(grads[0].shape[0], 3 * ctx.heads * ctx.head_dim)
-        _launch(_kernels()[1], dqkv, tuple(grads), positions, inv_freq, ctx.heads, ctx.head_dim)
+        dqkv, _ = _backward(dq, dk, dv, positions, inv_freq, ctx.heads, ctx.head_dim, bias=False)
         return dqkv, None, None, None, None
+
+
+class _LinearRopeQKV(torch.autograd.Function):
+    """The QKV projection (layers.linear's arithmetic: `dtype` GEMMs, the FP32 weight kept and cast again in
+    backward) and the rope in one function, so that the rope's backward kernel also sums the projection's bias
+    gradient from the QKV gradient it writes: one pass over that [T, 3 HD] tensor fewer per layer."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, positions, inv_freq, heads: int, head_dim: int, dtype):
+        with torch.autocast(x.device.type, enabled=False):
+            qkv = torch.nn.functional.linear(x, weight.to(dtype), bias.to(dtype))
+        ctx.save_for_backward(x, weight, positions, inv_freq)
+        ctx.heads, ctx.head_dim, ctx.dtype, ctx.bias_dtype = heads, head_dim, dtype, bias.dtype
+        return _forward(qkv, positions, inv_freq, heads, head_dim)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dq, dk, dv):
+        x, weight, positions, inv_freq = ctx.saved_tensors
+        dqkv, grad_b = _backward(dq, dk, dv, positions, inv_freq, ctx.heads, ctx.head_dim, bias=ctx.needs_input_grad[2])
+        grad_x, grad_w = layers.linear_grads(dqkv, x, weight, ctx.dtype, ctx.needs_input_grad[:2])
+        return grad_x, grad_w, None if grad_b is None else grad_b.to(ctx.bias_dtype), None, None, None, None, None
+
+
+def _check(qkv_shape: tuple[int, ...], positions: torch.Tensor, heads: int, head_dim: int) -> None:
+    if head_dim % 2 or len(qkv_shape) != 2 or qkv_shape[1] != 3 * heads * head_dim or positions.shape != qkv_shape[:1]:
+        raise ValueError(
+            f"rope_qkv: qkv {tuple(qkv_shape)} is not [T, 3 x {heads} heads x {head_dim}] with an even head size, "
+            f"or positions {tuple(positions.shape)} is not [T]"
+        )
 
 
 def rope_qkv(qkv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, heads: int, head_dim: int):
     """q, k, v [T, H, D] (contiguous) from the fused projection `qkv` [T, 3*H*D], q and k rotated by the angles
     `positions[t] * inv_freq` (non-interleaved halves, as transformers' ESM-2 and TE's rope); `positions` is each
     token's place in its own sequence (int32 or int64 [T]), `inv_freq` the fp32 frequencies [D/2]."""
-    if head_dim % 2 or qkv.dim() != 2 or qkv.shape[1] != 3 * heads * head_dim or positions.shape != qkv.shape[:1]:
-        raise ValueError(
-            f"rope_qkv: qkv {tuple(qkv.shape)} is not [T, 3 x {heads} heads x {head_dim}] with an even head size, "
-            f"or positions {tuple(positions.shape)} is not [T]"
-        )
+    _check(tuple(qkv.shape), positions, heads, head_dim)
     if qkv.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise TypeError(f"rope_qkv runs bf16, fp16 or fp32 QKV, got {qkv.dtype}")
     return _RopeQKV.apply(qkv, positions.contiguous(), inv_freq.float().contiguous(), heads, head_dim)
+
+
+@torch.compiler.disable  # Triton launches torch.compile would only break around
+def linear_rope_qkv(x, weight, bias, positions, inv_freq, heads: int, head_dim: int):
+    """rope_qkv(layers.linear(x, weight, bias), ...) with the bias gradient summed by the rope's backward kernel
+    (`_LinearRopeQKV`), where the computation is CUDA under autocast with a bias that takes a gradient; the two
+    functions one after the other otherwise."""
+    dtype = torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else None
+    if dtype is None or not (torch.is_grad_enabled() and bias.requires_grad):
+        return rope_qkv(layers.linear(x, weight, bias), positions, inv_freq, heads, head_dim)
+    _check((*x.shape[:-1], weight.shape[0]), positions, heads, head_dim)
+    return _LinearRopeQKV.apply(x.to(dtype), weight, bias, positions.contiguous(), inv_freq.float().contiguous(),
+                                heads, head_dim, dtype)  # fmt: skip

@@ -1,4 +1,4 @@
-"""The Triton kernels of `model.rope_kernel=triton` (the autograd function and launch are in rope_kernel.py).
+"""The Triton kernels of `model.rope_kernel=triton` (the autograd functions and launches are in rope_kernel.py).
 
 A module of its own because Triton resolves a kernel's helper functions among the module's globals, and this import
 needs Triton: rope_kernel.py imports it only when the kernels first run (and again under TRITON_INTERPRET=1 in the
@@ -8,17 +8,22 @@ CPU tests, which reload it). Kernel names contain "rope", so that profiles group
 import triton
 import triton.language as tl
 
-# One program: BLOCK_T tokens x one head. A head's two halves (elements j and j + HALF, j < HALF) are loaded as
-# two [BLOCK_T, HALF] tiles whose rows are contiguous, so the loads vectorize; the angles are computed once for q
-# and k. HD = heads x head_dim; QKV rows hold q, k, v one after the other.
+# One program: BLOCK_T tokens x one head (the backward: ROWS tokens, in tiles of BLOCK_T). A head's two halves
+# (elements j and j + HALF, j < HALF) are loaded as two [BLOCK_T, HALF] tiles whose rows are contiguous, so the
+# loads vectorize; the angles are computed once for q and k. HD = heads x head_dim; QKV rows hold q, k, v one
+# after the other.
 
 
 @triton.jit
-def _tile(positions, inv_freq, num_tokens, HD: tl.constexpr, HALF: tl.constexpr, BLOCK_T: tl.constexpr,
-          BLOCK_J: tl.constexpr):  # fmt: skip
-    """This program's tile: offsets of the first half-head in QKV (`packed`) and in q, k, v (`split`), the mask, and
-    the angles' cos and sin."""
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]
+def _add(a, b):
+    """tl.reduce's combine function, ours: the CPU tests' interpreter runs only functions defined after it is on."""
+    return a + b
+
+
+@triton.jit
+def _tile(t, positions, inv_freq, num_tokens, HD: tl.constexpr, HALF: tl.constexpr, BLOCK_J: tl.constexpr):
+    """The tile of tokens `t` ([BLOCK_T, 1]) in this program's head: offsets of the first half-head in QKV
+    (`packed`) and in q, k, v (`split`), the mask, and the angles' cos and sin."""
     j = tl.arange(0, BLOCK_J)[None, :]
     col = tl.program_id(1) * (2 * HALF) + j
     angle = tl.load(positions + t, mask=t < num_tokens, other=0).to(tl.float32) * tl.load(inv_freq + j, mask=j < HALF, other=0.0)
@@ -28,29 +33,61 @@ def _tile(positions, inv_freq, num_tokens, HD: tl.constexpr, HALF: tl.constexpr,
 
 @triton.jit
 def _rotate(src, dst, cos, sin, mask, HALF: tl.constexpr, SIGN: tl.constexpr):
-    """dst = src rotated by SIGN x angle (SIGN -1: the transpose, for backward)."""
-    x1 = tl.load(src, mask=mask)
-    x2 = tl.load(src + HALF, mask=mask)
+    """dst = src rotated by SIGN x angle (SIGN -1: the transpose, for backward); returns the two halves stored, in
+    fp32."""
+    x1 = tl.load(src, mask=mask, other=0.0)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0)
     a, b = x1.to(tl.float32), x2.to(tl.float32)
-    tl.store(dst, (a * cos - SIGN * b * sin).to(x1.dtype), mask=mask)
-    tl.store(dst + HALF, (b * cos + SIGN * a * sin).to(x1.dtype), mask=mask)
+    y1, y2 = (a * cos - SIGN * b * sin).to(x1.dtype), (b * cos + SIGN * a * sin).to(x1.dtype)
+    tl.store(dst, y1, mask=mask)
+    tl.store(dst + HALF, y2, mask=mask)
+    return y1.to(tl.float32), y2.to(tl.float32)
+
+
+@triton.jit
+def _copy(src, dst, mask, HALF: tl.constexpr):
+    x1 = tl.load(src, mask=mask, other=0.0)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0)
+    tl.store(dst, x1, mask=mask)
+    tl.store(dst + HALF, x2, mask=mask)
+    return x1.to(tl.float32), x2.to(tl.float32)
 
 
 @triton.jit
 def rope_qkv_fwd(qkv, q, k, v, positions, inv_freq, num_tokens, HD: tl.constexpr, HALF: tl.constexpr,
                  BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr):  # fmt: skip
-    packed, split, mask, cos, sin = _tile(positions, inv_freq, num_tokens, HD, HALF, BLOCK_T, BLOCK_J)
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]
+    packed, split, mask, cos, sin = _tile(t, positions, inv_freq, num_tokens, HD, HALF, BLOCK_J)
     _rotate(qkv + packed, q + split, cos, sin, mask, HALF, 1.0)
     _rotate(qkv + packed + HD, k + split, cos, sin, mask, HALF, 1.0)
-    tl.store(v + split, tl.load(qkv + packed + 2 * HD, mask=mask), mask=mask)
-    tl.store(v + split + HALF, tl.load(qkv + packed + 2 * HD + HALF, mask=mask), mask=mask)
+    _copy(qkv + packed + 2 * HD, v + split, mask, HALF)
 
 
 @triton.jit
-def rope_qkv_bwd(dqkv, dq, dk, dv, positions, inv_freq, num_tokens, HD: tl.constexpr, HALF: tl.constexpr,
-                 BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr):  # fmt: skip
-    packed, split, mask, cos, sin = _tile(positions, inv_freq, num_tokens, HD, HALF, BLOCK_T, BLOCK_J)
-    _rotate(dq + split, dqkv + packed, cos, sin, mask, HALF, -1.0)
-    _rotate(dk + split, dqkv + packed + HD, cos, sin, mask, HALF, -1.0)
-    tl.store(dqkv + packed + 2 * HD, tl.load(dv + split, mask=mask), mask=mask)
-    tl.store(dqkv + packed + 2 * HD + HALF, tl.load(dv + split + HALF, mask=mask), mask=mask)
+def rope_qkv_bwd(dqkv, dq, dk, dv, positions, inv_freq, partial, num_tokens, HD: tl.constexpr, HALF: tl.constexpr,
+                 ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, BIAS: tl.constexpr):  # fmt: skip
+    """QKV's gradient from dq, dk, dv; with BIAS, also this program's column sums of what it stored (its share of
+    the QKV projection's bias gradient: one row of `partial` [row blocks, 3 HD] per ROWS tokens, summed over the
+    row blocks afterwards, in a fixed order)."""
+    j = tl.arange(0, BLOCK_J)
+    zero = tl.full([BLOCK_J], 0.0, tl.float32)
+    q1s, q2s, k1s, k2s, v1s, v2s = zero, zero, zero, zero, zero, zero
+    for start in range(0, ROWS, BLOCK_T):
+        t = tl.program_id(0) * ROWS + start + tl.arange(0, BLOCK_T)[:, None]
+        packed, split, mask, cos, sin = _tile(t, positions, inv_freq, num_tokens, HD, HALF, BLOCK_J)
+        q1, q2 = _rotate(dq + split, dqkv + packed, cos, sin, mask, HALF, -1.0)
+        k1, k2 = _rotate(dk + split, dqkv + packed + HD, cos, sin, mask, HALF, -1.0)
+        v1, v2 = _copy(dv + split, dqkv + packed + 2 * HD, mask, HALF)
+        if BIAS:
+            q1s, q2s = q1s + tl.reduce(q1, 0, _add), q2s + tl.reduce(q2, 0, _add)
+            k1s, k2s = k1s + tl.reduce(k1, 0, _add), k2s + tl.reduce(k2, 0, _add)
+            v1s, v2s = v1s + tl.reduce(v1, 0, _add), v2s + tl.reduce(v2, 0, _add)
+    if BIAS:
+        row = partial + tl.program_id(0) * (3 * HD) + tl.program_id(1) * (2 * HALF) + j
+        mask = j < HALF
+        tl.store(row, q1s, mask=mask)
+        tl.store(row + HALF, q2s, mask=mask)
+        tl.store(row + HD, k1s, mask=mask)
+        tl.store(row + HD + HALF, k2s, mask=mask)
+        tl.store(row + 2 * HD, v1s, mask=mask)
+        tl.store(row + 2 * HD + HALF, v2s, mask=mask)

@@ -122,9 +122,7 @@ class _LinearGelu(torch.autograd.Function):
         if not g2.is_contiguous() or g2.dtype != pre.dtype:
             g2 = g2.contiguous().to(pre.dtype)
         grad_b = gelu_backward_and_bias(g2, pre.reshape(-1, features))
-        x2 = x.reshape(-1, x.shape[-1])
-        grad_x = (g2 @ weight.to(ctx.dtype)).view_as(x) if ctx.needs_input_grad[0] else None
-        grad_w = (g2.t() @ x2).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_x, grad_w = layers.linear_grads(g2, x, weight, ctx.dtype, ctx.needs_input_grad[:2])
         return grad_x, grad_w, grad_b.to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None, None
 
 

@@ -9,6 +9,8 @@ uses TE's fused kernel (measured difference: docs/numerics.md).
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 from recipe.model import te_kernels
@@ -43,6 +45,12 @@ def requantize_weight_in_backward(module: torch.nn.Module) -> None:
         module._is_fsdp2 = True  # type: ignore[assignment]
 
 
+def require_packed(packed: PackedInfo | None) -> PackedInfo:
+    if packed is None:
+        raise ValueError("the te backend runs packed (THD) input only")
+    return packed
+
+
 class TEEsmLayer(EsmLayerBase):
     """An ESM-2 layer on TE's attention. A `quantized` layer (FP8/FP4 under the precision plan) runs its projections
     and MLP through TE's modules, whose GEMMs quantize. A BF16 layer runs its projections through our linears: TE's
@@ -66,7 +74,7 @@ class TEEsmLayer(EsmLayerBase):
         h, eps, ffn = config.hidden_size, config.layer_norm_eps, config.intermediate_size
         device = device if device is not None else "cuda"
         kw = dict(params_dtype=dtype or torch.float32, device=device)
-        self.eps, self.activation, self.rope_kernel = eps, config.activation, rope_kernel
+        self.eps, self.activation, self.rope_kernel, self.quantized = eps, config.activation, rope_kernel, quantized
         if quantized:
             qkv, proj = te.LayerNormLinear(h, 3 * h, eps=eps, bias=True, **kw), te.Linear(h, h, bias=True, **kw)
         else:
@@ -107,11 +115,28 @@ class TEEsmLayer(EsmLayerBase):
             return layer_norm_mlp(x, self.mlp, self.eps, "gelu", te_kernels.layer_norm, te_kernels.linear_gelu)
         return self.mlp(x)
 
+    def attention_output(self, x, rope, packed: PackedInfo | None, key_padding_mask):
+        """A BF16 layer with our rope kernel runs its QKV projection and rope as one function, whose backward sums
+        the projection's bias gradient in the rope's kernel (rope_kernel.linear_rope_qkv; lever 39)."""
+        if self.rope_kernel != "triton" or self.quantized:
+            return super().attention_output(x, rope, packed, key_padding_mask)
+        from recipe.model import rope_kernel
+
+        qkv = cast(LayerNormLinear, self.attention.layernorm_qkv)
+        h = qkv.norm(x, qkv.layer_norm_weight, qkv.layer_norm_bias, qkv.eps)
+        positions, inv_freq = rope
+        q, k, v = rope_kernel.linear_rope_qkv(h, qkv.weight, qkv.bias, positions, inv_freq, self.num_heads, self.head_dim)
+        return self.attend_rotated(q, k, v, packed)
+
     def attend(self, qkv, rope, packed: PackedInfo | None, key_padding_mask):
-        if packed is None:
-            raise ValueError("the te backend runs packed (THD) input only")
-        cu, cu_pad = packed.cu_seqlens, packed.cu_seqlens_padded
+        packed = require_packed(packed)
         q, k, v = self.rotate(qkv, rope, packed)
+        return self.attend_rotated(q, k, v, packed)
+
+    def attend_rotated(self, q, k, v, packed: PackedInfo | None):
+        """TE's attention over q, k, v [T, H, D] (rotated) within each packed sequence."""
+        packed = require_packed(packed)
+        cu, cu_pad = packed.cu_seqlens, packed.cu_seqlens_padded
         out = self.core_attention(
             q,
             k,
