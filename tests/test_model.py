@@ -469,8 +469,9 @@ def test_packed_attention_keeps_no_view_of_qkv(monkeypatch):
 @pytest.mark.parametrize("layout", ["thd", "bshd"])
 def test_head_on_masked_index_matches_head_on_label_mask(layout):
     """The loop passes the labelled tokens' positions (`model_inputs`' masked_index, found on the host) so that the
-    LM head's token selection makes the host wait for nothing. Loss, counts and gradients are those of the selection
-    by the labels on the device, and of the full logits."""
+    LM head's token selection makes the host wait for nothing; on packed batches the final LayerNorm then runs on
+    those tokens only. Loss, counts and gradients (the final LayerNorm's included) are those of the selection by the
+    labels on the device, and of the full logits, which come with the full last hidden state."""
     from recipe.validation import model_inputs
 
     _, ours = make_pair("tiny", True)
@@ -487,6 +488,7 @@ def test_head_on_masked_index_matches_head_on_label_mask(layout):
         kwargs = {k: v for k, v in inputs.items() if how == "index" or k != "masked_index"}
         out = ours(**kwargs, return_logits=how == "logits")
         out.loss.backward()
+        assert (out.last_hidden_state is None) == (layout == "thd" and how != "logits")
         results.append((out.loss_sum.detach(), out.num_tokens, out.num_correct, [p.grad.clone() for p in ours.parameters()]))
     for other in results[1:]:
         torch.testing.assert_close(other[0], results[0][0], rtol=1e-6, atol=1e-6)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import zlib
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,8 @@ class EsmOutput:
     num_tokens: torch.Tensor | None = None  # labelled tokens in this batch
     num_correct: torch.Tensor | None = None  # labelled tokens whose argmax is the label
     logits: torch.Tensor | None = None
+    # the final hidden states; None where only the loss was asked for (labels without return_logits) of a packed
+    # batch: the final LayerNorm then runs on the labelled tokens only (masked_lm_output)
     last_hidden_state: torch.Tensor | None = None
 
 
@@ -212,10 +215,9 @@ class EsmForMaskedLM(nn.Module):
         if input_ids.dim() == 1:
             assert cu_seqlens is not None and max_seqlen is not None  # check_inputs refuses their absence with a message
             packed = PackedInfo(cu_seqlens, int(max_seqlen), input_ids.numel(), cu_seqlens_padded, cp.size, cp.rank)
-            hidden = self._forward_packed(input_ids, packed, position_ids, seq_mask_counts)
-        else:
-            hidden = self._forward_padded(input_ids, attention_mask)
-        return self.head_and_loss(hidden, labels, return_logits, masked_index)
+            last = self._forward_packed(input_ids, packed, position_ids, seq_mask_counts)
+            return self.head_and_loss(last, labels, return_logits, masked_index, norm=self.final_layer_norm)
+        return self.head_and_loss(self._forward_padded(input_ids, attention_mask), labels, return_logits, masked_index)
 
     def _forward_packed(self, input_ids, packed: PackedInfo, position_ids=None, seq_mask_counts=None) -> torch.Tensor:
         masked = None if seq_mask_counts is None else seq_mask_counts.float()
@@ -223,6 +225,7 @@ class EsmForMaskedLM(nn.Module):
         return self._run_layers(x, packed, position_ids)
 
     def _run_layers(self, x, packed: PackedInfo, position_ids=None) -> torch.Tensor:
+        """The last layer's output (before the final LayerNorm)."""
         rope = rope_inputs(self.config, self.runtime.rope_kernel, packed, position_ids, x.device)
         outer, per_layer = self._layer_contexts()
         if self.runtime.layer_recipes is not None and x.shape[0] % 16:
@@ -231,7 +234,7 @@ class EsmForMaskedLM(nn.Module):
             for layer, ctx in zip(self.layers, per_layer):
                 with ctx:
                     x = layer(x, rope, packed=packed)
-        return self.final_layer_norm(x)
+        return x
 
     def _forward_padded(self, input_ids, attention_mask) -> torch.Tensor:
         if attention_mask is None:
@@ -243,6 +246,7 @@ class EsmForMaskedLM(nn.Module):
             keep = attention_mask.flatten().bool()
             cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
             out = self._run_layers(x.flatten(0, 1)[keep], PackedInfo(cu, int(lengths.max()), int(lengths.sum())))
+            out = self.final_layer_norm(out)
             return out.new_zeros(*input_ids.shape, out.shape[-1]).masked_scatter_(attention_mask.bool()[..., None], out)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         rope = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
@@ -252,9 +256,19 @@ class EsmForMaskedLM(nn.Module):
         return self.final_layer_norm(x)
 
     def head_and_loss(
-        self, hidden: torch.Tensor, labels: torch.Tensor | None, return_logits: bool, masked_index: torch.Tensor | None = None
+        self,
+        hidden: torch.Tensor,
+        labels: torch.Tensor | None,
+        return_logits: bool,
+        masked_index: torch.Tensor | None = None,
+        norm: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> EsmOutput:
-        return masked_lm_output(hidden, labels, return_logits, lambda x: self.lm_head(x, self.embed_tokens.weight), masked_index)
+        """`norm`: the final LayerNorm, where `hidden` is still before it (see masked_lm_output)."""
+        return masked_lm_output(hidden, labels, return_logits, self.tied_head, masked_index, norm)
+
+    def tied_head(self, x: torch.Tensor) -> torch.Tensor:
+        """The LM head with its decoder tied to the token embeddings."""
+        return self.lm_head(x, self.embed_tokens.weight)
 
 
 def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -265,12 +279,23 @@ def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
 
 
 def masked_lm_output(
-    hidden: torch.Tensor, labels: torch.Tensor | None, return_logits: bool, head, masked_index: torch.Tensor | None = None
+    hidden: torch.Tensor,
+    labels: torch.Tensor | None,
+    return_logits: bool,
+    head,
+    masked_index: torch.Tensor | None = None,
+    norm: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> EsmOutput:
     """LM head (`head`: hidden -> logits) and summed cross-entropy. Shared with the hf backend's adapter so that both
     report loss, token and correct counts the same way. Without `return_logits` the head runs on the labelled tokens
     only: at `masked_index` (`labelled_positions`, found on the host by the loop, so nothing here waits for the GPU)
-    or, without it, at the positions found here from the labels (which makes the host wait for the forward)."""
+    or, without it, at the positions found here from the labels (which makes the host wait for the forward).
+
+    `norm`, if given, is the final LayerNorm, still to be applied to `hidden`. A per-token function: on the
+    labelled-tokens path it runs on those tokens only (the same values, without an FP32 [T, hidden] output kept for
+    backward), and no last_hidden_state is returned there."""
+    if norm is not None and (labels is None or return_logits):
+        hidden, norm = norm(hidden), None
     if labels is None:
         return EsmOutput(logits=head(hidden), last_hidden_state=hidden)
     flat_labels = labels.reshape(-1)
@@ -281,7 +306,8 @@ def masked_lm_output(
         logits = None
         if masked_index is None:
             masked_index = labelled_positions(labels)
-        picked = head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, masked_index))
+        picked_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, masked_index)
+        picked = head(picked_hidden if norm is None else norm(picked_hidden))
         target = flat_labels.index_select(0, masked_index)
     loss_sum = F.cross_entropy(picked.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
     valid = target != IGNORE_INDEX
@@ -293,7 +319,7 @@ def masked_lm_output(
         num_tokens=num,
         num_correct=correct,
         logits=logits,
-        last_hidden_state=hidden,
+        last_hidden_state=hidden if norm is None else None,
     )
 
 
