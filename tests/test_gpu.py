@@ -233,10 +233,10 @@ def test_te_layer_norm_matches_torch_layer_norm(param_dtype, has_bias):
 
 @needs_te
 def test_fused_gelu_mlp_matches_pytorch(monkeypatch):
-    """te_kernels.linear_gelu (fused exact-GELU backward with the bias gradient, in place) against layers.linear_gelu
-    in one exact-GELU MLP at the 650M width, FP32 weights under BF16 autocast: output and every gradient, the fused
-    kernel really run, and a backward peak no higher than PyTorch's (not lower either: fc2's backward holds the same
-    [T, ffn] pair just before, te_kernels.gelu_backward_and_bias)."""
+    """te_kernels.gelu_mlp (fc2's input gradient written over its input, GELU's backward in place with fc1's bias
+    gradient) against layers.gelu_mlp in one exact-GELU MLP at the 650M width, FP32 weights under BF16 autocast:
+    output and every gradient, the fused kernel really run, and the backward's peak memory lower by about one
+    [T, ffn] BF16 tensor (fc2's input gradient needs no memory of its own)."""
     from recipe.model import layers, te_kernels
 
     calls = []
@@ -251,8 +251,8 @@ def test_fused_gelu_mlp_matches_pytorch(monkeypatch):
     x0 = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
     dy = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
     results, peaks = {}, {}
-    for name, fc1_gelu in (("torch", layers.linear_gelu), ("fused", te_kernels.linear_gelu)):
-        mlp.fc1_gelu = fc1_gelu
+    for name, feed_forward in (("torch", layers.gelu_mlp), ("fused", te_kernels.gelu_mlp)):
+        mlp.feed_forward = feed_forward
         mlp.zero_grad(set_to_none=True)
         x = x0.clone().requires_grad_()
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -266,12 +266,12 @@ def test_fused_gelu_mlp_matches_pytorch(monkeypatch):
         results[name] = [y, x.grad] + [p.grad for p in mlp.parameters()]
     errs = [rel_err(a, b) for a, b in zip(results["fused"], results["torch"], strict=True)]
     print(
-        f"\n  fused GELU backward vs PyTorch's: worst relative error {max(errs):.1e}; backward peak "
-        f"{peaks['fused'] / 2**20:.0f} vs {peaks['torch'] / 2**20:.0f} MiB"
+        f"\n  fused GELU MLP backward vs PyTorch's: worst relative error {max(errs):.1e}; backward peak "
+        f"{peaks['fused'] / 2**20:.0f} vs {peaks['torch'] / 2**20:.0f} MiB ([T, ffn] BF16: {tokens * ffn * 2 / 2**20:.0f} MiB)"
     )
     assert calls == [1]
     assert max(errs) < 1e-2
-    assert peaks["fused"] <= peaks["torch"]
+    assert peaks["fused"] <= peaks["torch"] - 0.8 * tokens * ffn * 2
 
 
 @needs_te

@@ -48,21 +48,23 @@ def test_gelu_backward_and_bias_matches_pytorch(interpreted, dtype, tokens, feat
 
 
 @needs_triton
-def test_linear_gelu_matches_pytorch_autograd(interpreted):
-    """The autograd function against GELU(linear) through PyTorch's autograd, FP32 weights cast to BF16 as under
-    autocast: the output, the input's, weight's and bias's gradients, the last two in the parameters' dtype."""
+def test_gelu_mlp_matches_pytorch_autograd(interpreted):
+    """The autograd function against fc2(GELU(fc1)) through PyTorch's autograd, FP32 weights cast to BF16 as under
+    autocast: the output, the input's gradient and every weight's and bias's, the last four in the parameters'
+    dtype."""
     torch.manual_seed(1)
     x0 = torch.randn(70, 48).bfloat16()
-    w0, b0 = torch.randn(96, 48) * 48**-0.5, torch.randn(96) * 0.1
+    params0 = [torch.randn(96, 48) * 48**-0.5, torch.randn(96) * 0.1, torch.randn(48, 96) * 96**-0.5, torch.randn(48) * 0.1]
     outs = {}
     for name in ("fused", "pytorch"):
-        x, w, b = x0.clone().requires_grad_(), w0.clone().requires_grad_(), b0.clone().requires_grad_()
+        x, params = x0.clone().requires_grad_(), [p.clone().requires_grad_() for p in params0]
+        w1, b1, w2, b2 = params
         if name == "fused":
-            y = te_kernels._LinearGelu.apply(x, w, b, torch.bfloat16)
+            y = te_kernels._GeluMLP.apply(x, *params, torch.bfloat16)
         else:
-            y = F.gelu(F.linear(x, w.bfloat16(), b.bfloat16()))
+            y = F.linear(F.gelu(F.linear(x, w1.bfloat16(), b1.bfloat16())), w2.bfloat16(), b2.bfloat16())
         y.float().square().sum().backward()
-        outs[name] = (y, x.grad, w.grad, b.grad)
+        outs[name] = (y, x.grad, *(p.grad for p in params))
     for got, want in zip(outs["fused"], outs["pytorch"], strict=True):
         assert got.dtype == want.dtype
         assert rel_err(got, want) < 5e-3  # BF16 roundings in another order, not more

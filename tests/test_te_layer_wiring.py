@@ -80,7 +80,7 @@ def test_bf16_layers_are_ours_and_quantized_layers_te(stand_in_te):
     assert type(bf16.mlp) is layers.LayerNormMLP
     from recipe.model import te_kernels
 
-    assert bf16.mlp.norm is te_kernels.layer_norm and bf16.mlp.fc1_gelu is te_kernels.linear_gelu
+    assert bf16.mlp.norm is te_kernels.layer_norm and bf16.mlp.feed_forward is te_kernels.gelu_mlp
     quantized = TEEsmLayer(dataclasses.replace(CONFIG, backend="te"), device="cpu", quantized=True)
     te_modules = (quantized.attention.layernorm_qkv, quantized.attention.proj, quantized.mlp)
     assert all(type(m) is _TEModule for m in te_modules)

@@ -148,22 +148,21 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
 Norm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 
-def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str) -> torch.Tensor:
-    """GELU(linear(x)): the MLP's first half (te_kernels.linear_gelu is the te backend's, with a fused backward)."""
-    return gelu(linear(x, weight, bias), activation)
+def gelu_mlp(h: torch.Tensor, mlp: Any, activation: str) -> torch.Tensor:
+    """fc2(GELU(fc1(h))) from LayerNormMLP-named parameters: the MLP after its LayerNorm (te_kernels.gelu_mlp is the
+    te backend's, with a backward that allocates no [T, ffn] tensor)."""
+    return linear(gelu(linear(h, mlp.fc1_weight, mlp.fc1_bias), activation), mlp.fc2_weight, mlp.fc2_bias)
 
 
-LinearGelu = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, str], torch.Tensor]
+FeedForward = Callable[[torch.Tensor, Any, str], torch.Tensor]
 
 
 def layer_norm_mlp(
-    x: torch.Tensor, mlp: Any, eps: float, activation: str, norm: Norm = layer_norm, fc1_gelu: LinearGelu = linear_gelu
+    x: torch.Tensor, mlp: Any, eps: float, activation: str, norm: Norm = layer_norm, ffn: FeedForward = gelu_mlp
 ) -> torch.Tensor:
     """Pre-LN MLP from LayerNormMLP-named parameters (`mlp`: ours or TE's module), in plain PyTorch (also TE's
     exact-GELU path)."""
-    h = norm(x, mlp.layer_norm_weight, mlp.layer_norm_bias, eps)
-    h = fc1_gelu(h, mlp.fc1_weight, mlp.fc1_bias, activation)
-    return linear(h, mlp.fc2_weight, mlp.fc2_bias)
+    return ffn(norm(x, mlp.layer_norm_weight, mlp.layer_norm_bias, eps), mlp, activation)
 
 
 def _param(*shape: int, device=None, dtype=None) -> nn.Parameter:
@@ -197,10 +196,10 @@ class LayerNormMLP(nn.Module):
 
     def __init__(
         self, hidden: int, ffn: int, eps: float, activation: str, device=None, dtype=None, norm: Norm = layer_norm,
-        fc1_gelu: LinearGelu = linear_gelu,
+        feed_forward: FeedForward = gelu_mlp,
     ):  # fmt: skip
         super().__init__()
-        self.eps, self.activation, self.norm, self.fc1_gelu = eps, activation, norm, fc1_gelu
+        self.eps, self.activation, self.norm, self.feed_forward = eps, activation, norm, feed_forward
         self.layer_norm_weight = _param(hidden, device=device, dtype=dtype)
         self.layer_norm_bias = _param(hidden, device=device, dtype=dtype)
         self.fc1_weight = _param(ffn, hidden, device=device, dtype=dtype)
@@ -209,7 +208,7 @@ class LayerNormMLP(nn.Module):
         self.fc2_bias = _param(hidden, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return layer_norm_mlp(x, self, self.eps, self.activation, self.norm, self.fc1_gelu)
+        return layer_norm_mlp(x, self, self.eps, self.activation, self.norm, self.feed_forward)
 
 
 class AttentionBlock(nn.Module):

@@ -3,8 +3,9 @@ modules, their parameters and what they keep for backward stay ours (layers.py);
 
 - `layer_norm`: TE's LayerNorm kernels. Their backward computes the weight and bias gradients inside the kernel,
   where PyTorch's runs a separate column reduction over all tokens for them (docs/benchmarks.md, lever 33).
-- `linear_gelu`: the exact-GELU MLP's fc1 and GELU, whose backward turns the gradient into the pre-activation's in
-  place and sums fc1's bias gradient in the same pass, one Triton kernel (gelu_triton.py; lever 37).
+- `gelu_mlp`: the exact-GELU MLP after its LayerNorm, whose backward turns GELU's gradient into the pre-activation's
+  in place and sums fc1's bias gradient in the same pass, one Triton kernel (gelu_triton.py; lever 37), and
+  writes fc2's input gradient over fc2's input: no [T, ffn] tensor allocated in backward (lever 41).
 - The other linears stay `layers.linear`: TE's weight-gradient GEMM with the bias gradient in its epilogue was
   measured and was no faster (lever 32).
 
@@ -96,42 +97,47 @@ def triton_next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-class _LinearGelu(torch.autograd.Function):
-    """GELU(x W^T + b), exact GELU, in `dtype` with the FP32 weight kept for backward (as layers.linear). The backward
-    turns the incoming gradient into the pre-activation's in place and sums the bias gradient in the same pass
-    (`gelu_backward_and_bias`), then runs the two GEMMs as layers.linear does.
-
-    In place is safe only where this function's output has one consumer whose backward hands over a gradient
-    tensor of its own: in the MLP, fc2's linear (a fresh matmul output). Autograd may pass one tensor to several
-    places (a sum's inputs, or a `backward(dy)` called on this output), so do not use it elsewhere."""
+class _GeluMLP(torch.autograd.Function):
+    """fc2(GELU(fc1(x))), exact GELU, in `dtype` with the FP32 weights kept for backward and cast again there (as
+    layers.linear). The backward allocates no [T, ffn] tensor: fc2's input gradient is written over fc2's input
+    (GELU's output: inside this function, so nothing else holds it, and nothing needs it after fc2's weight
+    gradient), then turned in place into the pre-activation's gradient, fc1's bias gradient summed in the same pass
+    (`gelu_backward_and_bias`). Where PyTorch's autograd runs the same MLP, its backward holds two [T, ffn] tensors
+    more at its peak: fc2's new input gradient beside fc2's saved input, then GELU's new output gradient."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, dtype):
+    def forward(ctx, x, w1, b1, w2, b2, dtype):
         with torch.autocast("cuda", enabled=False):
-            pre = torch.nn.functional.linear(x, weight.to(dtype), bias.to(dtype))
-        ctx.save_for_backward(x, weight, pre)
-        ctx.dtype, ctx.bias_dtype = dtype, bias.dtype
-        return torch.nn.functional.gelu(pre)
+            pre = torch.nn.functional.linear(x, w1.to(dtype), b1.to(dtype))
+            act = torch.nn.functional.gelu(pre)
+            y = torch.nn.functional.linear(act, w2.to(dtype), b2.to(dtype))
+        ctx.save_for_backward(x, w1, pre, act, w2)
+        ctx.dtype, ctx.bias_dtypes = dtype, (b1.dtype, b2.dtype)
+        return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        x, weight, pre = ctx.saved_tensors
-        features = pre.shape[-1]
-        g2 = grad.reshape(-1, features)
-        if not g2.is_contiguous() or g2.dtype != pre.dtype:
-            g2 = g2.contiguous().to(pre.dtype)
-        grad_b = gelu_backward_and_bias(g2, pre.reshape(-1, features))
-        grad_x, grad_w = layers.linear_grads(g2, x, weight, ctx.dtype, ctx.needs_input_grad[:2])
-        return grad_x, grad_w, grad_b.to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None, None
+        x, w1, pre, act, w2 = ctx.saved_tensors
+        needs, features = ctx.needs_input_grad, pre.shape[-1]
+        dy = grad.reshape(-1, grad.shape[-1]).to(ctx.dtype)
+        act2 = act.view(-1, features)
+        grad_w2 = (dy.t() @ act2).to(w2.dtype) if needs[3] else None
+        grad_b2 = dy.sum(0).to(ctx.bias_dtypes[1]) if needs[4] else None
+        dact = torch.matmul(dy, w2.to(ctx.dtype), out=act2)  # over fc2's input, which nothing needs any more
+        grad_b1 = gelu_backward_and_bias(dact, pre.view(-1, features))
+        grad_x, grad_w1 = layers.linear_grads(dact, x, w1, ctx.dtype, needs[:2])
+        grad_b1 = grad_b1.to(ctx.bias_dtypes[0]) if needs[2] else None
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None
 
 
 @torch.compiler.disable  # a Triton launch torch.compile would only break around (te + compile compiles the MLP)
-def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str) -> torch.Tensor:
-    """layers.linear_gelu with the fused backward (CUDA under autocast, exact GELU, Triton importable, a gradient
-    wanted); layers.linear_gelu otherwise. For the MLP's first half only (see _LinearGelu on its in-place backward)."""
-    dtype = _autocast_dtype(x)
-    trained = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)
+def gelu_mlp(h: torch.Tensor, mlp: Any, activation: str) -> torch.Tensor:
+    """layers.gelu_mlp through `_GeluMLP` (CUDA under autocast, exact GELU, Triton importable, a gradient wanted);
+    layers.gelu_mlp otherwise."""
+    dtype = _autocast_dtype(h)
+    params = (mlp.fc1_weight, mlp.fc1_bias, mlp.fc2_weight, mlp.fc2_bias)
+    trained = torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in params))
     if dtype is None or activation != "gelu" or not trained or not rope_kernel.available():
-        return layers.linear_gelu(x, weight, bias, activation)
-    return _LinearGelu.apply(x.to(dtype), weight, bias, dtype)
+        return layers.gelu_mlp(h, mlp, activation)
+    return _GeluMLP.apply(h.to(dtype), *params, dtype)

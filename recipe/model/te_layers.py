@@ -87,7 +87,7 @@ class TEEsmLayer(EsmLayerBase):
             self.mlp = te.LayerNormMLP(h, ffn, eps=eps, bias=True, activation="gelu", **kw)
         else:
             self.mlp = LayerNormMLP(
-                h, ffn, eps, "gelu", device=device, dtype=dtype, norm=te_kernels.layer_norm, fc1_gelu=te_kernels.linear_gelu
+                h, ffn, eps, "gelu", device=device, dtype=dtype, norm=te_kernels.layer_norm, feed_forward=te_kernels.gelu_mlp
             )
         cp = {}
         if context_parallel is not None and context_parallel.size > 1:
@@ -112,7 +112,7 @@ class TEEsmLayer(EsmLayerBase):
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation == "gelu":
-            return layer_norm_mlp(x, self.mlp, self.eps, "gelu", te_kernels.layer_norm, te_kernels.linear_gelu)
+            return layer_norm_mlp(x, self.mlp, self.eps, "gelu", te_kernels.layer_norm, te_kernels.gelu_mlp)
         return self.mlp(x)
 
     def attention_output(self, x, rope, packed: PackedInfo | None, key_padding_mask):
