@@ -91,6 +91,21 @@ def te_available() -> bool:
     return te_status()[0]
 
 
+@pytest.fixture
+def interpreted(monkeypatch):
+    """Our Triton kernels through Triton's interpreter (CPU tensors): each kernel module is loaded again under it,
+    and again after the test, so that no kernel defined for one mode runs in the other."""
+    from recipe.model import rope_kernel, te_kernels
+
+    caches = (rope_kernel._kernels, te_kernels._gelu_kernel)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for cache in caches:
+        cache.cache_clear()
+    yield
+    for cache in caches:
+        cache.cache_clear()
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (run on the device machine)")
     config.addinivalue_line("markers", "slow: multi-process or end-to-end training runs")

@@ -15,15 +15,6 @@ from recipe.model.layers import PackedInfo, apply_rotary, linear, rotary_cos_sin
 needs_triton = pytest.mark.skipif(not rope_kernel.available(), reason="triton is in the dev extra")
 
 
-@pytest.fixture
-def interpreted(monkeypatch):
-    """Triton's interpreter (CPU tensors); the kernels are defined again under it."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    rope_kernel._kernels.cache_clear()
-    yield
-    rope_kernel._kernels.cache_clear()
-
-
 def reference(qkv, packed, heads, head_dim):
     cos, sin = rotary_cos_sin(packed.offsets, head_dim, 10000.0)
     q, k, v = qkv.unflatten(-1, (3, heads, head_dim)).unbind(-3)

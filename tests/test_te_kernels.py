@@ -10,15 +10,6 @@ from recipe.model import rope_kernel, te_kernels
 needs_triton = pytest.mark.skipif(not rope_kernel.available(), reason="triton is in the dev extra")
 
 
-@pytest.fixture
-def interpreted(monkeypatch):
-    """Triton's interpreter (CPU tensors); the kernel is defined again under it."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    te_kernels._gelu_kernel.cache_clear()
-    yield
-    te_kernels._gelu_kernel.cache_clear()
-
-
 def tolerance(dtype):
     """fp32: the interpreter's erf and exp differ from PyTorch's in the last bits; bf16: one rounding step."""
     return dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-3)
