@@ -1,5 +1,5 @@
 """Where the time of one training step goes: torch.profiler over a few steps (one micro-batch and the optimizer
-each) of one model size, for any of throughput.py's implementations (torch, torch_compile, te, te_compile, te_fp8,
+each) of one model size, for any of throughput.py's implementations (torch, torch_compile, te, te_fp8,
 te_fp8_delayed, ...). Prints per-step GPU kernel time by kind, against the unprofiled step time (a gap means the GPU
 waited for the host), and the top kernels.
 

@@ -1,9 +1,9 @@
 """Training throughput side by side, in one process on one GPU: transformers' EsmForMaskedLM (padded batches, SDPA,
-BF16 autocast, fused AdamW) against our torch backend (eager and torch.compile), our te backend in BF16 (eager, and
-with its exact-GELU MLP compiled) and with FP8 block scaling; for the large sizes also each Hopper FP8 recipe and FP8
+BF16 autocast, fused AdamW) against our torch backend (eager and torch.compile), our te backend in BF16 and with FP8
+block scaling; for the large sizes also each Hopper FP8 recipe and FP8
 on only some layers. Every row accumulates gradients over 4 micro-batches per optimizer step, as training does
 (--accum; 3B: 1, whose fp32 gradients would not stay resident in 80 GB). Lever rows outside the default table: the
-residual stream in fp32 (`*_fp32res_compile`) and bf16 parameters (`torch_bf16params_compile`).
+residual stream in fp32 (`torch_fp32res_compile`) and bf16 parameters (`torch_bf16params_compile`).
 
     python bench/throughput.py --data .device/data/swissprot14_train_100k.fasta.xz --docs docs/benchmarks.md
 
@@ -51,7 +51,6 @@ LABELS = {
     "torch": "ours, torch (THD, varlen)",
     "torch_compile": "ours, torch + torch.compile (fixed-size THD)",
     "te": "ours, te BF16 (THD)",
-    "te_compile": "ours, te BF16, exact-GELU MLP under torch.compile (fixed-size THD)",
     "te_fp8": "ours, te FP8 block scaling, all layers",
     "te_fp8_delayed": "ours, te FP8 delayed scaling, all layers",
     "te_fp8_current": "ours, te FP8 current scaling, all layers",
@@ -60,7 +59,6 @@ LABELS = {
     # (model.fp32_residual), and bf16 parameters with AdamW stepping them directly, an upper bound on what bf16
     # parameters with fp32 master weights could give (those add a gradient and a weight copy per optimizer step).
     "torch_fp32res_compile": "ours, torch + torch.compile, fp32 residual stream",
-    "te_fp32res_compile": "ours, te BF16, exact-GELU MLP under torch.compile, fp32 residual stream",
     "torch_bf16params_compile": "ours, torch + torch.compile, bf16 parameters (speed bound, no master weights)",
 }
 # Sequences per padded baseline batch (the reference point in issue 7) and our THD token budget per micro-batch.
@@ -258,9 +256,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True)
     p.add_argument("--sizes", nargs="+", default=["8M", "35M", "150M", "650M", "3B"])
-    p.add_argument(
-        "--impls", nargs="+", default=["hf", "torch", "torch_compile", "te", "te_compile", "te_fp8"], choices=list(LABELS)
-    )
+    p.add_argument("--impls", nargs="+", default=["hf", "torch", "torch_compile", "te", "te_fp8"], choices=list(LABELS))
     p.add_argument("--fp8-sizes", nargs="*", default=["650M", "3B"], help="sizes that also get every FP8 recipe row")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)

@@ -252,7 +252,7 @@ class TrainConfig:
     grad_acc_steps: int = checked(1, "[1, inf)")  # micro-batches per optimizer step (per rank)
     max_grad_norm: float | None = checked(1.0, "(0, inf)")  # gradient clipping (L2 over all parameters); null disables
     log_every_n_steps: int = checked(10, "[1, inf)")  # metrics.jsonl / wandb / progress bar cadence
-    # torch.compile each transformer layer (te: only its exact-GELU MLP; TE modules stay eager).
+    # torch.compile each transformer layer (torch backend; the te backend's layers run fused kernels: nothing to compile).
     use_torch_compile: bool = False
     device: str = checked("auto", words=("auto", "cuda", "cpu"))  # auto (cuda if present, else cpu), cuda, cpu
     precision: str = checked("auto", words=("auto", "bf16", "fp32"))  # auto (bf16 autocast on cuda, fp32 on cpu), bf16, fp32

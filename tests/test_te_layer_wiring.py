@@ -110,3 +110,16 @@ def test_te_layer_computes_what_the_torch_layer_computes(stand_in_te, kernel):
     assert got_grads.keys() == want_grads.keys()
     for name, grad in want_grads.items():
         torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_compile_with_the_te_backend_compiles_nothing_and_says_so(stand_in_te, caplog, monkeypatch):
+    """use_torch_compile=true with te: its layers run fused kernels torch.compile would only break around, so no
+    layer is compiled, and the log says so (not a silent no-op)."""
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or fn)
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: compiled.append(self))
+    model = EsmForMaskedLM(dataclasses.replace(CONFIG, backend="te"), device="cpu")
+    with caplog.at_level("WARNING"):
+        model.compile_layers()
+    assert compiled == []
+    assert "use_torch_compile=true with the te backend compiles nothing" in caplog.text

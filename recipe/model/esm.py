@@ -109,21 +109,15 @@ class EsmForMaskedLM(nn.Module):
         self.lm_head = LMHead(config, device=device, dtype=dtype)
 
     def compile_layers(self) -> None:
-        """torch.compile per layer, with dynamic shapes (packed lengths, the number of sequences and max_seqlen vary
-        per batch). A te layer compiles only its plain-PyTorch part, the exact-GELU MLP: TE's modules run their own
-        fused kernels and stay eager (measured faster than leaving the MLP eager: docs/benchmarks.md)."""
-        if self.config.backend == "te" and self.config.activation != "gelu":
-            log.warning(
-                "torch.compile: with the te backend only the exact-GELU MLP is compiled; activation %s runs TE's fused "
-                "MLP, so nothing is compiled",
-                self.config.activation,
-            )
+        """torch.compile per torch layer, with dynamic shapes (packed lengths, the number of sequences and max_seqlen
+        vary per batch). A te layer has nothing left to compile: TE's modules and our kernels (te_kernels.py, the
+        Triton rope) run their own fused kernels, which torch.compile would only break its graph around."""
+        if self.config.backend == "te":
+            log.warning("use_torch_compile=true with the te backend compiles nothing: its layers run TE's and our own "
+                        "fused kernels (model.backend=torch compiles whole layers)")  # fmt: skip
             return
         for layer in self.layers:
-            if self.config.backend == "te":
-                layer.feed_forward = torch.compile(layer.feed_forward, dynamic=True)  # type: ignore[assignment,arg-type]
-            else:
-                layer.compile(dynamic=True)
+            layer.compile(dynamic=True)
 
     def _layer_contexts(self):
         """One outer TE autocast around the stack (amax reduction once per step, at its exit) and a per-layer

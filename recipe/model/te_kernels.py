@@ -58,7 +58,7 @@ class _LayerNorm(torch.autograd.Function):
         return dx.view(ctx.shape), dw.to(weight.dtype), db.to(ctx.bias_dtype), None, None
 
 
-@torch.compiler.disable  # TE's kernels are opaque to torch.compile: a compiled MLP (te + compile) calls them eagerly
+@torch.compiler.disable  # TE's kernels are opaque to torch.compile
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     """layers.layer_norm through TE's kernels (CUDA under autocast; PyTorch's otherwise)."""
     dtype = _autocast_dtype(x)
@@ -79,8 +79,7 @@ def gelu_backward_and_bias(grad: torch.Tensor, pre: torch.Tensor, rows: int = 51
     """The exact GELU's backward in place: `grad` ([T, F], the gradient of GELU(pre)) becomes that of `pre`; returns
     the column sums of the result in fp32 (the bias gradient of the linear that produced `pre`). One pass over both,
     where PyTorch writes a new [T, F] tensor and reads it once more for the bias gradient (docs/benchmarks.md,
-    lever 37). The peak does not drop by it: fc2's backward, just before, holds its saved input and the new gradient
-    at once, which is the same [T, F] pair."""
+    lever 37)."""
     if grad.shape != pre.shape or grad.dim() != 2 or not (grad.is_contiguous() and pre.is_contiguous()):
         raise ValueError(f"gelu_backward_and_bias takes two contiguous [T, F] tensors, got {grad.shape} and {pre.shape}")
     if rows % 32:
@@ -131,7 +130,7 @@ class _GeluMLP(torch.autograd.Function):
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None
 
 
-@torch.compiler.disable  # a Triton launch torch.compile would only break around (te + compile compiles the MLP)
+@torch.compiler.disable  # a Triton launch torch.compile would only break around
 def gelu_mlp(h: torch.Tensor, mlp: Any, activation: str) -> torch.Tensor:
     """layers.gelu_mlp through `_GeluMLP` (CUDA under autocast, exact GELU, Triton importable, a gradient wanted);
     layers.gelu_mlp otherwise."""
