@@ -111,7 +111,7 @@ def test_the_model_refuses_the_kernel_where_it_does_not_apply():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "heads, head_dim, tokens, tiles",
-    [(3, 64, 300, 1), (3, 64, 300, 2), (2, 24, 700, None), (20, 8, 33, None)],  # 128-token tiles; 256; 512
+    [(3, 64, 300, 1), (3, 64, 300, 2), (2, 24, 700, None), (20, 8, 33, None)],  # one tile, two, the default
 )
 def test_backward_sums_the_bias_gradient(interpreted, dtype, heads, head_dim, tokens, tiles):
     """The backward kernel's column sums of the QKV gradient it writes (the projection's bias gradient), over
