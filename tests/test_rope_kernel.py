@@ -108,10 +108,15 @@ def test_the_model_refuses_the_kernel_where_it_does_not_apply():
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
-    "heads, head_dim, tokens, tiles",
-    [(3, 64, 300, 1), (3, 64, 300, 2), (2, 24, 700, None), (20, 8, 33, None)],  # one tile, two, the default
+    "heads, head_dim, tokens, tiles, dtype",
+    [
+        (2, 64, 300, 1, torch.bfloat16),  # programs of one tile
+        (2, 64, 300, 2, torch.bfloat16),  # of two
+        (2, 64, 300, 2, torch.float32),
+        (2, 24, 700, None, torch.bfloat16),  # the default, at a half-head of 12 lanes
+        (4, 8, 33, None, torch.bfloat16),  # fewer tokens than one tile
+    ],
 )
 def test_backward_sums_the_bias_gradient(interpreted, dtype, heads, head_dim, tokens, tiles):
     """The backward kernel's column sums of the QKV gradient it writes (the projection's bias gradient), over
