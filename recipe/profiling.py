@@ -6,7 +6,8 @@ the allocator have settled. Each rank writes, under `profiler.dir` (default outp
 
 - `trace_rank<R>.json.gz`: the Chrome/Perfetto trace of the window (open it in https://ui.perfetto.dev);
 - `summary_rank<R>.txt`: GPU kernel time per step grouped by kind (matmul, attention, copies, ...), the wall time of
-  the same steps (the difference is time the GPU waited for the host), the top kernels and the top operators.
+  the same steps (the difference is time the GPU waited for the host), the top kernels and the top operators, and
+  the GPU's idle gaps with what the host was running during each.
 
 `summarize` also serves bench/profile_step.py and bench/profile_reference.py, so every profile reads the same way.
 """
@@ -87,7 +88,45 @@ def summarize(prof: Any, steps: int, wall_ms: float | None = None, title: str = 
     lines.append(f"top operators by {what} (ms per step, calls per step):")
     for e in sorted(ops, key=lambda e: -cost(e))[:top]:
         lines.append(f"  {cost(e) / steps / 1e3:8.2f} ms  x{e.count / steps:<6.0f} {e.key[:120]}")
+    if kernels:
+        lines.extend(idle_report(list(prof.events()), steps, top=min(top, 10)))
     return "\n".join(lines) + "\n"
+
+
+def idle_gaps(events: list[Any], min_us: float = 100.0) -> list[tuple[float, float]]:
+    """The intervals (µs) of at least `min_us` in which no GPU kernel ran on any stream, between the first kernel
+    of the window and its last."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events if _is_kernel(e))
+    gaps, busy_until = [], None
+    for start, end in spans:
+        if busy_until is not None and start - busy_until >= min_us:
+            gaps.append((busy_until, start))
+        busy_until = end if busy_until is None else max(busy_until, end)
+    return gaps
+
+
+def host_at(events: list[Any], when: float, depth: int = 4) -> str:
+    """What the host was running at time `when` (µs): the innermost `depth` CPU operators that contain it, outermost
+    first (annotations such as ProfilerStep left out), or '(no operator)'."""
+    cpu = (e for e in events if e.device_type == torch.autograd.DeviceType.CPU and not getattr(e, "is_user_annotation", False))
+    around = [e for e in cpu if e.time_range.start <= when < e.time_range.end and not e.name.startswith("ProfilerStep")]
+    around.sort(key=lambda e: (e.time_range.start, -e.time_range.end))
+    return " > ".join(e.name[:60] for e in around[-depth:]) or "(no operator)"
+
+
+def idle_report(events: list[Any], steps: int, top: int = 10) -> list[str]:
+    """Where the GPU waited for the host: the idle time per step in gaps of 0.1 ms or more, then the largest gaps
+    with what the host was running in the middle of each (a sync, a slow launch, the data loader, Python)."""
+    gaps = idle_gaps(events)
+    if not gaps:
+        return ["GPU idle: no gap of 0.1 ms or more between kernels"]
+    origin = min(e.time_range.start for e in events if _is_kernel(e))
+    total = sum(end - start for start, end in gaps)
+    lines = [f"GPU idle: {total / steps / 1e3:.2f} ms per step in {len(gaps) / steps:.0f} gaps of 0.1 ms or more per step; "
+             f"the largest (ms, at ms into the window: what the host was running midway):"]  # fmt: skip
+    for start, end in sorted(gaps, key=lambda g: g[0] - g[1])[:top]:
+        lines.append(f"  {(end - start) / 1e3:8.2f} ms at {(start - origin) / 1e3:9.1f}: {host_at(events, (start + end) / 2)}")
+    return lines
 
 
 def export_trace(prof: Any, path: Path) -> Path:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import TINY, torchrun
 
+from recipe import profiling
 from recipe.profiling import StepProfiler, group_of
 
 
@@ -86,3 +87,34 @@ def test_profiling_a_two_process_run(tmp_path):
         assert (out / "profile" / f"trace_rank{rank}.json.gz").stat().st_size > 0
         assert (out / "profile" / f"summary_rank{rank}.txt").read_text().startswith(f"steps 2-3, rank {rank}\n")
     assert "profile of steps 2-3, rank 0" in r.stderr
+
+
+def _event(name, start, end, cuda=False, annotation=False):
+    """A profiler event as summarize reads it from prof.events() (times in µs)."""
+    device = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    return SimpleNamespace(name=name, key=name, time_range=SimpleNamespace(start=start, end=end),
+                                 device_type=device, self_device_time_total=end - start if cuda else 0.0,
+                                 is_user_annotation=annotation)  # fmt: skip
+
+
+def test_idle_gaps_and_what_the_host_ran_meanwhile():
+    """Kernels on two streams overlap (busy until the later end); a 2.85 ms gap while the host waits in a sync is
+    found and named by the operators around its middle; a 50 µs gap is below the threshold; annotations are not
+    operators."""
+    events = [
+        _event("ProfilerStep#1", 0, 10_000, annotation=True),
+        _event("train_step", 0, 9_000),
+        _event("aten::item", 2_000, 5_000),
+        _event("cudaStreamSynchronize", 2_150, 4_900),
+        _event("k1", 1_000, 2_000, cuda=True),
+        _event("k2", 1_500, 2_100, cuda=True),
+        _event("k3", 4_950, 6_000, cuda=True),
+        _event("k4", 6_050, 7_000, cuda=True),
+    ]
+    assert profiling.idle_gaps(events) == [(2_100, 4_950)]
+    assert profiling.host_at(events, 3_500) == "train_step > aten::item > cudaStreamSynchronize"
+    assert profiling.host_at(events, 9_500) == "(no operator)"
+    report = profiling.idle_report(events, steps=1)
+    assert report[0].startswith("GPU idle: 2.85 ms per step in 1 gaps of 0.1 ms or more per step")
+    assert report[1] == "      2.85 ms at       1.1: train_step > aten::item > cudaStreamSynchronize"
+    assert profiling.idle_report(events[:5], steps=1) == ["GPU idle: no gap of 0.1 ms or more between kernels"]
