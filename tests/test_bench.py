@@ -119,3 +119,38 @@ def test_sync_check_names_our_call_chain_innermost_first():
     ]
     assert our_frames(stack) == "recipe/train.py:214 <- recipe/train.py:152 <- train_fsdp2.py:12"
     assert our_frames(stack[:2]) == ""
+
+
+def test_device_levers_keeps_each_gpus_runs_apart(tmp_path):
+    """Queues on two GPUs that use the same run names, at once (as the lever queues do): each GPU's result lines
+    are its own runs'. Before, every run wrote its output under its name alone, so the queues read one another's."""
+    import os
+    import stat
+    import subprocess
+
+    from conftest import ROOT
+
+    stub = tmp_path / "bin" / "python"  # stands in for `python bench/vs_reference.py ... --gpus G ... --out DIR`
+    stub.parent.mkdir()
+    stub.write_text(
+        "#!/usr/bin/env bash\n"
+        'args=("$@"); for i in "${!args[@]}"; do [ "${args[$i]}" = --gpus ] && gpu=${args[$((i + 1))]}; '
+        '[ "${args[$i]}" = --out ] && out=${args[$((i + 1))]}; done\n'
+        'mkdir -p "$out"; line="ours 650M: {\'gpu\': $gpu}"\n'
+        # GPU 0 writes its result first and ends last; GPU 1 writes in between (as runs of unequal length did)
+        'if [ "$gpu" = 0 ]; then sleep 0.1; echo "$line"; sleep 1; else sleep 0.5; echo "$line"; fi\n'
+    )
+    stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
+    queues = []
+    for gpu in (0, 1):
+        queue = tmp_path / f"q{gpu}.txt"
+        queue.write_text("main650 650M\nmain650b 650M\n")
+        queues.append(str(queue))
+    env = {**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"), "GPUS": "0 1",
+           "LEVERS_WORK": str(tmp_path / "work")}  # fmt: skip
+    subprocess.run(["bash", str(ROOT / "bench/device_levers.sh"), *queues], cwd=ROOT, env=env, check=True,
+                   capture_output=True, timeout=60)  # fmt: skip
+    text = (tmp_path / "out" / "levers.txt").read_text()
+    for gpu in (0, 1):
+        section = text.split(f"== GPU {gpu}\n")[1].split("== GPU")[0]
+        assert section.count(f"{{'gpu': {gpu}}}") == 2 and f"{{'gpu': {1 - gpu}}}" not in section
