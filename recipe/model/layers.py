@@ -112,8 +112,7 @@ class _LinearRecastInBackward(torch.autograd.Function):
     def forward(ctx, x, weight, bias, dtype):
         ctx.save_for_backward(x, weight)
         ctx.dtype, ctx.has_bias = dtype, bias is not None
-        with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype))
+        return recast_linear(x, weight, bias, dtype)
 
     @staticmethod
     def backward(ctx, grad):
@@ -122,6 +121,20 @@ class _LinearRecastInBackward(torch.autograd.Function):
         grad_x, grad_w = linear_grads(g2, x, weight, ctx.dtype, ctx.needs_input_grad[:2])
         grad_b = g2.sum(0).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None
+
+
+def cuda_autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The compute dtype where the te backend's fused kernels apply (CUDA input under autocast), else None."""
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return None
+
+
+def recast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The forward of the linears here: `x W^T + b` in `dtype`, the parameters cast to it, autocast off (their
+    backward: `linear_grads`)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype))
 
 
 def linear_grads(g2: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype, needs: tuple[bool, ...]):

@@ -99,8 +99,7 @@ class _LinearRopeQKV(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, positions, inv_freq, heads: int, head_dim: int, dtype):
-        with torch.autocast(x.device.type, enabled=False):
-            qkv = torch.nn.functional.linear(x, weight.to(dtype), bias.to(dtype))
+        qkv = layers.recast_linear(x, weight, bias, dtype)
         ctx.save_for_backward(x, weight, positions, inv_freq)
         ctx.heads, ctx.head_dim, ctx.dtype, ctx.bias_dtype = heads, head_dim, dtype, bias.dtype
         return _forward(qkv, positions, inv_freq, heads, head_dim)
@@ -137,7 +136,7 @@ def linear_rope_qkv(x, weight, bias, positions, inv_freq, heads: int, head_dim: 
     """rope_qkv(layers.linear(x, weight, bias), ...) with the bias gradient summed by the rope's backward kernel
     (`_LinearRopeQKV`), where the computation is CUDA under autocast with a bias that takes a gradient; the two
     functions one after the other otherwise."""
-    dtype = torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else None
+    dtype = layers.cuda_autocast_dtype(x)
     if dtype is None or not (torch.is_grad_enabled() and bias.requires_grad):
         return rope_qkv(layers.linear(x, weight, bias), positions, inv_freq, heads, head_dim)
     _check((*x.shape[:-1], weight.shape[0]), positions, heads, head_dim)

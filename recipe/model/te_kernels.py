@@ -26,13 +26,6 @@ from torch.autograd.function import once_differentiable
 from recipe.model import layers, rope_kernel
 
 
-def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """The compute dtype when TE's kernels apply: CUDA input under autocast."""
-    if x.is_cuda and torch.is_autocast_enabled("cuda"):
-        return torch.get_autocast_dtype("cuda")
-    return None
-
-
 class _LayerNorm(torch.autograd.Function):
     """LayerNorm in `dtype` through TE's kernels; parameters cast as layers.layer_norm casts them, gradients returned
     in the parameters' dtype."""
@@ -61,7 +54,7 @@ class _LayerNorm(torch.autograd.Function):
 @torch.compiler.disable  # TE's kernels are opaque to torch.compile
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     """layers.layer_norm through TE's kernels (CUDA under autocast; PyTorch's otherwise)."""
-    dtype = _autocast_dtype(x)
+    dtype = layers.cuda_autocast_dtype(x)
     if dtype is None or x.dtype != dtype:  # also an FP32 residual stream: layers.layer_norm's FP32 path
         return layers.layer_norm(x, weight, bias, eps)
     return _LayerNorm.apply(x, weight, bias, eps, dtype)
@@ -107,9 +100,9 @@ class _GeluMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, dtype):
         with torch.autocast("cuda", enabled=False):
-            pre = torch.nn.functional.linear(x, w1.to(dtype), b1.to(dtype))
+            pre = layers.recast_linear(x, w1, b1, dtype)
             act = torch.nn.functional.gelu(pre)
-            y = torch.nn.functional.linear(act, w2.to(dtype), b2.to(dtype))
+            y = layers.recast_linear(act, w2, b2, dtype)
         ctx.save_for_backward(x, w1, pre, act, w2)
         ctx.dtype, ctx.bias_dtypes = dtype, (b1.dtype, b2.dtype)
         return y
@@ -134,7 +127,7 @@ class _GeluMLP(torch.autograd.Function):
 def gelu_mlp(h: torch.Tensor, mlp: Any, activation: str) -> torch.Tensor:
     """layers.gelu_mlp through `_GeluMLP` (CUDA under autocast, exact GELU, Triton importable, a gradient wanted);
     layers.gelu_mlp otherwise."""
-    dtype = _autocast_dtype(h)
+    dtype = layers.cuda_autocast_dtype(h)
     params = (mlp.fc1_weight, mlp.fc1_bias, mlp.fc2_weight, mlp.fc2_bias)
     trained = torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in params))
     if dtype is None or activation != "gelu" or not trained or not rope_kernel.available():
