@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import collections
 import os
-import runpy
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +34,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as `python bench/...`: the repository's packages importable
+
+from bench.in_process import is_ours as is_ours_file  # noqa: E402
+from bench.in_process import run_train_fsdp2  # noqa: E402
+
 SELF = "bench/memory_peak.py"
 DEFAULT_ENTRIES = 2_000_000
 GIB, MIB = 2**30, 2**20
@@ -137,8 +141,7 @@ def frame_label(frame: Frame | None, root: Path, missing: str) -> str:
 def is_ours(frame: Frame, root: Path) -> bool:
     """A frame of this repository's code: not an installed package (a virtual environment may sit inside the
     repository) and not this tool."""
-    name = frame["filename"]
-    return Path(name).is_relative_to(root) and "-packages/" not in name and short_path(name, root) != SELF
+    return is_ours_file(frame["filename"], root, SELF)
 
 
 def our_frame(frames: Sequence[Frame], root: Path) -> Frame | None:
@@ -237,10 +240,8 @@ def main() -> None:
     entries, rank = entries_setting(), int(os.environ.get("RANK", "0"))
     out = output_path(sys.argv[1:], rank, Path.cwd()).resolve()
     torch.cuda.memory._record_memory_history(max_entries=entries, context="alloc", stacks="python")
-    sys.argv = [str(ROOT / "train_fsdp2.py"), *sys.argv[1:]]
-    sys.path.insert(0, str(ROOT))  # as `python train_fsdp2.py` would have it
     try:
-        runpy.run_path(sys.argv[0], run_name="__main__")
+        run_train_fsdp2(sys.argv[1:])
     finally:
         device = torch.cuda.current_device()
         snap = torch.cuda.memory._snapshot()

@@ -12,22 +12,20 @@ All arguments go to train_fsdp2.py. Prints the counts, most frequent first, with
 from __future__ import annotations
 
 import collections
-import runpy
 import sys
 import traceback
 import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as `python bench/...`: the repository's packages importable
+
+from bench.in_process import is_ours, run_train_fsdp2  # noqa: E402
 
 
 def our_frames(stack: list[traceback.FrameSummary]) -> str:
     """The call chain within this project (outermost first), shortened to file:line."""
-    ours = [
-        f
-        for f in stack
-        if Path(f.filename).is_relative_to(ROOT) and "site-packages" not in f.filename and "sync_check" not in f.filename
-    ]
+    ours = [f for f in stack if is_ours(f.filename, ROOT, "bench/sync_check.py")]
     return " <- ".join(f"{Path(f.filename).relative_to(ROOT)}:{f.lineno}" for f in reversed(ours[-4:]))
 
 
@@ -48,10 +46,8 @@ def main() -> None:
     warnings.showwarning = record
     warnings.simplefilter("always")
     torch.cuda.set_sync_debug_mode("warn")
-    sys.argv = [str(ROOT / "train_fsdp2.py"), *sys.argv[1:]]
-    sys.path.insert(0, str(ROOT))  # as `python train_fsdp2.py` would have it
     try:
-        runpy.run_path(sys.argv[0], run_name="__main__")
+        run_train_fsdp2(sys.argv[1:])
     finally:
         torch.cuda.set_sync_debug_mode(0)
         print(f"\nsynchronizing CUDA calls by where they came from ({sum(counts.values())} in all):")
