@@ -36,6 +36,26 @@ def rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def worst_cosine(grads: dict, reference: dict) -> float:
+    """The lowest cosine similarity between a gradient and its reference, over the reference's nonzero ones."""
+    return min(
+        torch.nn.functional.cosine_similarity(grads[n].flatten().float(), g.flatten().float(), dim=0).item()
+        for n, g in reference.items()
+        if g.norm() > 0
+    )
+
+
+def record_calls(monkeypatch, module, name: str, record) -> None:
+    """Wrap `module.name` so that each call first passes its arguments to `record(*args, **kwargs)`."""
+    wrapped = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        record(*args, **kwargs)
+        return wrapped(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+
+
 def forward(model, batch, dtype):
     ctx = torch.autocast("cuda", dtype=dtype) if dtype != torch.float32 else torch.autocast("cuda", enabled=False)
     with torch.no_grad(), ctx:
@@ -159,8 +179,7 @@ def test_fp8_te_layers_keep_no_fp8_weight_copies(batch, recipe_name):
         results[requantize] = (out.loss.item(), {n: p.grad.float() for n, p in model.named_parameters()}, len(fp8_weights))
         del model
     (loss, grads, kept), (loss_default, grads_default, kept_default) = results[True], results[False]
-    worst = min(torch.nn.functional.cosine_similarity(grads[n].flatten(), g.flatten(), dim=0).item()
-                for n, g in grads_default.items() if g.norm() > 0)  # fmt: skip
+    worst = worst_cosine(grads, grads_default)
     print(f"\n  {recipe_name}: FP8 weight-sized tensors kept for backward {kept} (TE's default {kept_default}); "
           f"loss {loss:.5f} vs {loss_default:.5f}; worst gradient cosine {worst:.6f}")  # fmt: skip
     assert kept_default > 0, "the check sees TE's FP8 weight copies (else it cannot fail)"
@@ -177,8 +196,7 @@ def test_triton_rope_kernel_matches_te_rope(batch, size, monkeypatch):
     from recipe.model.config import Runtime
 
     sums = []
-    backward = rope_kernel._backward
-    monkeypatch.setattr(rope_kernel, "_backward", lambda *a, **k: sums.append(k["bias"]) or backward(*a, **k))
+    record_calls(monkeypatch, rope_kernel, "_backward", lambda *a, **k: sums.append(k["bias"]))
     results = {}
     for kernel in ("te", "triton"):
         model = build_model(EsmConfig.from_size(size, backend="te"), device="cuda", seed=0, runtime=Runtime(rope_kernel=kernel))
@@ -190,11 +208,7 @@ def test_triton_rope_kernel_matches_te_rope(batch, size, monkeypatch):
         del model
     (te, te_grads), (tri, tri_grads) = results["te"], results["triton"]
     err = rel_err(real_tokens(batch, tri.logits), real_tokens(batch, te.logits))
-    worst = min(
-        torch.nn.functional.cosine_similarity(tri_grads[n].flatten(), g.flatten(), dim=0).item()
-        for n, g in te_grads.items()
-        if g.norm() > 0
-    )
+    worst = worst_cosine(tri_grads, te_grads)
     print(f"\n  {size} rope_kernel=triton vs te: logits relative error {err:.2e}, loss {tri.loss.item():.5f} vs "
           f"{te.loss.item():.5f}, worst gradient cosine {worst:.5f}")  # fmt: skip
     # A wrong rotation moves these by orders of magnitude; one bf16 rounding step here and there, not measurably.
@@ -240,8 +254,7 @@ def test_fused_gelu_mlp_matches_pytorch(monkeypatch):
     from recipe.model import layers, te_kernels
 
     calls = []
-    fused_kernel = te_kernels.gelu_backward_and_bias
-    monkeypatch.setattr(te_kernels, "gelu_backward_and_bias", lambda *a, **k: calls.append(1) or fused_kernel(*a, **k))
+    record_calls(monkeypatch, te_kernels, "gelu_backward_and_bias", lambda *a, **k: calls.append(1))
     torch.manual_seed(0)
     tokens, hidden, ffn = 16384, 1280, 5120
     mlp = layers.LayerNormMLP(hidden, ffn, 1e-5, "gelu", device="cuda")
@@ -287,11 +300,7 @@ def test_te_backend_trains_and_matches_gradients(batch):
             )
         out.loss.backward()
         grads[name] = {n: p.grad for n, p in model.named_parameters()}
-    worst = min(
-        torch.nn.functional.cosine_similarity(grads["te"][n].flatten().float(), g.flatten().float(), dim=0).item()
-        for n, g in grads["torch"].items()
-        if g.norm() > 0
-    )
+    worst = worst_cosine(grads["te"], grads["torch"])
     print(f"\n  te vs torch gradients (bf16, 8M): worst per-tensor cosine similarity {worst:.4f}")
     assert worst > 0.98
 
