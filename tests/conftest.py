@@ -91,6 +91,11 @@ def te_available() -> bool:
     return te_status()[0]
 
 
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|a - b| / |b| over the whole tensor, in fp32."""
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
 @pytest.fixture
 def interpreted(monkeypatch):
     """Our Triton kernels through Triton's interpreter (CPU tensors): each kernel module is loaded again under it,

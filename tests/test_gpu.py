@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import BUNDLED_VAL, ROOT, read_metrics, te_available, torchrun
+from conftest import BUNDLED_VAL, ROOT, read_metrics, rel_err, te_available, torchrun
 
 from recipe.data.dataset import BatchSettings, MLMBatches
 from recipe.data.sources import load_sequences
@@ -30,10 +30,6 @@ def batch():
     )
     b = next(iter(ds))
     return {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def worst_cosine(grads: dict, reference: dict) -> float:

@@ -1,9 +1,10 @@
 """recipe/model/te_kernels.py's fused exact-GELU backward on CPU, through Triton's interpreter, against PyTorch's
-GELU backward and bias gradient. The GPU run inside the te model is tests/test_gpu.py::test_fused_gelu_mlp_matches."""
+GELU backward and bias gradient. The GPU run is tests/test_gpu.py::test_fused_gelu_mlp_matches_pytorch."""
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import rel_err
 
 from recipe.model import rope_kernel, te_kernels
 
@@ -13,10 +14,6 @@ needs_triton = pytest.mark.skipif(not rope_kernel.available(), reason="triton is
 def tolerance(dtype):
     """fp32: the interpreter's erf and exp differ from PyTorch's in the last bits; bf16: one rounding step."""
     return dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-3)
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 @needs_triton
