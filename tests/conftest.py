@@ -102,7 +102,7 @@ def interpreted(monkeypatch):
     and again after the test, so that no kernel defined for one mode runs in the other."""
     from recipe.model import rope_kernel, te_kernels
 
-    caches = (rope_kernel._kernels, te_kernels._gelu_kernel)
+    caches = (rope_kernel._kernels, te_kernels._gelu_kernel, te_kernels._layer_norm_kernels)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     for cache in caches:
         cache.cache_clear()

@@ -215,13 +215,19 @@ def test_triton_rope_kernel_matches_te_rope(batch, size, monkeypatch):
 @needs_te
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("has_bias", [True, False])
-def test_te_layer_norm_matches_torch_layer_norm(param_dtype, has_bias):
-    """recipe/model/te_kernels.py's LayerNorm against layers.py's, followed by a linear, under BF16 autocast:
-    outputs and every gradient, in the parameters' dtypes."""
-    from recipe.model import layers, te_kernels
+@pytest.mark.parametrize("kernel,h", [("triton", 320), ("triton", 2560), ("triton", 1000), ("te", 320)])
+def test_te_layer_norm_matches_torch_layer_norm(param_dtype, has_bias, kernel, h, monkeypatch):
+    """recipe/model/te_kernels.py's LayerNorm (our Triton kernels, or TE's where Triton is absent) against
+    layers.py's, followed by a linear, under BF16 autocast: outputs and every gradient, in the parameters' dtypes;
+    hidden sizes of a power of two and not."""
+    from recipe.model import layers, rope_kernel, te_kernels
 
+    if kernel == "te":
+        monkeypatch.setattr(rope_kernel, "available", lambda: False)
+    calls = []
+    record_calls(monkeypatch, te_kernels, "layer_norm_forward", lambda *a, **k: calls.append(1))
     torch.manual_seed(0)
-    T, h, out_features = 4096, 320, 1280
+    T, out_features = 4096, 1280
     x0 = torch.randn(T, h, device="cuda", dtype=torch.bfloat16)
     params = [torch.randn(h, device="cuda") * 0.1 + 1, torch.randn(h, device="cuda") * 0.1,
               torch.randn(out_features, h, device="cuda") * h**-0.5,
@@ -237,8 +243,9 @@ def test_te_layer_norm_matches_torch_layer_norm(param_dtype, has_bias):
         assert all(p.grad.dtype == param_dtype for p in ps if p is not None)
     errs = [rel_err(a, b) for a, b in zip(results["te"], results["torch"], strict=True)]
     shown = ", ".join(f"{e:.1e}" for e in errs)
-    print(f"\n  te LayerNorm vs torch LayerNorm ({param_dtype}, bias {has_bias}): relative errors {shown}")
+    print(f"\n  {kernel} LayerNorm vs torch LayerNorm (h {h}, {param_dtype}, bias {has_bias}): relative errors {shown}")
     assert max(errs) < 1e-2
+    assert bool(calls) == (kernel == "triton")
 
 
 @needs_te

@@ -1,5 +1,6 @@
-"""recipe/model/te_kernels.py's fused exact-GELU backward on CPU, through Triton's interpreter, against PyTorch's
-GELU backward and bias gradient. The GPU run is tests/test_gpu.py::test_fused_gelu_mlp_matches_pytorch."""
+"""recipe/model/te_kernels.py's Triton kernels on CPU, through Triton's interpreter: the fused exact-GELU backward
+against PyTorch's GELU backward and bias gradient, the LayerNorm against PyTorch's. The GPU runs are
+tests/test_gpu.py::test_fused_gelu_mlp_matches_pytorch and ::test_te_layer_norm_matches_torch_layer_norm."""
 
 import pytest
 import torch
@@ -56,6 +57,74 @@ def test_gelu_mlp_matches_pytorch_autograd(interpreted):
     for got, want in zip(outs["fused"], outs["pytorch"], strict=True):
         assert got.dtype == want.dtype
         assert rel_err(got, want) < 5e-3  # BF16 roundings in another order, not more
+
+
+@needs_triton
+@pytest.mark.parametrize("rows, hidden, rows_per_program", [(37, 96, 8), (300, 40, 32), (5, 2560, 32), (20, 1000, 16)])
+def test_triton_layer_norm_matches_pytorch(interpreted, rows, hidden, rows_per_program):
+    """FP32 (the arithmetic, to float rounding): output, mean and rstd, and dx, dw, db against PyTorch's LayerNorm,
+    for row counts that are and are not whole multiples of a program's rows and row widths that are and are not a
+    power of two. BF16: the output against PyTorch's on the same BF16 input and BF16 parameters, within one BF16
+    step (Triton's interpreter rounds to BF16 toward zero, the GPU to nearest: the reference's parameters are rounded
+    as the interpreter rounds them)."""
+    torch.manual_seed(0)
+    x = torch.randn(rows, hidden) * 3 + 1
+    w, b = torch.randn(hidden) * 0.5 + 1, torch.randn(hidden) * 0.1
+    y, mean, rstd = te_kernels.layer_norm_forward(x, w, b, 1e-5)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    want = F.layer_norm(leaves[0], (hidden,), leaves[1], leaves[2], 1e-5)
+    dy = torch.randn(rows, hidden)
+    want.backward(dy)
+    torch.testing.assert_close(y, want.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mean, x.mean(-1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rstd, (x.var(-1, unbiased=False) + 1e-5).rsqrt(), rtol=1e-5, atol=1e-6)
+    got = te_kernels.layer_norm_backward(dy, x, w, mean, rstd, rows_per_program=rows_per_program)
+    for g, leaf in zip(got, leaves, strict=True):
+        torch.testing.assert_close(g, leaf.grad, rtol=1e-4, atol=1e-4)
+    xb = x.bfloat16()
+    yb, _, _ = te_kernels.layer_norm_forward(xb, w, b, 1e-5)
+    w16, b16 = (toward_zero(t) for t in (w, b))  # as the interpreter rounds the parameters
+    ref = F.layer_norm(xb.float(), (hidden,), w16, b16, 1e-5)
+    assert yb.dtype == torch.bfloat16 and ((yb.float() - ref).abs() <= ref.abs() * 2**-7 + 1e-5).all()
+
+
+def toward_zero(t: torch.Tensor) -> torch.Tensor:
+    """FP32 values rounded to BF16 toward zero (kept in FP32): what Triton's interpreter does where a GPU rounds to
+    nearest."""
+    return (t.float().view(torch.int32) & -65536).view(torch.float32)
+
+
+@needs_triton
+def test_triton_layer_norm_autograd_under_the_interpreter(interpreted, monkeypatch):
+    """The autograd function (what te_kernels.layer_norm runs on CUDA under autocast): gradients in the parameters'
+    dtype, equal to PyTorch's LayerNorm on BF16 input with the parameters rounded to BF16, to BF16 precision."""
+    torch.manual_seed(2)
+    x0 = torch.randn(50, 200).bfloat16()
+    p0 = [torch.randn(200) * 0.2 + 1, torch.randn(200) * 0.1]
+    outs = {}
+    for name in ("triton", "pytorch"):
+        x, w, b = x0.clone().requires_grad_(), *(p.clone().requires_grad_() for p in p0)
+        if name == "triton":
+            y = te_kernels._TritonLayerNorm.apply(x, w, b, 1e-5, torch.bfloat16)
+        else:
+            y = F.layer_norm(x.float(), (200,), w.bfloat16().float(), b.bfloat16().float(), 1e-5).bfloat16()
+        (y.float() * torch.linspace(-1, 1, 200)).square().sum().backward()
+        outs[name] = (y, x.grad, w.grad, b.grad)
+    for got, want in zip(outs["triton"], outs["pytorch"], strict=True):
+        assert got.dtype == want.dtype
+        assert rel_err(got, want) < 1.6e-2
+
+
+def test_torch_layers_run_the_fused_gelu_mlp():
+    """The torch backend's MLP goes through te_kernels.gelu_mlp (lever 44: no [T, ffn] tensor allocated in its
+    backward on CUDA), which off CUDA is PyTorch's path: the same numbers as layers.gelu_mlp on the CPU."""
+    from recipe.model import EsmConfig, build_model, layers
+
+    model = build_model(EsmConfig.from_size("tiny", backend="torch"), seed=0)
+    assert all(layer.mlp.feed_forward is te_kernels.gelu_mlp for layer in model.layers)
+    h = torch.randn(9, model.config.hidden_size)
+    mlp = model.layers[0].mlp
+    assert torch.equal(te_kernels.gelu_mlp(h, mlp, "gelu"), layers.gelu_mlp(h, mlp, "gelu"))
 
 
 def test_malformed_input_is_refused():

@@ -275,7 +275,12 @@ class TorchEsmLayer(EsmLayerBase):
         self.attention = AttentionBlock(
             LayerNormLinear(h, 3 * h, eps, device=device, dtype=dtype), Linear(h, h, device=device, dtype=dtype)
         )
-        self.mlp = LayerNormMLP(h, config.intermediate_size, eps, config.activation, device=device, dtype=dtype)
+        # The exact-GELU MLP through te_kernels.gelu_mlp (needs no TE: our Triton kernel, PyTorch's path off CUDA):
+        # its backward allocates no [T, ffn] tensor, which compiled PyTorch's does (imported here: it imports us).
+        from recipe.model import te_kernels
+
+        self.mlp = LayerNormMLP(h, config.intermediate_size, eps, config.activation, device=device, dtype=dtype,
+                                feed_forward=te_kernels.gelu_mlp)  # fmt: skip
 
     def attend(self, qkv, rope, packed, key_padding_mask):
         q, k, v = self.split_heads(qkv)

@@ -1,16 +1,21 @@
-"""TransformerEngine's kernels under our own modules: what the te backend's BF16 layers run (their `norm`). The
-modules, their parameters and what they keep for backward stay ours (layers.py); only the kernel changes.
+"""The fused kernels under our own modules: what the te backend's BF16 layers run (their `norm` and feed-forward),
+and the torch backend's MLP. The modules, their parameters and what they keep for backward stay ours (layers.py);
+only the kernels change.
 
-- `layer_norm`: TE's LayerNorm kernels. Their backward computes the weight and bias gradients inside the kernel,
-  where PyTorch's runs a separate column reduction over all tokens for them (docs/benchmarks.md, lever 33).
+- `layer_norm`: LayerNorm in one Triton pass forward and one backward that also sums the weight and bias gradients
+  (layernorm_triton.py; lever 43 in docs/benchmarks.md), or TE's kernels where Triton does not import. Both compute
+  the weight and bias gradients inside the kernel, where PyTorch's runs a separate column reduction over all tokens
+  (lever 33); TE's kernels for these row widths are its general ones, which the Triton pair outruns.
 - `gelu_mlp`: the exact-GELU MLP after its LayerNorm, whose backward turns GELU's gradient into the pre-activation's
   in place and sums fc1's bias gradient in the same pass, one Triton kernel (gelu_triton.py; lever 37), and
-  writes fc2's input gradient over fc2's input: no [T, ffn] tensor allocated in backward (lever 41).
+  writes fc2's input gradient over fc2's input: no [T, ffn] tensor allocated in backward (lever 41). It needs no
+  TE: the torch backend's layers use it too (lever 44).
 - The other linears stay `layers.linear`: TE's weight-gradient GEMM with the bias gradient in its epilogue was
   measured and was no faster (lever 32).
 
-TE's path is taken for CUDA input under autocast only, PyTorch's otherwise, so a te model moved to the CPU still
-computes. What it computes is checked against PyTorch's on the GPU (tests/test_gpu.py).
+The fused paths are taken for CUDA input under autocast only, PyTorch's otherwise, so a model moved to the CPU still
+computes. What they compute is checked against PyTorch's on the GPU (tests/test_gpu.py) and, through Triton's
+interpreter, on the CPU (tests/test_te_kernels.py).
 """
 
 from __future__ import annotations
@@ -51,12 +56,86 @@ class _LayerNorm(torch.autograd.Function):
         return dx.view(ctx.shape), dw.to(weight.dtype), db.to(ctx.bias_dtype), None, None
 
 
+@functools.cache
+def _layer_norm_kernels() -> tuple[Any, Any]:
+    """The Triton LayerNorm kernels (layernorm_triton.py), reloaded after a cache_clear (as `_gelu_kernel`)."""
+    name = "recipe.model.layernorm_triton"
+    module = importlib.reload(sys.modules[name]) if name in sys.modules else importlib.import_module(name)
+    return module.layer_norm_fwd, module.layer_norm_bwd
+
+
+# Launch settings of the Triton LayerNorm, the fastest of bench/layer_norm_kernels.py's sweep at the 3B and 650M
+# widths (docs/benchmarks.md): rows per program of the backward (one row of weight/bias partial sums per program)
+# and warps per program of each kernel.
+LN_ROWS = 32
+LN_FWD_WARPS = 4
+LN_BWD_WARPS = 4
+
+
+def _ln_blocks(hidden: int) -> tuple[int, int]:
+    """(BLOCK_H, BLOCK_R): a row's lanes (a power of two) and the rows of one tile, about 4096 elements a tile."""
+    block_h = triton_next_pow2(hidden)
+    return block_h, max(1, 4096 // block_h)
+
+
+def layer_norm_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, warps: int = LN_FWD_WARPS):
+    """(y, mean, rstd) of the rows of `x2` [T, H] (contiguous): y in x2's dtype, computed with the weight and bias
+    rounded to it; the rows' mean and reciprocal standard deviation in fp32, for the backward."""
+    rows, hidden = x2.shape
+    y = torch.empty_like(x2)
+    mean, rstd = (torch.empty(rows, device=x2.device, dtype=torch.float32) for _ in range(2))
+    block_h, block_r = _ln_blocks(hidden)
+    _layer_norm_kernels()[0][(-(-rows // block_r),)](x2, weight, bias, y, mean, rstd, rows, eps, H=hidden, BLOCK_H=block_h,
+                                                      BLOCK_R=block_r, num_warps=warps)  # fmt: skip
+    return y, mean, rstd
+
+
+def layer_norm_backward(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                        rows_per_program: int = LN_ROWS, warps: int = LN_BWD_WARPS):  # fmt: skip
+    """(dx, dw, db) from the output's gradient `dy` [T, H] (contiguous, x2's dtype): dx in that dtype, the weight's
+    and bias's gradients in fp32 (summed over the programs' partial rows in a fixed order)."""
+    rows, hidden = x2.shape
+    block_h, block_r = _ln_blocks(hidden)
+    per_program = max(block_r, rows_per_program // block_r * block_r)
+    programs = -(-rows // per_program)
+    dx = torch.empty_like(dy)
+    dw_part, db_part = (torch.empty(programs, hidden, device=x2.device, dtype=torch.float32) for _ in range(2))
+    _layer_norm_kernels()[1][(programs,)](dy, x2, weight, mean, rstd, dx, dw_part, db_part, rows, H=hidden,
+                                          BLOCK_H=block_h, BLOCK_R=block_r, ROWS=per_program, num_warps=warps)  # fmt: skip
+    return dx, dw_part.sum(0), db_part.sum(0)
+
+
+class _TritonLayerNorm(torch.autograd.Function):
+    """LayerNorm in `dtype` through our Triton kernels: one pass forward, one backward that also sums the weight and
+    bias gradients (layernorm_triton.py). Gradients are those of the parameters rounded to `dtype` (what autocast's
+    cast gives back), returned in the parameters' dtype."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, dtype):
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        y, mean, rstd = layer_norm_forward(x2, weight, bias, eps, LN_FWD_WARPS)
+        ctx.save_for_backward(x2, mean, rstd, weight)
+        ctx.shape, ctx.dtype, ctx.bias_dtype = x.shape, dtype, bias.dtype
+        return y.view(x.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x2, mean, rstd, weight = ctx.saved_tensors
+        dy = grad.to(ctx.dtype).reshape(x2.shape).contiguous()
+        dx, dw, db = layer_norm_backward(dy, x2, weight, mean, rstd, LN_ROWS, LN_BWD_WARPS)
+        return dx.view(ctx.shape), dw.to(ctx.dtype).to(weight.dtype), db.to(ctx.dtype).to(ctx.bias_dtype), None, None
+
+
 @torch.compiler.disable  # TE's kernels are opaque to torch.compile
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """layers.layer_norm through TE's kernels (CUDA under autocast; PyTorch's otherwise)."""
+    """layers.layer_norm through our Triton kernels where Triton imports, else TE's (CUDA under autocast; PyTorch's
+    otherwise)."""
     dtype = layers.cuda_autocast_dtype(x)
     if dtype is None or x.dtype != dtype:  # also an FP32 residual stream: layers.layer_norm's FP32 path
         return layers.layer_norm(x, weight, bias, eps)
+    if rope_kernel.available():
+        return _TritonLayerNorm.apply(x, weight, bias, eps, dtype)
     return _LayerNorm.apply(x, weight, bias, eps, dtype)
 
 
