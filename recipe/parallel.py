@@ -173,10 +173,24 @@ class Strategy:
     def wrap_optimizer(self, model: Any, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         return optimizer
 
-    def clip_grad_norm(self, model: Any, max_norm: float | None) -> torch.Tensor:
-        """Clip the gradients to `max_norm` (None: no clipping) and return their total L2 norm before clipping."""
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm else float("inf"))
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    def clip_grad_norm(self, model: Any, max_norm: float | None, optimizer: Any = None) -> torch.Tensor:
+        """Clip the gradients to `max_norm` (None: no clipping) and return their total L2 norm before clipping.
+
+        Where `optimizer` is torch's fused Adam/AdamW and the gradients are plain tensors, the clip is not a pass
+        over every gradient of its own: the coefficient's reciprocal goes to the update as the divisor of the AMP
+        grad-scale protocol (`optimizer.grad_scale`), which the fused kernel applies as it reads each gradient (and
+        writes the clipped gradient back). The same update to within float rounding, one read of the gradients
+        fewer."""
+        if optimizer is not None and optimizer_applies_grad_scale(optimizer):
+            optimizer.grad_scale = None
+        params = [p for p in model.parameters() if p.grad is not None]
+        grads = [p.grad for p in params]
+        if not max_norm or not optimizer_applies_grad_scale(optimizer) or any(hasattr(g, "to_local") for g in grads):
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
+            return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        optimizer.grad_scale = ((norm + 1e-6) / max_norm).clamp(min=1.0)  # 1 / clip_grad_norm_'s clamped coefficient
+        return norm
 
     def get_state_dict(self, model: Any, optimizer) -> tuple[dict, dict]:
         """(model, optimizer) state dicts for torch.distributed.checkpoint, loaded into in place on resume."""
@@ -196,6 +210,11 @@ class Strategy:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def optimizer_applies_grad_scale(optimizer: Any) -> bool:
+    """Whether `optimizer.step()` divides every gradient by `optimizer.grad_scale` (torch's fused Adam and AdamW)."""
+    return isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and bool(optimizer.defaults.get("fused"))
 
 
 class DDPStrategy(Strategy):
@@ -350,7 +369,7 @@ class MegatronFSDPStrategy(Strategy):
         # parameters, so clipping sees them; earlier ones only accumulate.
         return model.sync() if enabled else model.no_sync()
 
-    def clip_grad_norm(self, model: Any, max_norm: float | None) -> torch.Tensor:
+    def clip_grad_norm(self, model: Any, max_norm: float | None, optimizer: Any = None) -> torch.Tensor:
         """Each rank holds a disjoint row block of every gradient: the squared norm is the sum of the local ones over
         all ranks. (torch's clip_grad_norm_ on these unevenly sharded DTensors is avoided: NVIDIA's recipe reports
         it hanging under multi-process Megatron-FSDP.)"""

@@ -136,7 +136,7 @@ class StepCounter:
         return StepCounts(*self.down.get())
 
 
-def train_step(model, strategy: Strategy, batches: list[dict], masked_tokens: torch.Tensor, amp, max_norm):
+def train_step(model, strategy: Strategy, batches: list[dict], masked_tokens: torch.Tensor, amp, max_norm, optimizer=None):
     """Forward/backward over the micro-batches of one step, then clip. Returns (global mean loss, grad norm)."""
     device, world = strategy.info.device, strategy.info.world_size
     loss_sum = torch.zeros((), device=device)
@@ -145,7 +145,7 @@ def train_step(model, strategy: Strategy, batches: list[dict], masked_tokens: to
             out = model(**model_inputs(batch, device))
             (out.loss_sum * (world / masked_tokens)).backward()  # DDP/FSDP average over ranks: undo it
         loss_sum += out.loss_sum.detach()
-    grad_norm = strategy.clip_grad_norm(model, max_norm)
+    grad_norm = strategy.clip_grad_norm(model, max_norm, optimizer)
     return all_reduce(loss_sum) / masked_tokens, grad_norm
 
 
@@ -224,7 +224,7 @@ def _fit(cfg: DictConfig, strategy: Strategy):
         # Forward, backward, clip; stop before the update on a non-finite loss or gradient.
         lr = scheduled_lr(state.step, cfg.optimizer.lr, cfg.lr_scheduler, cfg.num_train_steps)
         set_lr(optimizer, lr)
-        loss, grad_norm = train_step(model, strategy, batches, reduced[0].clamp(min=1).float(), amp, cfg.max_grad_norm)
+        loss, grad_norm = train_step(model, strategy, batches, reduced[0].clamp(min=1).float(), amp, cfg.max_grad_norm, optimizer)
         readback.send(torch.stack([loss, grad_norm.float()]))
         if cfg.detect_anomaly:  # the update waits for the check
             loss_v, norm_v = readback.get()

@@ -1,5 +1,6 @@
 """Strategies in one process: what FSDP2 does when there is nothing to shard."""
 
+import pytest
 import torch
 
 from recipe.model import EsmConfig, build_model
@@ -24,3 +25,35 @@ def test_fsdp2_on_one_process_trains_unsharded_like_ddp():
     assert wrapped.embed_tokens.weight.grad is not None
     assert FSDP2Strategy(DistInfo(0, 2, 0, torch.device("cpu")), torch.float32).shards
     assert DDPStrategy.meta_init is False and FSDP2Strategy.meta_init is True
+
+
+@pytest.mark.parametrize("max_norm,scale", [(1.0, 1.0), (0.5, 100.0), (1e6, 1.0), (None, 1.0)])
+@pytest.mark.parametrize("fused", [True, False])
+def test_clip_folded_into_fused_adamw_gives_clip_then_step(max_norm, scale, fused):
+    """With torch's fused AdamW the clip coefficient reaches the update as its grad_scale divisor instead of a pass
+    over every gradient: the same norm, parameters and (clipped) gradients as clip_grad_norm_ followed by the step,
+    to within float rounding where a clip applies and bit for bit where none does; other optimizers keep the pass."""
+    strategy = DDPStrategy(DistInfo(0, 1, 0, torch.device("cpu")), torch.float32)
+    results = []
+    for fold in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 16))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
+        norms = []
+        for _ in range(3):
+            (model(torch.randn(8, 16)).square().sum() * scale).backward()
+            norms.append(float(strategy.clip_grad_norm(model, max_norm, optimizer if fold else None)))
+            assert (getattr(optimizer, "grad_scale", None) is not None) == (fold and fused and bool(max_norm))
+            optimizer.step()
+            grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+            optimizer.zero_grad()
+        results.append((norms, torch.cat([p.detach().flatten() for p in model.parameters()]), grads))
+    (n0, p0, g0), (n1, p1, g1) = results
+    assert n0 == pytest.approx(n1, rel=1e-6)
+    clipped = max_norm is not None and max(n0) > max_norm
+    assert clipped == (max_norm in (1.0, 0.5))  # the cases clip where meant to
+    if clipped and fused:
+        torch.testing.assert_close(p1, p0, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-8)
+    else:
+        assert torch.equal(p1, p0) and torch.equal(g1, g0)
