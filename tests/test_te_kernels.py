@@ -115,6 +115,16 @@ def test_triton_layer_norm_autograd_under_the_interpreter(interpreted, monkeypat
         assert rel_err(got, want) < 1.6e-2
 
 
+@pytest.mark.parametrize("available", [True, False])
+def test_layer_norm_kernel_by_width(available, monkeypatch):
+    """Our Triton LayerNorm for rows up to 4096 wide (the 650M and 3B widths, where TE has only its general
+    kernels); TE's for wider rows (15B: its tuned kernels are faster) and wherever Triton does not import."""
+    monkeypatch.setattr(rope_kernel, "available", lambda: available)
+    assert [te_kernels.layer_norm_kernel(h) for h in (320, 1280, 2560, 4096, 5120)] == (
+        ["triton"] * 4 + ["te"] if available else ["te"] * 5
+    )
+
+
 def test_torch_layers_run_the_fused_gelu_mlp():
     """The torch backend's MLP goes through te_kernels.gelu_mlp (lever 44: no [T, ffn] tensor allocated in its
     backward on CUDA), which off CUDA is PyTorch's path: the same numbers as layers.gelu_mlp on the CPU."""

@@ -3,9 +3,10 @@ and the torch backend's MLP. The modules, their parameters and what they keep fo
 only the kernels change.
 
 - `layer_norm`: LayerNorm in one Triton pass forward and one backward that also sums the weight and bias gradients
-  (layernorm_triton.py; lever 43 in docs/benchmarks.md), or TE's kernels where Triton does not import. Both compute
-  the weight and bias gradients inside the kernel, where PyTorch's runs a separate column reduction over all tokens
-  (lever 33); TE's kernels for these row widths are its general ones, which the Triton pair outruns.
+  (layernorm_triton.py; lever 43 in docs/benchmarks.md), or TE's kernels for rows wider than 4096 and where Triton
+  does not import. Both compute the weight and bias gradients inside the kernel, where PyTorch's runs a separate
+  column reduction over all tokens (lever 33); for the 650M and 3B widths TE has only its general kernels, which
+  the Triton pair outruns.
 - `gelu_mlp`: the exact-GELU MLP after its LayerNorm, whose backward turns GELU's gradient into the pre-activation's
   in place and sums fc1's bias gradient in the same pass, one Triton kernel (gelu_triton.py; lever 37), and
   writes fc2's input gradient over fc2's input: no [T, ffn] tensor allocated in backward (lever 41). It needs no
@@ -127,14 +128,25 @@ class _TritonLayerNorm(torch.autograd.Function):
         return dx.view(ctx.shape), dw.to(ctx.dtype).to(weight.dtype), db.to(ctx.dtype).to(ctx.bias_dtype), None, None
 
 
+# The widest rows the Triton LayerNorm takes: at 5120 (15B) TE has tuned kernels, faster than ours (whose rows of
+# 8192 lanes spill registers in the backward); at the 650M and 3B widths TE runs its general ones, slower than ours
+# (bench/layer_norm_kernels.py; docs/benchmarks.md, lever 43).
+LN_TRITON_MAX_WIDTH = 4096
+
+
+def layer_norm_kernel(hidden: int) -> str:
+    """Which kernels `layer_norm` runs for rows of `hidden` values on CUDA under autocast: "triton" or "te"."""
+    return "triton" if rope_kernel.available() and hidden <= LN_TRITON_MAX_WIDTH else "te"
+
+
 @torch.compiler.disable  # TE's kernels are opaque to torch.compile
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """layers.layer_norm through our Triton kernels where Triton imports, else TE's (CUDA under autocast; PyTorch's
-    otherwise)."""
+    """layers.layer_norm through our Triton kernels or TE's (`layer_norm_kernel`) on CUDA under autocast; PyTorch's
+    otherwise."""
     dtype = layers.cuda_autocast_dtype(x)
     if dtype is None or x.dtype != dtype:  # also an FP32 residual stream: layers.layer_norm's FP32 path
         return layers.layer_norm(x, weight, bias, eps)
-    if rope_kernel.available():
+    if layer_norm_kernel(x.shape[-1]) == "triton":
         return _TritonLayerNorm.apply(x, weight, bias, eps, dtype)
     return _LayerNorm.apply(x, weight, bias, eps, dtype)
 
