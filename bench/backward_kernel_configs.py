@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from recipe.model import rope_kernel, te_kernels  # noqa: E402
+from recipe.model import fused_kernels, rope_kernel  # noqa: E402
 from recipe.model.layers import rotary_inv_freq  # noqa: E402
 
 # (tokens, ffn) and (tokens, heads, head_dim) of the 3B and 650M matched rows
@@ -43,7 +43,7 @@ def median_ms(fn, reps: int) -> float:
 
 
 def gelu(reps: int) -> None:
-    kernel = te_kernels._gelu_kernel()
+    kernel = fused_kernels._gelu_kernel()
     for tokens, ffn in GELU_SHAPES:
         grad = torch.randn(tokens, ffn, device="cuda", dtype=torch.bfloat16)
         pre = torch.randn_like(grad)

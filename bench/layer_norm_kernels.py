@@ -2,7 +2,7 @@
 (recipe/model/layernorm_triton.py) over a sweep of its launch settings (forward warps; backward rows per program and
 warps) and PyTorch's (`torch`, layers.layer_norm), forward and backward timed separately (median of `--reps`, CUDA
 events; bench/rope_kernels.py's `timed`), with the memory traffic each reaches. The last line names the Triton
-settings fastest over all the shapes (the shipped ones are te_kernels.LN_*). Shapes: tokens x hidden of the matched
+settings fastest over all the shapes (the shipped ones are fused_kernels.LN_*). Shapes: tokens x hidden of the matched
 rows of bench/vs_reference.py.
 
     source .device/setup.sh && python bench/layer_norm_kernels.py [--shapes 16384x2560 49152x1280]
@@ -23,7 +23,7 @@ from bench.rope_kernels import timed  # noqa: E402  (imports TE before torch tou
 import torch  # noqa: E402
 # isort: on
 
-from recipe.model import layers, te_kernels  # noqa: E402
+from recipe.model import fused_kernels, layers  # noqa: E402
 
 SHAPES = ["65536x640", "49152x1280", "16384x2560", "8192x5120"]  # 150M, 650M, 3B, 15B
 
@@ -31,16 +31,16 @@ SHAPES = ["65536x640", "49152x1280", "16384x2560", "8192x5120"]  # 150M, 650M, 3
 def kernels(fwd_warps: list[int], bwd: list[tuple[int, int]]) -> dict:
     """name -> (fn(x, w, b), the Triton settings it runs with or None)."""
 
-    shipped = te_kernels.LN_ROWS, te_kernels.LN_FWD_WARPS, te_kernels.LN_BWD_WARPS
+    shipped = fused_kernels.LN_ROWS, fused_kernels.LN_FWD_WARPS, fused_kernels.LN_BWD_WARPS
 
     def triton(rows, fwd_w, bwd_w):
         def run(x, w, b):
-            te_kernels.LN_ROWS, te_kernels.LN_FWD_WARPS, te_kernels.LN_BWD_WARPS = rows, fwd_w, bwd_w
-            return te_kernels._TritonLayerNorm.apply(x, w, b, 1e-5, torch.bfloat16)
+            fused_kernels.LN_ROWS, fused_kernels.LN_FWD_WARPS, fused_kernels.LN_BWD_WARPS = rows, fwd_w, bwd_w
+            return fused_kernels._TritonLayerNorm.apply(x, w, b, 1e-5, torch.bfloat16)
 
         return run
 
-    found: dict = {"te": (lambda x, w, b: te_kernels._LayerNorm.apply(x, w, b, 1e-5, torch.bfloat16), None)}
+    found: dict = {"te": (lambda x, w, b: fused_kernels._LayerNorm.apply(x, w, b, 1e-5, torch.bfloat16), None)}
     found.update({f"triton fwd warps={fw}": (triton(shipped[0], fw, shipped[2]), ("fwd", fw)) for fw in fwd_warps})
     found.update({f"triton bwd rows={r} warps={bw}": (triton(r, shipped[1], bw), ("bwd", r, bw)) for r, bw in bwd})
     found["torch"] = (lambda x, w, b: layers.layer_norm(x, w, b, 1e-5), None)

@@ -217,15 +217,15 @@ def test_triton_rope_kernel_matches_te_rope(batch, size, monkeypatch):
 @pytest.mark.parametrize("has_bias", [True, False])
 @pytest.mark.parametrize("kernel,h", [("triton", 320), ("triton", 2560), ("triton", 1000), ("te", 320), ("te", 5120)])
 def test_te_layer_norm_matches_torch_layer_norm(param_dtype, has_bias, kernel, h, monkeypatch):
-    """recipe/model/te_kernels.py's LayerNorm (our Triton kernels, or TE's where Triton is absent) against
+    """recipe/model/fused_kernels.py's LayerNorm (our Triton kernels, or TE's where Triton is absent) against
     layers.py's, followed by a linear, under BF16 autocast: outputs and every gradient, in the parameters' dtypes;
     hidden sizes of a power of two and not."""
-    from recipe.model import layers, rope_kernel, te_kernels
+    from recipe.model import fused_kernels, layers, rope_kernel
 
-    if kernel == "te" and h <= te_kernels.LN_TRITON_MAX_WIDTH:
+    if kernel == "te" and h <= fused_kernels.LN_TRITON_MAX_WIDTH:
         monkeypatch.setattr(rope_kernel, "available", lambda: False)
     calls = []
-    record_calls(monkeypatch, te_kernels, "layer_norm_forward", lambda *a, **k: calls.append(1))
+    record_calls(monkeypatch, fused_kernels, "layer_norm_forward", lambda *a, **k: calls.append(1))
     torch.manual_seed(0)
     T, out_features = 4096, 1280
     x0 = torch.randn(T, h, device="cuda", dtype=torch.bfloat16)
@@ -233,7 +233,7 @@ def test_te_layer_norm_matches_torch_layer_norm(param_dtype, has_bias, kernel, h
               torch.randn(out_features, h, device="cuda") * h**-0.5,
               torch.randn(out_features, device="cuda") * 0.1 if has_bias else None]  # fmt: skip
     results = {}
-    for name, norm in (("torch", layers.layer_norm), ("te", te_kernels.layer_norm)):
+    for name, norm in (("torch", layers.layer_norm), ("te", fused_kernels.layer_norm)):
         ps = [None if p is None else p.to(param_dtype).requires_grad_() for p in params]
         x = x0.clone().requires_grad_()
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -250,14 +250,14 @@ def test_te_layer_norm_matches_torch_layer_norm(param_dtype, has_bias, kernel, h
 
 @needs_te
 def test_fused_gelu_mlp_matches_pytorch(monkeypatch):
-    """te_kernels.gelu_mlp (fc2's input gradient written over its input, GELU's backward in place with fc1's bias
+    """fused_kernels.gelu_mlp (fc2's input gradient written over its input, GELU's backward in place with fc1's bias
     gradient) against layers.gelu_mlp in one exact-GELU MLP at the 650M width, FP32 weights under BF16 autocast:
     output and every gradient, the fused kernel really run, and the backward's peak memory lower by about one
     [T, ffn] BF16 tensor (fc2's input gradient needs no memory of its own)."""
-    from recipe.model import layers, te_kernels
+    from recipe.model import fused_kernels, layers
 
     calls = []
-    record_calls(monkeypatch, te_kernels, "gelu_backward_and_bias", lambda *a, **k: calls.append(1))
+    record_calls(monkeypatch, fused_kernels, "gelu_backward_and_bias", lambda *a, **k: calls.append(1))
     torch.manual_seed(0)
     tokens, hidden, ffn = 16384, 1280, 5120
     mlp = layers.LayerNormMLP(hidden, ffn, 1e-5, "gelu", device="cuda")
@@ -267,7 +267,7 @@ def test_fused_gelu_mlp_matches_pytorch(monkeypatch):
     x0 = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
     dy = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
     results, peaks = {}, {}
-    for name, feed_forward in (("torch", layers.gelu_mlp), ("fused", te_kernels.gelu_mlp)):
+    for name, feed_forward in (("torch", layers.gelu_mlp), ("fused", fused_kernels.gelu_mlp)):
         mlp.feed_forward = feed_forward
         mlp.zero_grad(set_to_none=True)
         x = x0.clone().requires_grad_()

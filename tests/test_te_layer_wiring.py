@@ -78,9 +78,9 @@ def test_bf16_layers_are_ours_and_quantized_layers_te(stand_in_te):
     bf16 = TEEsmLayer(dataclasses.replace(CONFIG, backend="te"), device="cpu")
     assert type(bf16.attention.layernorm_qkv) is layers.LayerNormLinear and type(bf16.attention.proj) is layers.Linear
     assert type(bf16.mlp) is layers.LayerNormMLP
-    from recipe.model import te_kernels
+    from recipe.model import fused_kernels
 
-    assert bf16.mlp.norm is te_kernels.layer_norm and bf16.mlp.feed_forward is te_kernels.gelu_mlp
+    assert bf16.mlp.norm is fused_kernels.layer_norm and bf16.mlp.feed_forward is fused_kernels.gelu_mlp
     quantized = TEEsmLayer(dataclasses.replace(CONFIG, backend="te"), device="cpu", quantized=True)
     te_modules = (quantized.attention.layernorm_qkv, quantized.attention.proj, quantized.mlp)
     assert all(type(m) is _TEModule for m in te_modules)

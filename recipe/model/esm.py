@@ -110,7 +110,7 @@ class EsmForMaskedLM(nn.Module):
 
     def compile_layers(self) -> None:
         """torch.compile per torch layer, with dynamic shapes (packed lengths, the number of sequences and max_seqlen
-        vary per batch). A te layer has nothing left to compile: TE's modules and our kernels (te_kernels.py, the
+        vary per batch). A te layer has nothing left to compile: TE's modules and our kernels (fused_kernels.py, the
         Triton rope) run their own fused kernels, which torch.compile would only break its graph around."""
         if self.config.backend == "te":
             log.warning("use_torch_compile=true with the te backend compiles nothing: its layers run TE's and our own "

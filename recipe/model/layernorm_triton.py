@@ -1,6 +1,6 @@
-"""The Triton kernels of the te backend's BF16 LayerNorm (the autograd function is te_kernels.layer_norm).
+"""The Triton kernels of the te backend's BF16 LayerNorm (the autograd function is fused_kernels.layer_norm).
 
-A module of its own because this import needs Triton: te_kernels.py imports it only when a kernel first runs (and
+A module of its own because this import needs Triton: fused_kernels.py imports it only when a kernel first runs (and
 again under TRITON_INTERPRET=1 in the CPU tests, which reload it).
 
 Arithmetic, as PyTorch's LayerNorm under autocast: the weight and bias rounded to the input's dtype, the row's mean

@@ -157,12 +157,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
 
 
 # A LayerNorm kernel: (x, weight, bias, eps) -> normalized x. `layer_norm` above, or TransformerEngine's in the te
-# backend's layers (recipe/model/te_kernels.py); a module gets its kernel at construction.
+# backend's layers (recipe/model/fused_kernels.py); a module gets its kernel at construction.
 Norm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 
 def gelu_mlp(h: torch.Tensor, mlp: Any, activation: str) -> torch.Tensor:
-    """fc2(GELU(fc1(h))) from LayerNormMLP-named parameters: the MLP after its LayerNorm (te_kernels.gelu_mlp is the
+    """fc2(GELU(fc1(h))) from LayerNormMLP-named parameters: the MLP after its LayerNorm (fused_kernels.gelu_mlp is the
     te backend's, with a backward that allocates no [T, ffn] tensor)."""
     return linear(gelu(linear(h, mlp.fc1_weight, mlp.fc1_bias), activation), mlp.fc2_weight, mlp.fc2_bias)
 
@@ -275,12 +275,12 @@ class TorchEsmLayer(EsmLayerBase):
         self.attention = AttentionBlock(
             LayerNormLinear(h, 3 * h, eps, device=device, dtype=dtype), Linear(h, h, device=device, dtype=dtype)
         )
-        # The exact-GELU MLP through te_kernels.gelu_mlp (needs no TE: our Triton kernel, PyTorch's path off CUDA):
+        # The exact-GELU MLP through fused_kernels.gelu_mlp (needs no TE: our Triton kernel, PyTorch's path off CUDA):
         # its backward allocates no [T, ffn] tensor, which compiled PyTorch's does (imported here: it imports us).
-        from recipe.model import te_kernels
+        from recipe.model import fused_kernels
 
         self.mlp = LayerNormMLP(h, config.intermediate_size, eps, config.activation, device=device, dtype=dtype,
-                                feed_forward=te_kernels.gelu_mlp)  # fmt: skip
+                                feed_forward=fused_kernels.gelu_mlp)  # fmt: skip
 
     def attend(self, qkv, rope, packed, key_padding_mask):
         q, k, v = self.split_heads(qkv)

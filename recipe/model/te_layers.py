@@ -13,7 +13,7 @@ from typing import cast
 
 import torch
 
-from recipe.model import te_kernels
+from recipe.model import fused_kernels
 from recipe.model.config import ContextParallel, EsmConfig
 from recipe.model.layers import (
     AttentionBlock,
@@ -56,7 +56,7 @@ class TEEsmLayer(EsmLayerBase):
     and MLP through TE's modules, whose GEMMs quantize. A BF16 layer runs its projections through our linears: TE's
     keep a BF16 copy of every weight for backward under autocast, ours cast the FP32 weight again there (layers.py
     `linear`), which is the same arithmetic with less memory (docs/benchmarks.md, lever 26). Its LayerNorms run TE's
-    kernels (te_kernels.py, lever 33)."""
+    kernels (fused_kernels.py, lever 33)."""
 
     def __init__(
         self,
@@ -78,7 +78,7 @@ class TEEsmLayer(EsmLayerBase):
         if quantized:
             qkv, proj = te.LayerNormLinear(h, 3 * h, eps=eps, bias=True, **kw), te.Linear(h, h, bias=True, **kw)
         else:
-            qkv = LayerNormLinear(h, 3 * h, eps, device=device, dtype=dtype, norm=te_kernels.layer_norm)
+            qkv = LayerNormLinear(h, 3 * h, eps, device=device, dtype=dtype, norm=fused_kernels.layer_norm)
             proj = Linear(h, h, device=device, dtype=dtype)
         self.attention = AttentionBlock(qkv, proj)
         # TE's fused MLP has only the tanh GELU: with the exact GELU a BF16 layer runs ours (an FP8 layer keeps TE's
@@ -86,9 +86,8 @@ class TEEsmLayer(EsmLayerBase):
         if quantized or config.activation != "gelu":
             self.mlp = te.LayerNormMLP(h, ffn, eps=eps, bias=True, activation="gelu", **kw)
         else:
-            self.mlp = LayerNormMLP(
-                h, ffn, eps, "gelu", device=device, dtype=dtype, norm=te_kernels.layer_norm, feed_forward=te_kernels.gelu_mlp
-            )
+            self.mlp = LayerNormMLP(h, ffn, eps, "gelu", device=device, dtype=dtype, norm=fused_kernels.layer_norm,
+                                    feed_forward=fused_kernels.gelu_mlp)  # fmt: skip
         cp = {}
         if context_parallel is not None and context_parallel.size > 1:
             cp = dict(
@@ -112,7 +111,7 @@ class TEEsmLayer(EsmLayerBase):
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation == "gelu":
-            return layer_norm_mlp(x, self.mlp, self.eps, "gelu", te_kernels.layer_norm, te_kernels.gelu_mlp)
+            return layer_norm_mlp(x, self.mlp, self.eps, "gelu", fused_kernels.layer_norm, fused_kernels.gelu_mlp)
         return self.mlp(x)
 
     def attention_output(self, x, rope, packed: PackedInfo | None, key_padding_mask):

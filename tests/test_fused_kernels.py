@@ -1,4 +1,4 @@
-"""recipe/model/te_kernels.py's Triton kernels on CPU, through Triton's interpreter: the fused exact-GELU backward
+"""recipe/model/fused_kernels.py's Triton kernels on CPU, through Triton's interpreter: the fused exact-GELU backward
 against PyTorch's GELU backward and bias gradient, the LayerNorm against PyTorch's. The GPU runs are
 tests/test_gpu.py::test_fused_gelu_mlp_matches_pytorch and ::test_te_layer_norm_matches_torch_layer_norm."""
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from conftest import rel_err
 
-from recipe.model import rope_kernel, te_kernels
+from recipe.model import fused_kernels, rope_kernel
 
 needs_triton = pytest.mark.skipif(not rope_kernel.available(), reason="triton is in the dev extra")
 
@@ -30,7 +30,7 @@ def test_gelu_backward_and_bias_matches_pytorch(interpreted, dtype, tokens, feat
     F.gelu(leaf).backward(grad)
     expected = leaf.grad
     inplace = grad.clone()
-    bias_grad = te_kernels.gelu_backward_and_bias(inplace, pre, rows=rows)
+    bias_grad = fused_kernels.gelu_backward_and_bias(inplace, pre, rows=rows)
     torch.testing.assert_close(inplace, expected, **tolerance(dtype))
     torch.testing.assert_close(bias_grad, inplace.float().sum(0), rtol=1e-5, atol=1e-4)  # the sum of what it stored
     assert rel_err(bias_grad, expected.float().sum(0)) < (1e-6 if dtype == torch.float32 else 1e-2)
@@ -49,7 +49,7 @@ def test_gelu_mlp_matches_pytorch_autograd(interpreted):
         x, params = x0.clone().requires_grad_(), [p.clone().requires_grad_() for p in params0]
         w1, b1, w2, b2 = params
         if name == "fused":
-            y = te_kernels._GeluMLP.apply(x, *params, torch.bfloat16)
+            y = fused_kernels._GeluMLP.apply(x, *params, torch.bfloat16)
         else:
             y = F.linear(F.gelu(F.linear(x, w1.bfloat16(), b1.bfloat16())), w2.bfloat16(), b2.bfloat16())
         y.float().square().sum().backward()
@@ -70,7 +70,7 @@ def test_triton_layer_norm_matches_pytorch(interpreted, rows, hidden, rows_per_p
     torch.manual_seed(0)
     x = torch.randn(rows, hidden) * 3 + 1
     w, b = torch.randn(hidden) * 0.5 + 1, torch.randn(hidden) * 0.1
-    y, mean, rstd = te_kernels.layer_norm_forward(x, w, b, 1e-5)
+    y, mean, rstd = fused_kernels.layer_norm_forward(x, w, b, 1e-5)
     leaves = [t.clone().requires_grad_() for t in (x, w, b)]
     want = F.layer_norm(leaves[0], (hidden,), leaves[1], leaves[2], 1e-5)
     dy = torch.randn(rows, hidden)
@@ -78,11 +78,11 @@ def test_triton_layer_norm_matches_pytorch(interpreted, rows, hidden, rows_per_p
     torch.testing.assert_close(y, want.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(mean, x.mean(-1), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(rstd, (x.var(-1, unbiased=False) + 1e-5).rsqrt(), rtol=1e-5, atol=1e-6)
-    got = te_kernels.layer_norm_backward(dy, x, w, mean, rstd, rows_per_program=rows_per_program)
+    got = fused_kernels.layer_norm_backward(dy, x, w, mean, rstd, rows_per_program=rows_per_program)
     for g, leaf in zip(got, leaves, strict=True):
         torch.testing.assert_close(g, leaf.grad, rtol=1e-4, atol=1e-4)
     xb = x.bfloat16()
-    yb, _, _ = te_kernels.layer_norm_forward(xb, w, b, 1e-5)
+    yb, _, _ = fused_kernels.layer_norm_forward(xb, w, b, 1e-5)
     w16, b16 = (toward_zero(t) for t in (w, b))  # as the interpreter rounds the parameters
     ref = F.layer_norm(xb.float(), (hidden,), w16, b16, 1e-5)
     assert yb.dtype == torch.bfloat16 and ((yb.float() - ref).abs() <= ref.abs() * 2**-7 + 1e-5).all()
@@ -96,7 +96,7 @@ def toward_zero(t: torch.Tensor) -> torch.Tensor:
 
 @needs_triton
 def test_triton_layer_norm_autograd_under_the_interpreter(interpreted, monkeypatch):
-    """The autograd function (what te_kernels.layer_norm runs on CUDA under autocast): gradients in the parameters'
+    """The autograd function (what fused_kernels.layer_norm runs on CUDA under autocast): gradients in the parameters'
     dtype, equal to PyTorch's LayerNorm on BF16 input with the parameters rounded to BF16, to BF16 precision."""
     torch.manual_seed(2)
     x0 = torch.randn(50, 200).bfloat16()
@@ -105,7 +105,7 @@ def test_triton_layer_norm_autograd_under_the_interpreter(interpreted, monkeypat
     for name in ("triton", "pytorch"):
         x, w, b = x0.clone().requires_grad_(), *(p.clone().requires_grad_() for p in p0)
         if name == "triton":
-            y = te_kernels._TritonLayerNorm.apply(x, w, b, 1e-5, torch.bfloat16)
+            y = fused_kernels._TritonLayerNorm.apply(x, w, b, 1e-5, torch.bfloat16)
         else:
             y = F.layer_norm(x.float(), (200,), w.bfloat16().float(), b.bfloat16().float(), 1e-5).bfloat16()
         (y.float() * torch.linspace(-1, 1, 200)).square().sum().backward()
@@ -120,25 +120,25 @@ def test_layer_norm_kernel_by_width(available, monkeypatch):
     """Our Triton LayerNorm for rows up to 4096 wide (the 650M and 3B widths, where TE has only its general
     kernels); TE's for wider rows (15B: its tuned kernels are faster) and wherever Triton does not import."""
     monkeypatch.setattr(rope_kernel, "available", lambda: available)
-    assert [te_kernels.layer_norm_kernel(h) for h in (320, 1280, 2560, 4096, 5120)] == (
+    assert [fused_kernels.layer_norm_kernel(h) for h in (320, 1280, 2560, 4096, 5120)] == (
         ["triton"] * 4 + ["te"] if available else ["te"] * 5
     )
 
 
 def test_torch_layers_run_the_fused_gelu_mlp():
-    """The torch backend's MLP goes through te_kernels.gelu_mlp (lever 44: no [T, ffn] tensor allocated in its
+    """The torch backend's MLP goes through fused_kernels.gelu_mlp (lever 44: no [T, ffn] tensor allocated in its
     backward on CUDA), which off CUDA is PyTorch's path: the same numbers as layers.gelu_mlp on the CPU."""
     from recipe.model import EsmConfig, build_model, layers
 
     model = build_model(EsmConfig.from_size("tiny", backend="torch"), seed=0)
-    assert all(layer.mlp.feed_forward is te_kernels.gelu_mlp for layer in model.layers)
+    assert all(layer.mlp.feed_forward is fused_kernels.gelu_mlp for layer in model.layers)
     h = torch.randn(9, model.config.hidden_size)
     mlp = model.layers[0].mlp
-    assert torch.equal(te_kernels.gelu_mlp(h, mlp, "gelu"), layers.gelu_mlp(h, mlp, "gelu"))
+    assert torch.equal(fused_kernels.gelu_mlp(h, mlp, "gelu"), layers.gelu_mlp(h, mlp, "gelu"))
 
 
 def test_malformed_input_is_refused():
     with pytest.raises(ValueError, match="two contiguous"):
-        te_kernels.gelu_backward_and_bias(torch.zeros(4, 6).t(), torch.zeros(6, 4))
+        fused_kernels.gelu_backward_and_bias(torch.zeros(4, 6).t(), torch.zeros(6, 4))
     with pytest.raises(ValueError, match="rows=48 must be a multiple"):  # overlapping tiles would apply GELU twice
-        te_kernels.gelu_backward_and_bias(torch.zeros(64, 8), torch.zeros(64, 8), rows=48)
+        fused_kernels.gelu_backward_and_bias(torch.zeros(64, 8), torch.zeros(64, 8), rows=48)

@@ -16,7 +16,7 @@ only the kernels change.
 
 The fused paths are taken for CUDA input under autocast only, PyTorch's otherwise, so a model moved to the CPU still
 computes. What they compute is checked against PyTorch's on the GPU (tests/test_gpu.py) and, through Triton's
-interpreter, on the CPU (tests/test_te_kernels.py).
+interpreter, on the CPU (tests/test_fused_kernels.py).
 """
 
 from __future__ import annotations
