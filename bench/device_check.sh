@@ -3,7 +3,8 @@
 # ours on GPU 1; ROWS, default "8M 150M 650M 650M_fp8"; ROWS=none skips it), then the multi-GPU tests and the single-GPU tests
 # (SINGLE_K selects among them; default all but the 300-step FP8-vs-BF16 run). With 4 GPUs the tests run on GPUs 2-3
 # beside the table; LEVERS=FILE (a bench/device_levers.sh queue) then runs on GPU 2 beside the single-GPU tests on GPU 3,
-# before the multi-GPU tests. Stops starting work at DEADLINE_S (default 540 s). Results in $OUT: side.txt,
+# before the multi-GPU tests. REPEATS=N runs each side of the table N times (medians, the sides trading GPUs). Stops
+# starting work at DEADLINE_S (default 540 s). Results in $OUT: side.txt,
 # gpu_tests.txt, benchmarks.md (the table written in), levers.txt, logs.tgz.
 #   run: carry [".device"], command: source .device/setup.sh && bash bench/device_check.sh
 set -u -o pipefail
@@ -31,7 +32,7 @@ tests() {  # tests GPUS (two)
   multi $gpus
 }
 if [ "${ROWS:-}" = none ]; then echo "side-by-side table skipped (ROWS=none)" > $W/side.txt; else
-  python bench/vs_reference.py --gpus 0 1 --rows ${ROWS:-8M 150M 650M 650M_fp8} --timeout 200 --out $W/side \
+  python bench/vs_reference.py --gpus 0 1 --rows ${ROWS:-8M 150M 650M 650M_fp8} --repeats ${REPEATS:-1} --timeout 200 --out $W/side \
     --docs docs/benchmarks.md > $W/side.txt 2>&1 &
 fi
 if [ "$NG" -ge 4 ]; then tests 2,3 & wait; else wait; tests 0,1; fi

@@ -2,6 +2,7 @@
 
     source .device/setup.sh && python bench/vs_reference.py --docs docs/benchmarks.md            # one GPU
     source .device/setup.sh && python bench/vs_reference.py --gpus 0 1 --docs docs/benchmarks.md  # theirs on 0, ours on 1
+    source .device/setup.sh && python bench/vs_reference.py --gpus 0 1 --repeats 3 --docs docs/benchmarks.md  # medians
 
 What runs is what users run. Ours: `train_fsdp2.py --config-name <the shipped L1/L2 config>` as a subprocess, with
 only the settings the comparison must fix (data, tokens per micro-batch, step count, no accumulation, no
@@ -14,6 +15,11 @@ THD batches of the same tokens per micro-batch, the same number of optimizer ste
 steps, one micro-batch per step. Rate: unpadded tokens per second over the timed steps; for ours from the trainer's
 own metrics.jsonl (consumed tokens and training seconds at the warm-up step and at the end), for theirs from their
 wrapper's per-step clock. Memory: peak `torch.cuda.max_memory_allocated`, GiB, both sides.
+
+Noise: the reference's rate moves by 5 % between calls, and two GPUs of one host differ by up to 2 %. With
+`--repeats N` each side runs N times and the table gives the medians (each run's rate is in the log and the JSON):
+on two GPUs the sides trade GPUs between repeats, on one GPU they trade order, so neither side keeps the faster card
+or the first slot.
 
 Differences that stay, by design: our BF16 rows run ESM-2's exact (erf) GELU, theirs TE's tanh approximation (the
 FP8 rows run the tanh GELU on both sides: TE's fused MLP has no other); theirs runs their own data pipeline with the
@@ -288,7 +294,7 @@ def table(results: dict, header: str) -> str:
             return f"{r['tokens_per_s']:,.0f}" if "tokens_per_s" in r else r.get("error", "-")
 
         ratio = (
-            f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}" if "tokens_per_s" in ours and "tokens_per_s" in theirs else "-"
+            f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.3f}" if "tokens_per_s" in ours and "tokens_per_s" in theirs else "-"
         )
         mem = " / ".join(f"{r['peak_gib']:.1f}" if "peak_gib" in r else "-" for r in (theirs, ours))
         precision = "FP8 block scaling" if row.fp8 else "BF16"
@@ -296,13 +302,39 @@ def table(results: dict, header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def placement_words(gpus: list, with_reference: bool, nproc: int) -> str:
+def placement_words(gpus: list, with_reference: bool, nproc: int, repeats: int = 1) -> str:
     """Where each side ran, for the table's header (`gpus`: --gpus, or [None] for the default GPU)."""
     if nproc > 1:  # ours only (checked in main)
         return f"ours only, on GPUs {', '.join(gpus)} ({nproc} processes under torchrun; rates per GPU)"
     if not with_reference:
         return "ours only, on one GPU"
+    if repeats > 1:
+        where = (f"at once on GPUs {gpus[0]} and {gpus[-1]}, trading GPUs between repeats" if len(gpus) > 1
+                 else "one after the other on one GPU, trading order between repeats")  # fmt: skip
+        return f"{repeats} runs of each side {where}; medians"
     return f"theirs on GPU {gpus[0]}, ours on GPU {gpus[-1]}, at once" if len(gpus) > 1 else "one after the other on one GPU"
+
+
+def placements(gpus: list, repeats: int) -> list[tuple]:
+    """(their GPU, our GPU, ours first) for each repeat: on two GPUs the sides trade GPUs every repeat, on one GPU
+    they trade order, so that a faster card or the first slot favours neither side."""
+    if len(gpus) > 1:
+        return [(gpus[0], gpus[-1], False) if r % 2 == 0 else (gpus[-1], gpus[0], False) for r in range(repeats)]
+    return [(gpus[0], gpus[0], r % 2 == 1) for r in range(repeats)]
+
+
+def median_result(runs: list[dict]) -> dict:
+    """One side's result over its repeats: the median rate of the runs that finished, the largest peak, every rate."""
+    done = [r for r in runs if "tokens_per_s" in r]
+    if not done:
+        return runs[0] if len(runs) == 1 else {"error": "; ".join(str(r.get("error")) for r in runs)}
+    if len(runs) == 1:
+        return runs[0]
+    rates = sorted(r["tokens_per_s"] for r in done)
+    mid = len(rates) // 2
+    median = rates[mid] if len(rates) % 2 else (rates[mid - 1] + rates[mid]) / 2
+    return {"tokens_per_s": median, "peak_gib": max(r["peak_gib"] for r in done), "timed_steps": done[0]["timed_steps"],
+            "runs": [r.get("tokens_per_s", r.get("error")) for r in runs]}  # fmt: skip
 
 
 def main() -> None:
@@ -327,6 +359,7 @@ def main() -> None:
     )
     p.add_argument("--nproc", type=int, default=1, help="our runs on this many GPUs (torchrun; all of --gpus); rates are per GPU")
     p.add_argument("--timeout", type=float, default=300, help="seconds per run")
+    p.add_argument("--repeats", type=int, default=1, help="runs of each side per row; the table gives the medians")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", tempfile.gettempdir())) / "vs_reference")
     p.add_argument("--docs", type=Path, help="write the table into this markdown file")
     a = p.parse_args()
@@ -337,42 +370,47 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="vs_reference_"))
     gpus = a.gpus or [None]
-    their_gpu, our_gpu = gpus[0], gpus[-1]
+    our_gpu = gpus[-1]
     if a.nproc > 1:
         if not a.ours_only or len(gpus) != a.nproc:
             p.error("--nproc N runs ours only (--ours-only), on the N GPUs of --gpus")
         our_gpu = ",".join(gpus)
     ref = None if a.ours_only else Reference(a.reference.resolve(), a.data.resolve(), work)
     gpu_name = torch.cuda.get_device_name(first_gpu(our_gpu))
-    results: dict = {}
+    if a.repeats < 1:
+        p.error("--repeats must be at least 1")
+    runs: dict = {name: ([], []) for name in a.rows}  # row -> (their runs, our runs)
 
-    def theirs_all():
+    def label(name: str, r: int) -> str:
+        return name if a.repeats == 1 else f"{name}_run{r + 1}"
+
+    def theirs_all(r: int, gpu) -> None:
         for name in a.rows:
-            results.setdefault(name, [ROWS[name], {}, {}])[1] = (
-                measure_theirs(ref, name, ROWS[name], a.out, their_gpu, a.timeout) if ref else {"error": "not run"}
-            )
-            print(f"theirs {name}: {results[name][1]}", flush=True)
+            result = measure_theirs(ref, label(name, r), ROWS[name], a.out, gpu, a.timeout) if ref else {"error": "not run"}
+            runs[name][0].append(result)
+            print(f"theirs {label(name, r)}: {result}", flush=True)
 
-    def ours_all():
+    def ours_all(r: int, gpu) -> None:
         for name in a.rows:
-            results.setdefault(name, [ROWS[name], {}, {}])[2] = measure_ours(
-                name, ROWS[name], a.data.resolve(), work, a.out, our_gpu, a.set, a.timeout, a.trainer.resolve(), a.nproc
-            )
-            print(f"ours {name}: {results[name][2]}", flush=True)
+            result = measure_ours(label(name, r), ROWS[name], a.data.resolve(), work, a.out, gpu, a.set, a.timeout,
+                                  a.trainer.resolve(), a.nproc)  # fmt: skip
+            runs[name][1].append(result)
+            print(f"ours {label(name, r)}: {result}", flush=True)
 
-    for name in a.rows:
-        results[name] = [ROWS[name], {}, {}]
-    if len(gpus) > 1 and ref is not None:  # one side per GPU, at the same time
-        threads = [threading.Thread(target=theirs_all), threading.Thread(target=ours_all)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    else:
-        theirs_all()
-        ours_all()
+    for r, (their_gpu_r, our_gpu_r, ours_first) in enumerate(placements(gpus, a.repeats)):
+        sides = [(theirs_all, (r, their_gpu_r)), (ours_all, (r, our_gpu if a.nproc > 1 else our_gpu_r))]
+        if len(gpus) > 1 and ref is not None:  # one side per GPU, at the same time
+            threads = [threading.Thread(target=fn, args=args) for fn, args in sides]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        else:
+            for fn, args in reversed(sides) if ours_first else sides:
+                fn(*args)
+    results = {name: [ROWS[name], median_result(theirs), median_result(ours)] for name, (theirs, ours) in runs.items()}
     command = "python bench/vs_reference.py " + " ".join(sys.argv[1:])
-    placement = placement_words(gpus, ref is not None, a.nproc)
+    placement = placement_words(gpus, ref is not None, a.nproc, a.repeats)
     header = (
         f"**{gpu_name}**, {datetime.date.today()}, torch {torch.__version__}, {placement}: `{command}`. Timed steps per row: "
         + ", ".join(f"{n} {ROWS[n].timed} after {ROWS[n].warmup}" for n in a.rows)

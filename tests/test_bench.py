@@ -99,6 +99,25 @@ def test_vs_reference_header_says_where_each_side_ran(gpus, with_reference, npro
     assert placement_words(gpus, with_reference, nproc) == words
 
 
+def test_vs_reference_repeats_trade_places_and_report_medians():
+    """--repeats N: on two GPUs the sides trade GPUs every repeat, on one GPU they trade order; the table takes each
+    side's median rate and largest peak, keeps every run's rate, and says so in its header."""
+    from bench.vs_reference import median_result, placement_words, placements
+
+    assert placements(["0", "1"], 3) == [("0", "1", False), ("1", "0", False), ("0", "1", False)]
+    assert placements([None], 2) == [(None, None, False), (None, None, True)]
+    assert placements(["0", "1"], 1) == [("0", "1", False)]
+    runs = [{"tokens_per_s": v, "peak_gib": g, "timed_steps": 20} for v, g in ((100.0, 7.0), (90.0, 7.5), (120.0, 7.0))]
+    assert median_result(runs) == {"tokens_per_s": 100.0, "peak_gib": 7.5, "timed_steps": 20, "runs": [100.0, 90.0, 120.0]}
+    failed = {"error": "rc 1"}
+    assert median_result([*runs[:2], failed])["tokens_per_s"] == 95.0  # the median of the runs that finished
+    assert median_result([failed]) == failed and "error" in median_result([failed, failed])
+    assert median_result(runs[:1]) == runs[0]
+    words = "3 runs of each side at once on GPUs 0 and 1, trading GPUs between repeats; medians"
+    assert placement_words(["0", "1"], True, 1, 3) == words
+    assert placement_words([None], True, 1, 2).startswith("2 runs of each side one after the other on one GPU")
+
+
 def test_sync_check_names_our_call_chain_innermost_first():
     """bench/sync_check.py groups synchronizing calls by the chain of our frames (innermost first, at most four),
     leaving out frames outside the project and its own."""
