@@ -189,7 +189,8 @@ class Strategy:
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
             return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-        optimizer.grad_scale = ((norm + 1e-6) / max_norm).clamp(min=1.0)  # 1 / clip_grad_norm_'s clamped coefficient
+        # 1 / clip_grad_norm_'s clamped coefficient, in FP32 whatever the gradients' dtype (the fused kernel reads a float)
+        optimizer.grad_scale = ((norm.float() + 1e-6) / max_norm).clamp(min=1.0)
         return norm
 
     def get_state_dict(self, model: Any, optimizer) -> tuple[dict, dict]:
@@ -372,7 +373,7 @@ class MegatronFSDPStrategy(Strategy):
     def clip_grad_norm(self, model: Any, max_norm: float | None, optimizer: Any = None) -> torch.Tensor:
         """Each rank holds a disjoint row block of every gradient: the squared norm is the sum of the local ones over
         all ranks. (torch's clip_grad_norm_ on these unevenly sharded DTensors is avoided: NVIDIA's recipe reports
-        it hanging under multi-process Megatron-FSDP.)"""
+        it hanging under multi-process Megatron-FSDP.) The clip is a pass of its own here: `optimizer` is not used."""
         with torch.no_grad():
             grads = [
                 p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in model.parameters() if p.grad is not None

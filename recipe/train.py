@@ -136,8 +136,9 @@ class StepCounter:
         return StepCounts(*self.down.get())
 
 
-def train_step(model, strategy: Strategy, batches: list[dict], masked_tokens: torch.Tensor, amp, max_norm, optimizer=None):
-    """Forward/backward over the micro-batches of one step, then clip. Returns (global mean loss, grad norm)."""
+def train_step(model, strategy: Strategy, batches: list[dict], masked_tokens: torch.Tensor, amp, max_norm, optimizer):
+    """Forward/backward over the micro-batches of one step, then clip (into `optimizer`'s update where it can take
+    the coefficient: Strategy.clip_grad_norm). Returns (global mean loss, grad norm)."""
     device, world = strategy.info.device, strategy.info.world_size
     loss_sum = torch.zeros((), device=device)
     for i, batch in enumerate(batches):

@@ -60,7 +60,7 @@ def test_gelu_mlp_matches_pytorch_autograd(interpreted):
 
 
 @needs_triton
-@pytest.mark.parametrize("rows, hidden, rows_per_program", [(37, 96, 8), (300, 40, 32), (5, 2560, 32), (20, 1000, 16)])
+@pytest.mark.parametrize("rows, hidden, rows_per_program", [(37, 96, 32), (300, 40, 128), (5, 2560, 32), (20, 1000, 16)])
 def test_triton_layer_norm_matches_pytorch(interpreted, rows, hidden, rows_per_program):
     """FP32 (the arithmetic, to float rounding): output, mean and rstd, and dx, dw, db against PyTorch's LayerNorm,
     for row counts that are and are not whole multiples of a program's rows and row widths that are and are not a
@@ -95,7 +95,7 @@ def toward_zero(t: torch.Tensor) -> torch.Tensor:
 
 
 @needs_triton
-def test_triton_layer_norm_autograd_under_the_interpreter(interpreted, monkeypatch):
+def test_triton_layer_norm_autograd_under_the_interpreter(interpreted):
     """The autograd function (what fused_kernels.layer_norm runs on CUDA under autocast): gradients in the parameters'
     dtype, equal to PyTorch's LayerNorm on BF16 input with the parameters rounded to BF16, to BF16 precision."""
     torch.manual_seed(2)
@@ -127,14 +127,11 @@ def test_layer_norm_kernel_by_width(available, monkeypatch):
 
 def test_torch_layers_run_the_fused_gelu_mlp():
     """The torch backend's MLP goes through fused_kernels.gelu_mlp (lever 44: no [T, ffn] tensor allocated in its
-    backward on CUDA), which off CUDA is PyTorch's path: the same numbers as layers.gelu_mlp on the CPU."""
-    from recipe.model import EsmConfig, build_model, layers
+    backward on CUDA; its arithmetic is checked above and in tests/test_gpu.py)."""
+    from recipe.model import EsmConfig, build_model
 
     model = build_model(EsmConfig.from_size("tiny", backend="torch"), seed=0)
     assert all(layer.mlp.feed_forward is fused_kernels.gelu_mlp for layer in model.layers)
-    h = torch.randn(9, model.config.hidden_size)
-    mlp = model.layers[0].mlp
-    assert torch.equal(fused_kernels.gelu_mlp(h, mlp, "gelu"), layers.gelu_mlp(h, mlp, "gelu"))
 
 
 def test_malformed_input_is_refused():

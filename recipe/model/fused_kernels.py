@@ -65,9 +65,9 @@ def _layer_norm_kernels() -> tuple[Any, Any]:
     return module.layer_norm_fwd, module.layer_norm_bwd
 
 
-# Launch settings of the Triton LayerNorm, the fastest of bench/layer_norm_kernels.py's sweep at the 3B and 650M
-# widths (docs/benchmarks.md): rows per program of the backward (one row of weight/bias partial sums per program)
-# and warps per program of each kernel.
+# Launch settings of the Triton LayerNorm, the fastest of bench/layer_norm_kernels.py's sweep summed over the 3B and
+# 650M widths (docs/benchmarks.md; alone, 3B's backward was fastest at 64 rows): rows per program of the backward (one
+# row of weight/bias partial sums per program) and warps per program of each kernel.
 LN_ROWS = 32
 LN_FWD_WARPS = 4
 LN_BWD_WARPS = 4
@@ -139,7 +139,7 @@ def layer_norm_kernel(hidden: int) -> str:
     return "triton" if rope_kernel.available() and hidden <= LN_TRITON_MAX_WIDTH else "te"
 
 
-@torch.compiler.disable  # TE's kernels are opaque to torch.compile
+@torch.compiler.disable  # Triton launches and TE's kernels, which torch.compile would only break around
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     """layers.layer_norm through our Triton kernels or TE's (`layer_norm_kernel`) on CUDA under autocast; PyTorch's
     otherwise."""

@@ -1,4 +1,4 @@
-"""The Triton kernel of the te backend's exact-GELU MLP backward (the autograd function is fused_kernels.gelu_mlp).
+"""The Triton kernel of the exact-GELU MLP backward, both backends' (the autograd function is fused_kernels.gelu_mlp).
 
 A module of its own because this import needs Triton: fused_kernels.py imports it only when the kernel first runs (and
 again under TRITON_INTERPRET=1 in the CPU tests, which reload it).

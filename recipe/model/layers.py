@@ -124,7 +124,7 @@ class _LinearRecastInBackward(torch.autograd.Function):
 
 
 def cuda_autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """The compute dtype where the te backend's fused kernels apply (CUDA input under autocast), else None."""
+    """The compute dtype where our fused kernels apply (CUDA input under autocast), else None."""
     if x.is_cuda and torch.is_autocast_enabled("cuda"):
         return torch.get_autocast_dtype("cuda")
     return None
@@ -156,14 +156,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     return F.linear(x, weight, bias)
 
 
-# A LayerNorm kernel: (x, weight, bias, eps) -> normalized x. `layer_norm` above, or TransformerEngine's in the te
-# backend's layers (recipe/model/fused_kernels.py); a module gets its kernel at construction.
+# A LayerNorm kernel: (x, weight, bias, eps) -> normalized x. `layer_norm` above, or fused_kernels.layer_norm (ours in
+# Triton, or TransformerEngine's) in the te backend's layers; a module gets its kernel at construction.
 Norm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 
 def gelu_mlp(h: torch.Tensor, mlp: Any, activation: str) -> torch.Tensor:
-    """fc2(GELU(fc1(h))) from LayerNormMLP-named parameters: the MLP after its LayerNorm (fused_kernels.gelu_mlp is the
-    te backend's, with a backward that allocates no [T, ffn] tensor)."""
+    """fc2(GELU(fc1(h))) from LayerNormMLP-named parameters: the MLP after its LayerNorm (fused_kernels.gelu_mlp, what
+    both backends' layers run, takes this path off CUDA; on CUDA its backward allocates no [T, ffn] tensor)."""
     return linear(gelu(linear(h, mlp.fc1_weight, mlp.fc1_bias), activation), mlp.fc2_weight, mlp.fc2_bias)
 
 

@@ -55,8 +55,8 @@ class TEEsmLayer(EsmLayerBase):
     """An ESM-2 layer on TE's attention. A `quantized` layer (FP8/FP4 under the precision plan) runs its projections
     and MLP through TE's modules, whose GEMMs quantize. A BF16 layer runs its projections through our linears: TE's
     keep a BF16 copy of every weight for backward under autocast, ours cast the FP32 weight again there (layers.py
-    `linear`), which is the same arithmetic with less memory (docs/benchmarks.md, lever 26). Its LayerNorms run TE's
-    kernels (fused_kernels.py, lever 33)."""
+    `linear`), which is the same arithmetic with less memory (docs/benchmarks.md, lever 26). Its LayerNorms run our
+    Triton kernels, or TE's for rows wider than 4096 (fused_kernels.py, levers 33 and 43)."""
 
     def __init__(
         self,
