@@ -169,6 +169,11 @@ class CheckpointConfig:
 class FSDPConfig:
     fp32_master_weights: bool = True  # keep fp32 parameters and compute in bf16 (MixedPrecisionPolicy); false = bf16 params
     reshard_after_forward: bool = True  # free gathered parameters after forward (ZeRO-3); false keeps them (ZeRO-2 like)
+    # With grad_acc_steps > 1 and sharded parameters: reduce-scatter each micro-batch's gradients and accumulate the
+    # shards (memory: a shard per rank); false accumulates whole FP32 gradients on every rank (4 bytes per parameter:
+    # 60 GB at 15B) and reduce-scatters once per step. FSDP2 only: Megatron-FSDP always reduces each micro-batch, DDP
+    # holds whole gradients anyway and all-reduces once per step.
+    reduce_every_micro_batch: bool = True
 
 
 @dataclass

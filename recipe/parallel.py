@@ -152,10 +152,16 @@ class Strategy:
     load_before_wrap = False  # model.init_from goes into the plain module before `wrap` (it cannot go into the wrapped one)
 
     def __init__(
-        self, info: DistInfo, compute_dtype: torch.dtype, fp32_master_weights: bool = True, reshard_after_forward: bool = True
+        self,
+        info: DistInfo,
+        compute_dtype: torch.dtype,
+        fp32_master_weights: bool = True,
+        reshard_after_forward: bool = True,
+        reduce_every_micro_batch: bool = True,
     ):
         self.info, self.compute_dtype = info, compute_dtype
         self.fp32_master_weights, self.reshard_after_forward = fp32_master_weights, reshard_after_forward
+        self.reduce_every_micro_batch = reduce_every_micro_batch
 
     def wrap(self, model: Any) -> nn.Module:
         raise NotImplementedError
@@ -261,12 +267,18 @@ class FSDP2Strategy(Strategy):
         # forward; backward needs them at once, so they stay gathered (resharding them frees storage the head's
         # backward still reads).
         fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+        log.info("fsdp2 over %d ranks: %s", self.info.world_size, "gradients reduce-scattered every micro-batch, accumulated "
+                 "as shards" if self.reduce_every_micro_batch else "whole FP32 gradients accumulated over a step's "
+                 "micro-batches, reduce-scattered at its last (fsdp.reduce_every_micro_batch=false)")  # fmt: skip
         return model
 
     @contextlib.contextmanager
     def sync_gradients(self, model, enabled: bool):
+        """Every micro-batch's gradients are reduce-scattered and accumulated as shards unless
+        fsdp.reduce_every_micro_batch=false, which skips the collective until the step's last micro-batch and keeps
+        whole FP32 gradients on every rank meanwhile (FSDP2's set_requires_gradient_sync)."""
         if self.shards:
-            model.set_requires_gradient_sync(enabled)
+            model.set_requires_gradient_sync(enabled or self.reduce_every_micro_batch)
         yield
 
 
@@ -311,6 +323,10 @@ class MegatronFSDPStrategy(Strategy):
             "fsdp.fp32_master_weights": (
                 not cfg.fsdp.fp32_master_weights,
                 ("false: Megatron-FSDP here keeps FP32 parameters (BF16 compute under autocast); use train_fsdp2.py"),
+            ),
+            "fsdp.reduce_every_micro_batch": (
+                not cfg.fsdp.reduce_every_micro_batch,
+                "false: Megatron-FSDP with sharded gradients reduce-scatters every micro-batch; use train_fsdp2.py",
             ),
             "use_torch_compile": (cfg.use_torch_compile, "true: compiled layers under Megatron-FSDP's hooks are not supported"),
             "checkpoint.async_save": (

@@ -413,7 +413,11 @@ def run(cfg: DictConfig, strategy_name: str) -> None:
     if info.device.type == "cpu":
         set_cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), cfg.dataset.num_workers)
     strategy = STRATEGIES[strategy_name](
-        info, compute_dtype(cfg, info.device), cfg.fsdp.fp32_master_weights, cfg.fsdp.reshard_after_forward
+        info,
+        compute_dtype(cfg, info.device),
+        cfg.fsdp.fp32_master_weights,
+        cfg.fsdp.reshard_after_forward,
+        cfg.fsdp.reduce_every_micro_batch,
     )
     try:
         fit(cfg, strategy)

@@ -33,6 +33,7 @@ def config(tmp_path, *overrides):
         (CUDA, "hf", [], "model.backend=hf"),
         (CUDA, "te", ["quantized_model_init=true"], "quantized_model_init=true"),
         (CUDA, "te", ["fsdp.fp32_master_weights=false"], "fsdp.fp32_master_weights=false"),
+        (CUDA, "te", ["fsdp.reduce_every_micro_batch=false"], "fsdp.reduce_every_micro_batch=false"),
         (CUDA, "torch", ["use_torch_compile=true"], "use_torch_compile=true"),
         (CUDA, "te", ["checkpoint.async_save=true"], "checkpoint.async_save=true"),
     ],
