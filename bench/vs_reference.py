@@ -32,6 +32,7 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -325,16 +326,17 @@ def placements(gpus: list, repeats: int) -> list[tuple]:
 
 def median_result(runs: list[dict]) -> dict:
     """One side's result over its repeats: the median rate of the runs that finished, the largest peak, every rate."""
-    done = [r for r in runs if "tokens_per_s" in r]
-    if not done:
-        return runs[0] if len(runs) == 1 else {"error": "; ".join(str(r.get("error")) for r in runs)}
     if len(runs) == 1:
         return runs[0]
-    rates = sorted(r["tokens_per_s"] for r in done)
-    mid = len(rates) // 2
-    median = rates[mid] if len(rates) % 2 else (rates[mid - 1] + rates[mid]) / 2
-    return {"tokens_per_s": median, "peak_gib": max(r["peak_gib"] for r in done), "timed_steps": done[0]["timed_steps"],
-            "runs": [r.get("tokens_per_s", r.get("error")) for r in runs]}  # fmt: skip
+    done = [r for r in runs if "tokens_per_s" in r]
+    if not done:
+        return {"error": "; ".join(str(r.get("error")) for r in runs)}
+    return {
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in done),
+        "peak_gib": max(r["peak_gib"] for r in done),
+        "timed_steps": done[0]["timed_steps"],
+        "runs": [r.get("tokens_per_s", r.get("error")) for r in runs],
+    }
 
 
 def main() -> None:

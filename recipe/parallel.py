@@ -187,11 +187,12 @@ class Strategy:
         grad-scale protocol (`optimizer.grad_scale`), which the fused kernel applies as it reads each gradient (and
         writes the clipped gradient back). The same update to within float rounding, one read of the gradients
         fewer."""
-        if optimizer is not None and optimizer_applies_grad_scale(optimizer):
-            optimizer.grad_scale = None
+        folds = optimizer_applies_grad_scale(optimizer)
+        if folds:
+            optimizer.grad_scale = None  # this step's divisor, if any, is set below
         params = [p for p in model.parameters() if p.grad is not None]
         grads = [p.grad for p in params]
-        if not max_norm or not optimizer_applies_grad_scale(optimizer) or any(hasattr(g, "to_local") for g in grads):
+        if not max_norm or not folds or any(hasattr(g, "to_local") for g in grads):
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
             return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         norm = torch.nn.utils.get_total_norm(grads, foreach=True)

@@ -22,8 +22,6 @@ interpreter, on the CPU (tests/test_fused_kernels.py).
 from __future__ import annotations
 
 import functools
-import importlib
-import sys
 from typing import Any
 
 import torch
@@ -59,9 +57,8 @@ class _LayerNorm(torch.autograd.Function):
 
 @functools.cache
 def _layer_norm_kernels() -> tuple[Any, Any]:
-    """The Triton LayerNorm kernels (layernorm_triton.py), reloaded after a cache_clear (as `_gelu_kernel`)."""
-    name = "recipe.model.layernorm_triton"
-    module = importlib.reload(sys.modules[name]) if name in sys.modules else importlib.import_module(name)
+    """The Triton LayerNorm kernels (layernorm_triton.py)."""
+    module = rope_kernel.kernel_module("recipe.model.layernorm_triton")
     return module.layer_norm_fwd, module.layer_norm_bwd
 
 
@@ -75,7 +72,9 @@ LN_BWD_WARPS = 4
 
 def _ln_blocks(hidden: int) -> tuple[int, int]:
     """(BLOCK_H, BLOCK_R): a row's lanes (a power of two) and the rows of one tile, about 4096 elements a tile."""
-    block_h = triton_next_pow2(hidden)
+    import triton
+
+    block_h = triton.next_power_of_2(hidden)
     return block_h, max(1, 4096 // block_h)
 
 
@@ -153,10 +152,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 
 @functools.cache
 def _gelu_kernel() -> Any:
-    """The Triton kernel (gelu_triton.py), reloaded after a cache_clear so that TRITON_INTERPRET takes effect."""
-    name = "recipe.model.gelu_triton"
-    module = importlib.reload(sys.modules[name]) if name in sys.modules else importlib.import_module(name)
-    return module.gelu_bwd_bias
+    """The Triton kernel of the GELU backward (gelu_triton.py)."""
+    return rope_kernel.kernel_module("recipe.model.gelu_triton").gelu_bwd_bias
 
 
 def gelu_backward_and_bias(grad: torch.Tensor, pre: torch.Tensor, rows: int = 512) -> torch.Tensor:
@@ -169,15 +166,13 @@ def gelu_backward_and_bias(grad: torch.Tensor, pre: torch.Tensor, rows: int = 51
     if rows % 32:
         raise ValueError(f"rows={rows} must be a multiple of the kernel's 32-row tiles")
     num_tokens, features = grad.shape
-    block_f = min(128, triton_next_pow2(features))
+    import triton
+
+    block_f = min(128, triton.next_power_of_2(features))
     partial = torch.empty(-(-num_tokens // rows), features, device=grad.device, dtype=torch.float32)
     grid = (partial.shape[0], -(-features // block_f))
     _gelu_kernel()[grid](grad, pre, partial, num_tokens, F=features, ROWS=rows, BLOCK_T=32, BLOCK_F=block_f)
     return partial.sum(0)
-
-
-def triton_next_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
 
 
 class _GeluMLP(torch.autograd.Function):

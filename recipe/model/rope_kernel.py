@@ -34,21 +34,28 @@ def available() -> bool:
     return True
 
 
-@functools.cache
-def _kernels() -> tuple[Any, Any]:
-    """The forward and backward kernels. Reloaded after a cache_clear, so that a change of TRITON_INTERPRET (read when
-    Triton decorates a kernel) takes effect."""
+def kernel_module(name: str) -> Any:
+    """The Triton kernel module `name`, imported, or reloaded if it was: Triton reads TRITON_INTERPRET when it
+    decorates a kernel, so each module's cached loader, cleared and called again, takes a change of it into effect
+    (the CPU tests' interpreter)."""
     import importlib
     import sys
 
-    name = "recipe.model.rope_triton"
-    module = importlib.reload(sys.modules[name]) if name in sys.modules else importlib.import_module(name)
+    return importlib.reload(sys.modules[name]) if name in sys.modules else importlib.import_module(name)
+
+
+@functools.cache
+def _kernels() -> tuple[Any, Any]:
+    """The forward and backward kernels (rope_triton.py)."""
+    module = kernel_module("recipe.model.rope_triton")
     return module.rope_qkv_fwd, module.rope_qkv_bwd
 
 
 def _blocks(head_dim: int) -> tuple[int, int]:
     """(BLOCK_J, BLOCK_T): a half-head's lanes (a power of two) and the tokens of one tile (4096 elements a tile)."""
-    block_j = 1 << (head_dim // 2 - 1).bit_length()
+    import triton
+
+    block_j = triton.next_power_of_2(head_dim // 2)
     return block_j, max(1, 4096 // block_j)
 
 
