@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call that checks a tree before it lands: the side-by-side table against NVIDIA's recipe (theirs on GPU 0,
 # ours on GPU 1; ROWS, default "8M 150M 650M 650M_fp8"; ROWS=none skips it), then the multi-GPU tests and the single-GPU tests
-# (SINGLE_K selects among them; default all but the 300-step FP8-vs-BF16 run). With 4 GPUs the tests run on GPUs 2-3
+# (SINGLE_K and MULTI_K select among them; default all but the 300-step FP8-vs-BF16 run). With 4 GPUs the tests run on GPUs 2-3
 # beside the table; LEVERS=FILE (a bench/device_levers.sh queue) then runs on GPU 2 beside the single-GPU tests on GPU 3,
 # before the multi-GPU tests. REPEATS=N runs each side of the table N times (medians, the sides trading GPUs). Stops
 # starting work at DEADLINE_S (default 540 s). Results in $OUT: side.txt,
@@ -12,14 +12,14 @@ W=/tmp/check; mkdir -p $W; OUT=${OUT:-/tmp/out}; mkdir -p $OUT; T0=$(date +%s); 
 left() { echo $(( DEADLINE - ($(date +%s) - T0) )); }
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tee $W/gpus.txt
 NG=$(nvidia-smi -L | wc -l)
-SINGLE_K=${SINGLE_K:-not l1_8m_fp8}
+SINGLE_K=${SINGLE_K:-not l1_8m_fp8}; MULTI_K=${MULTI_K:-}
 single() {  # single GPU
   [ "$(left)" -gt 60 ] && CUDA_VISIBLE_DEVICES=$1 timeout $(left) python -m pytest -m gpu -s -q -p no:cacheprovider \
-    -k "$SINGLE_K" tests/test_gpu.py tests/test_model.py 2>&1 | grep -v -i warn > $W/gpu_single.txt
+    -k "$SINGLE_K" tests/test_gpu.py tests/test_model.py 2>&1 | grep -v -E "Warning:|warn\(" > $W/gpu_single.txt
 }
 multi() {  # multi GPUS
   [ "$(left)" -gt 60 ] && CUDA_VISIBLE_DEVICES=$1 timeout $(left) python -m pytest -m gpu -s -q -p no:cacheprovider \
-    tests/test_gpu_multi.py 2>&1 | grep -v -i warn > $W/gpu_multi.txt
+    -k "$MULTI_K" tests/test_gpu_multi.py 2>&1 | grep -v -E "Warning:|warn\(" > $W/gpu_multi.txt
 }
 tests() {  # tests GPUS (two)
   local gpus=$1

@@ -173,6 +173,7 @@ if rank == 0:
     allidx = torch.cat(out)
     allidx = allidx[allidx >= 0].sort().values
     print("COVER", len(store), len(allidx), bool(torch.equal(allidx, torch.arange(len(store)))))
+dist.barrier()  # no rank tears down gloo while the other still uses it (it aborts)
 dist.destroy_process_group()
 """
 

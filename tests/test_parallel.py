@@ -95,7 +95,12 @@ for reduce_every in (True, False):
     grads[reduce_every] = ([p.grad.to_local().clone() for p in model.parameters()], whole[0])
 (sharded, kept_a), (deferred, kept_b) = grads[True], grads[False]
 same = all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(sharded, deferred))
-print("ACCUM", rank, kept_a, kept_b, same)
+results = [None, None]
+dist.all_gather_object(results, (rank, kept_a, kept_b, same))
+if rank == 0:  # one process prints: two printing at once can interleave their lines
+    for r in results:
+        print("ACCUM", *r, flush=True)
+dist.barrier()  # no rank tears down gloo while the other still uses it (it aborts)
 dist.destroy_process_group()
 """
 
