@@ -140,8 +140,10 @@ class OptimizerConfig:
     weight_decay: float = checked(0.01, "[0, inf)")  # decoupled (AdamW) weight decay of the matrices
     # Kinds without weight decay: bias, norm (LayerNorm weights), embedding.
     no_decay: list[str] = checked(["bias", "norm"], words=("bias", "norm", "embedding"))
-    # Fused AdamW kernel: auto (on cuda), true, false. Any: a bool or the word auto (OmegaConf has no such Union).
-    fused: Any = checked("auto", words=("auto",), kind=bool)
+    # AdamW's update: triton = one Triton launch per parameter group (FP32 CUDA parameters; optim.TritonAdamW), true =
+    # torch's fused kernel, false = torch's foreach; auto = triton on CUDA for whole (unsharded) FP32 parameters,
+    # else true; false on the CPU. Any: a bool or a word (OmegaConf has no such Union).
+    fused: Any = checked("auto", words=("auto", "triton"), kind=bool)
 
 
 @dataclass

@@ -150,6 +150,7 @@ class Strategy:
     meta_init = False
     own_checkpoints = False  # its checkpoints resume under this strategy only (DDP's and FSDP2's resume under either)
     load_before_wrap = False  # model.init_from goes into the plain module before `wrap` (it cannot go into the wrapped one)
+    triton_adamw = True  # optimizer.fused=triton can update its parameters (optim.TritonAdamW)
 
     def __init__(
         self,
@@ -182,20 +183,23 @@ class Strategy:
     def clip_grad_norm(self, model: Any, max_norm: float | None, optimizer: Any = None) -> torch.Tensor:
         """Clip the gradients to `max_norm` (None: no clipping) and return their total L2 norm before clipping.
 
-        Where `optimizer` is torch's fused Adam/AdamW and the gradients are plain tensors, the clip is not a pass
-        over every gradient of its own: the coefficient's reciprocal goes to the update as the divisor of the AMP
-        grad-scale protocol (`optimizer.grad_scale`), which the fused kernel applies as it reads each gradient (and
-        writes the clipped gradient back). The same update to within float rounding, one read of the gradients
-        fewer."""
-        folds = optimizer_applies_grad_scale(optimizer)
-        if folds:
-            optimizer.grad_scale = None  # this step's divisor, if any, is set below
+        Where `optimizer` applies a grad scale (`optimizer_applies_grad_scale`), the clip is not a pass over every
+        gradient of its own: the coefficient's reciprocal goes to the update as the divisor of the AMP grad-scale
+        protocol (`optimizer.grad_scale`), which the update applies as it reads each gradient (torch's fused kernel
+        also writes the clipped gradient back; TritonAdamW leaves the gradients unclipped). The same update to within
+        float rounding, one read of the gradients fewer."""
         params = [p for p in model.parameters() if p.grad is not None]
         grads = [p.grad for p in params]
-        if not max_norm or not folds or any(hasattr(g, "to_local") for g in grads):
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
+        folds = optimizer_applies_grad_scale(optimizer, grads)
+        if folds:
+            optimizer.grad_scale = None  # this step's divisor, if any, is set below
+        if max_norm and not folds:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
             return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        if not max_norm:
+            return norm
         # 1 / clip_grad_norm_'s clamped coefficient, in FP32 whatever the gradients' dtype (the fused kernel reads a float)
         optimizer.grad_scale = ((norm.float() + 1e-6) / max_norm).clamp(min=1.0)
         return norm
@@ -207,11 +211,19 @@ class Strategy:
         return get_state_dict(model, optimizer)
 
     def set_state_dict(self, model: Any, optimizer, model_sd: dict, optim_sd: dict) -> None:
+        """Load in place. The optimizer keeps the implementation this run's config chose (`optimizer.fused`): torch's
+        load takes a parameter group's `fused` and `foreach` flags from the checkpoint, which a run with another
+        setting wrote."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
+        chosen = [{k: g[k] for k in IMPLEMENTATION_KEYS if k in g} for g in optimizer.param_groups]
         set_state_dict(
             model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=StateDictOptions(strict=False)
         )
+        for group, keys in zip(optimizer.param_groups, chosen, strict=True):
+            group.update(keys)
+        if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+            place_step_counts(optimizer)
 
     def full_state_dict(self, model: Any) -> dict:
         """The whole model's weights on the CPU, for the Hugging Face export (a collective; rank 0 uses them)."""
@@ -220,9 +232,30 @@ class Strategy:
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def optimizer_applies_grad_scale(optimizer: Any) -> bool:
-    """Whether `optimizer.step()` divides every gradient by `optimizer.grad_scale` (torch's fused Adam and AdamW)."""
-    return isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and bool(optimizer.defaults.get("fused"))
+IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")  # how torch's AdamW runs, not its state
+
+
+def place_step_counts(optimizer: torch.optim.Optimizer) -> None:
+    """Put each parameter's `step` count where its group's kernel reads it: on the parameter's device for the fused
+    or capturable kernels, else on the CPU (torch's load places it by the checkpoint's flags; the foreach kernel would
+    read a GPU count back every step, the fused one cannot read a CPU count)."""
+    for group in optimizer.param_groups:
+        device = None if group.get("fused") or group.get("capturable") else torch.device("cpu")
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].to(device or p.device, torch.float32)
+
+
+def optimizer_applies_grad_scale(optimizer: Any, grads: list[torch.Tensor]) -> bool:
+    """Whether `optimizer.step()` divides each of these gradients by `optimizer.grad_scale`: TritonAdamW always;
+    torch's fused Adam and AdamW for plain tensors (not DTensors)."""
+    from recipe.optim import TritonAdamW
+
+    if isinstance(optimizer, TritonAdamW):
+        return True
+    fused = isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and bool(optimizer.defaults.get("fused"))
+    return fused and not any(hasattr(g, "to_local") for g in grads)
 
 
 class DDPStrategy(Strategy):
@@ -295,6 +328,7 @@ class MegatronFSDPStrategy(Strategy):
     name = "mfsdp"
     load_before_wrap = True
     own_checkpoints = True
+    triton_adamw = False  # its wrapped optimizer swaps in its own gradient buffers
 
     def check(self, cfg, backend: str) -> None:
         device = self.info.device.type

@@ -20,7 +20,7 @@ import os
 import sys
 from contextlib import nullcontext
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -38,7 +38,7 @@ from recipe.model.convert import export_hf
 from recipe.model.esm import IGNORE_INDEX
 from recipe.model.flops import batch_flops
 from recipe.model.hf import HFBackendError
-from recipe.optim import build_optimizer, scheduled_lr, set_lr
+from recipe.optim import build_optimizer, describe_optimizer, scheduled_lr, set_lr
 from recipe.parallel import (
     STRATEGIES,
     ContextParallelError,
@@ -184,12 +184,11 @@ def _fit(cfg: DictConfig, strategy: Strategy):
     model = build(cfg, strategy, mcfg, plan, recipes)
     if stats is not None:
         stats.name_layers(unwrap(model))
-    optimizer = build_optimizer(
-        model, cfg.optimizer, cfg.lr_scheduler, cfg.num_train_steps, info.device, cfg.quantized_model_init
-    )
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr_scheduler, cfg.num_train_steps, info.device,
+                                cfg.quantized_model_init, strategy.triton_adamw)  # fmt: skip
     optimizer = strategy.wrap_optimizer(model, optimizer)
     data = build_data(cfg, info)
-    log_start(cfg, mcfg, plan, model, strategy)
+    log_start(cfg, mcfg, plan, model, strategy, optimizer)
 
     # The components: each owns its schedule. A resume restores the TrainState, weights, optimizer, data and RNG.
     expect = resume_expectations(cfg, info, mcfg, data.settings, plan)
@@ -343,9 +342,10 @@ def write_run_config(cfg: DictConfig, info: DistInfo) -> None:
         (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
 
-def log_start(cfg: DictConfig, mcfg: EsmConfig, plan, model, strategy: Strategy) -> None:
+def log_start(cfg: DictConfig, mcfg: EsmConfig, plan, model, strategy: Strategy, optimizer: Any) -> None:
     info = strategy.info
     log.info("layer precision: %s", plan.describe())
+    log.info("optimizer: %s (optimizer.fused=%s)", describe_optimizer(optimizer), cfg.optimizer.fused)
     log.info(
         "model: %s, backend %s, %s, %.1fM parameters; strategy %s over %d ranks (dp %d x cp %d), compute %s",
         model_name(cfg, mcfg),

@@ -100,9 +100,10 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def interpreted(monkeypatch):
     """Our Triton kernels through Triton's interpreter (CPU tensors): each kernel module is loaded again under it,
     and again after the test, so that no kernel defined for one mode runs in the other."""
+    from recipe import optim
     from recipe.model import fused_kernels, rope_kernel
 
-    caches = (rope_kernel._kernels, fused_kernels._gelu_kernel, fused_kernels._layer_norm_kernels)
+    caches = (rope_kernel._kernels, fused_kernels._gelu_kernel, fused_kernels._layer_norm_kernels, optim._adamw_kernel)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     for cache in caches:
         cache.cache_clear()

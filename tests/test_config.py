@@ -45,7 +45,7 @@ def load(name="L0_sanity", *overrides, out="/tmp/esm-config-test"):
         (["optimizer.betas=[0.9,1.5]"], r"optimizer.betas=\[0.9, 1.5\] must be a list of 2 items, each a number in \[0, 1\)"),
         (["optimizer.betas=[0.9]"], r"optimizer.betas=\[0.9\] must be a list of 2 items"),
         (["optimizer.no_decay=[bias,LayerNorm]"], r"optimizer.no_decay=\['bias', 'LayerNorm'\] must be a list, each item one of"),
-        (["optimizer.fused=maybe"], r"optimizer.fused='maybe' must be true or false or one of \('auto',\)"),
+        (["optimizer.fused=maybe"], r"optimizer.fused='maybe' must be true or false or one of \('auto', 'triton'\)"),
         (["dataset.cluster_sampling=2"], r"dataset.cluster_sampling=2 must be true or false or one of \('auto',\)"),
         (["peak_tflops_per_gpu=abc"], r"peak_tflops_per_gpu='abc' must be a number > 0 or one of \('auto',\) or null"),
         (["peak_tflops_per_gpu=0"], r"peak_tflops_per_gpu=0 must be a number > 0"),
