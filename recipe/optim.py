@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from recipe.config import LRSchedulerConfig, OptimizerConfig
+from recipe.config import ConfigError, LRSchedulerConfig, OptimizerConfig
 from recipe.model.layers import param_kind
 
 
@@ -183,7 +183,7 @@ def build_optimizer(
     betas = (float(settings.betas[0]), float(settings.betas[1]))
     if master_weights:
         if settings.fused == "triton":
-            raise ValueError("optimizer.fused=triton cannot keep the FP32 master copies that quantized_model_init needs "
+            raise ConfigError("optimizer.fused=triton cannot keep the FP32 master copies that quantized_model_init needs "
                              "(TransformerEngine's FusedAdam does): use optimizer.fused=auto")  # fmt: skip
         from transformer_engine.pytorch.optimizers import FusedAdam
 
@@ -208,7 +208,7 @@ def adamw_kind(fused: Any, device: torch.device, model: nn.Module, triton_ok: bo
                "BF16 parameters (fsdp.fp32_master_weights=false)" if not fp32 else
                "this install (Triton does not import)" if not rope_kernel.available() else None)  # fmt: skip
         if why:
-            raise ValueError(f"optimizer.fused=triton is not available on {why}: use optimizer.fused=true or auto")
+            raise ConfigError(f"optimizer.fused=triton is not available on {why}: use optimizer.fused=true or auto")
         return "triton"
     if fused != "auto":
         return "fused" if fused else "foreach"

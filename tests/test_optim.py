@@ -5,6 +5,7 @@ tests/test_gpu.py::test_triton_adamw_matches_fused_adamw."""
 import pytest
 import torch
 
+from recipe.config import ConfigError
 from recipe.model import rope_kernel
 from recipe.optim import TritonAdamW, adamw_kind
 from recipe.parallel import IMPLEMENTATION_KEYS, DDPStrategy, DistInfo
@@ -134,11 +135,12 @@ def test_triton_adamw_state_dict_is_torch_adamws(interpreted):
     ],
 )
 def test_adamw_kind(fused, device, dtype, triton_ok, expected, monkeypatch):
-    """What optimizer.fused gives; triton where it cannot run is refused with the reason, never swapped for another."""
+    """What optimizer.fused gives; triton where it cannot run is refused with the reason (a ConfigError: the
+    entrypoint prints it as one line), never swapped for another."""
     monkeypatch.setattr(rope_kernel, "available", lambda: True)
     model = torch.nn.Linear(4, 4).to(dtype)
     if expected in ("the CPU", "this strategy", "BF16 parameters"):
-        with pytest.raises(ValueError, match=f"optimizer.fused=triton is not available on {expected}"):
+        with pytest.raises(ConfigError, match=f"optimizer.fused=triton is not available on {expected}"):
             adamw_kind(fused, torch.device(device), model, triton_ok)
     else:
         assert adamw_kind(fused, torch.device(device), model, triton_ok) == expected
@@ -168,7 +170,7 @@ def test_triton_refused_with_quantized_model_init():
     from recipe.config import LRSchedulerConfig, OptimizerConfig
     from recipe.optim import build_optimizer
 
-    with pytest.raises(ValueError, match="optimizer.fused=triton cannot keep the FP32 master copies"):
+    with pytest.raises(ConfigError, match="optimizer.fused=triton cannot keep the FP32 master copies"):
         build_optimizer(torch.nn.Linear(4, 4), OptimizerConfig(fused="triton"), LRSchedulerConfig(), 10,
                         torch.device("cuda"), master_weights=True)  # fmt: skip
 
