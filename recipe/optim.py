@@ -15,6 +15,7 @@ from torch import nn
 
 from recipe.config import ConfigError, LRSchedulerConfig, OptimizerConfig
 from recipe.model.layers import param_kind
+from recipe.parallel import local_tensor
 
 
 def lr_at(step: int, peak: float, warmup: int, total: int, decay_end_fraction: float = 0.9, min_ratio: float = 0.1) -> float:
@@ -58,11 +59,6 @@ def _adamw_kernel() -> Any:
     return rope_kernel.kernel_module("recipe.adamw_triton").adamw_step
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The tensor a kernel writes: a DTensor's local shard, else the tensor."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 def _grad(p: torch.Tensor) -> torch.Tensor:
     assert p.grad is not None  # the step skips parameters without one
     return p.grad
@@ -97,7 +93,7 @@ class TritonAdamW(torch.optim.AdamW):
 
     def _step_group(self, group: dict, params: list[torch.Tensor]) -> None:
         states = [self._state(p) for p in params]
-        rows = [[_local(t) for t in (p, _grad(p), s["exp_avg"], s["exp_avg_sq"])] for p, s in zip(params, states)]
+        rows = [[local_tensor(t) for t in (p, _grad(p), s["exp_avg"], s["exp_avg_sq"])] for p, s in zip(params, states)]
         for row in rows:  # checked before any state changes
             if row[0].device != rows[0][0].device or any(not t.is_contiguous() or t.numel() != row[0].numel() for t in row):
                 raise ValueError("TritonAdamW: parameters, gradients and moments must be contiguous, of one size, on one device")

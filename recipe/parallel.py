@@ -232,6 +232,11 @@ class Strategy:
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of `t`: a DTensor's local shard (a view of its storage), else `t` itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")  # how torch's AdamW runs, not its state
 
 
@@ -426,9 +431,7 @@ class MegatronFSDPStrategy(Strategy):
         all ranks. (torch's clip_grad_norm_ on these unevenly sharded DTensors is avoided: NVIDIA's recipe reports
         it hanging under multi-process Megatron-FSDP.) The clip is a pass of its own here: `optimizer` is not used."""
         with torch.no_grad():
-            grads = [
-                p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in model.parameters() if p.grad is not None
-            ]
+            grads = [local_tensor(p.grad) for p in model.parameters() if p.grad is not None]
             squares = torch.zeros((), device=self.info.device, dtype=torch.float32)
             for g in grads:
                 squares += g.float().pow(2).sum()
