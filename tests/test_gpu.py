@@ -661,3 +661,24 @@ def test_triton_adamw_matches_fused_adamw():
     print(f"\n  TritonAdamW against torch's fused AdamW, 3 steps: largest relative parameter difference {worst:.2e}")
     for a, b in zip(runs["triton"], runs["fused"]):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA needed")
+def test_weight_gradients_keep_the_gemms_fp32_accumulator():
+    """Under BF16 autocast an FP32 weight's gradient comes from the GEMM's FP32 accumulator (layers.weight_grad,
+    `torch.mm(..., out_dtype=float32)`), not from the product rounded to BF16 and cast: against float64 its error is
+    that of FP32 accumulation, far below BF16 rounding's."""
+    from recipe.model import layers
+
+    torch.manual_seed(0)
+    x = torch.randn(4096, 1280, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn(4096, 5120, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(5120, 1280, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = layers.linear(x, w, None)
+    y.backward(g)
+    exact = g.double().t() @ x.double()
+    ours, rounded = rel_err(w.grad, exact), rel_err((g.t() @ x).float(), exact)
+    print(f"\n  weight gradient against float64: {ours:.1e} (BF16-rounded product: {rounded:.1e})")
+    assert w.grad.dtype == torch.float32
+    assert ours < rounded / 20

@@ -201,8 +201,9 @@ def test_layer_norm_under_autocast_keeps_no_fp32_copies(device, param_dtype):
 @pytest.mark.parametrize("shape", [(96, 64), (3, 32, 64)])  # packed [T, h] and padded [B, S, h] inputs
 def test_linear_under_autocast_keeps_no_weight_copy(device, shape):
     """`layers.linear` with fp32 weights under bf16 autocast gives autocast's F.linear bit for bit (output and every
-    gradient) but keeps no bf16 copy of the weight for backward: the memory of a whole model's weights in bf16 (what
-    training unsharded costs against FSDP2, docs/benchmarks.md lever 21)."""
+    gradient; on CUDA the weight's gradient is the GEMM's FP32 accumulator, not its BF16 rounding: close, not equal)
+    but keeps no bf16 copy of the weight for backward: the memory of a whole model's weights in bf16 (what training
+    unsharded costs against FSDP2, docs/benchmarks.md lever 21)."""
     from recipe.model.layers import linear
 
     gen = torch.Generator().manual_seed(0)
@@ -223,8 +224,12 @@ def test_linear_under_autocast_keeps_no_weight_copy(device, shape):
         grads = torch.autograd.grad((y.float() * torch.linspace(-1, 1, y.numel(), device=device).view_as(y)).sum(), (x, w, b))
         results.append((y, *grads))
     assert len(weight_copies[0]) == 1 and weight_copies[1] == []  # autocast keeps one; ours none
-    for ours, ref in zip(results[1], results[0]):
-        assert ours.dtype == ref.dtype and torch.equal(ours, ref)
+    for i, (ours, ref) in enumerate(zip(results[1], results[0])):
+        assert ours.dtype == ref.dtype
+        if i == 2 and device == "cuda":  # layers.weight_grad
+            assert ((ours - ref).norm() / ref.norm()).item() < 1e-2
+        else:
+            assert torch.equal(ours, ref)
 
 
 def test_compiled_layers_match_eager():

@@ -200,7 +200,7 @@ class _GeluMLP(torch.autograd.Function):
         needs, features = ctx.needs_input_grad, pre.shape[-1]
         dy = grad.reshape(-1, grad.shape[-1]).to(ctx.dtype)
         act2 = act.view(-1, features)
-        grad_w2 = (dy.t() @ act2).to(w2.dtype) if needs[3] else None
+        grad_w2 = layers.weight_grad(dy, act2, w2.dtype) if needs[3] else None
         grad_b2 = dy.sum(0).to(ctx.bias_dtypes[1]) if needs[4] else None
         dact = torch.matmul(dy, w2.to(ctx.dtype), out=act2)  # over fc2's input, which nothing needs any more
         grad_b1 = gelu_backward_and_bias(dact, pre.view(-1, features))

@@ -106,7 +106,8 @@ class _LinearRecastInBackward(torch.autograd.Function):
     """`F.linear` in `dtype` with a weight of another dtype (fp32 master weights under autocast), keeping the weight
     itself for backward and casting it again there, instead of keeping the cast copy that autocast's F.linear holds
     until backward (2 bytes per parameter of the whole model, alive for the whole step). The arithmetic is autocast's:
-    the same casts, the same bf16 GEMMs, gradients cast back to the parameters' dtype."""
+    the same casts, the same bf16 GEMMs, gradients in the parameters' dtype (on CUDA the weight's straight from the
+    GEMM's FP32 accumulator, `weight_grad`)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, dtype):
@@ -142,8 +143,17 @@ def linear_grads(g2: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, dtype:
     compute them: GEMMs in `dtype` (the weight cast again), the weight's gradient in the weight's dtype; None where
     `needs` (ctx.needs_input_grad for x, weight) says no gradient is wanted."""
     grad_x = (g2 @ weight.to(dtype)).view_as(x) if needs[0] else None
-    grad_w = (g2.t() @ x.reshape(-1, x.shape[-1])).to(weight.dtype) if needs[1] else None
+    grad_w = weight_grad(g2, x.reshape(-1, x.shape[-1]), weight.dtype) if needs[1] else None
     return grad_x, grad_w
+
+
+def weight_grad(g2: torch.Tensor, x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`g2^T x2` in `dtype`. On CUDA, for BF16/FP16 inputs and an FP32 weight, the GEMM writes its FP32 accumulator
+    directly (`out_dtype`), where the product rounded to the inputs' dtype and then cast would add a pass over
+    every weight gradient and round it."""
+    if g2.is_cuda and dtype == torch.float32 and g2.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(g2.t(), x2, out_dtype=torch.float32)
+    return (g2.t() @ x2).to(dtype)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
