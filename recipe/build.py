@@ -244,7 +244,10 @@ def build_data(cfg: DictConfig, info: DistInfo) -> Data:
             cluster = "ur50_id" in train_store.clusters or bool(getattr(train_store, "manifest", {}).get("clusters"))
         train = MLMBatches(train_store, settings, info.dp_rank, info.dp_size, train=True, cluster_sampling=bool(cluster))
         summary = train_store.summary()
-    loader = make_loader(train, d.num_workers, d.pin_memory and info.device.type == "cuda", d.prefetch_factor)
+    prefetch, why = config_lib.prefetch_factor(cfg)
+    if d.prefetch_factor == "auto" and d.num_workers > 0:
+        log.info("dataset.prefetch_factor=auto picked %d: %s", prefetch, why)
+    loader = make_loader(train, d.num_workers, d.pin_memory and info.device.type == "cuda", prefetch)
     val = None
     if d.val_path is not None:
         val_store = load_sequences(d.val_path, d.format, d.column, split="validation")

@@ -122,7 +122,10 @@ class DatasetConfig:
     mask_prob: float = checked(0.15, "(0, 1)")  # MLM: share of residues selected (80 % <mask>, 10 % random, 10 % kept)
     num_workers: int = checked(1, "[0, inf)")  # loader worker processes (0 = in the training process)
     pin_memory: bool = True  # pinned host memory + non-blocking copies (cuda only)
-    prefetch_factor: int = checked(4, "[1, inf)")  # batches each worker prepares ahead
+    # Batches each worker prepares ahead. auto: enough for two optimizer steps' micro-batches (2 x grad_acc_steps)
+    # over the workers, at least 4, so that a step's batches are ready when it starts (the step takes them all before
+    # its first forward; the pick is logged).
+    prefetch_factor: Any = checked("auto", "[1, inf)", words=("auto",), kind=int)
 
 
 @dataclass
@@ -267,6 +270,10 @@ class TrainConfig:
     # Any: a number, the word auto or null (OmegaConf has no Union of float and str).
     peak_tflops_per_gpu: Any = checked("auto", "(0, inf)", words=("auto",), kind=float, null=True)
     detect_anomaly: bool = True  # stop on a non-finite loss or gradient, naming the step, before anything is written
+    # >0: Python's garbage collector runs every this many steps, while the host waits for the GPU, instead of whenever
+    # its allocation counters say (a pause of the host at any point of a step); what set-up built is frozen out of it.
+    # 0: Python's automatic collection.
+    gc_every_n_steps: int = checked(50, "[0, inf)")
     # Context parallelism: ranks that share each sequence (te backend, GPUs); divides the world size.
     cp_size: int = checked(1, "[1, inf)")
     # TE context-parallel communication: p2p (ring, overlapped with compute), all_gather, a2a.
@@ -437,6 +444,21 @@ def pad_multiple(cfg: DictConfig) -> tuple[int, str]:
     if token_budget(cfg) % BLOCK_SCALING_TILE:
         return PAD_MULTIPLE, f"the token budget {token_budget(cfg)} is not a multiple of {BLOCK_SCALING_TILE}"
     return BLOCK_SCALING_TILE, "FP8 block scaling quantizes whole 128-token tiles fastest"
+
+
+MIN_PREFETCH = 4  # batches per worker: torch's DataLoader default is 2, more costs nothing at our batch sizes
+
+
+def prefetch_factor(cfg: DictConfig) -> tuple[int, str]:
+    """dataset.prefetch_factor as a number, and why (for the log when it was `auto`). A step fetches its
+    grad_acc_steps micro-batches before its first forward: with fewer in flight, the GPU waits while the workers
+    make the rest (docs/benchmarks.md, lever 47). Two steps' worth keeps the workers busy while the host takes one."""
+    given = cfg.dataset.prefetch_factor
+    if given != "auto":
+        return int(given), "set"
+    workers = max(1, cfg.dataset.num_workers)
+    per_worker = max(MIN_PREFETCH, -(-2 * cfg.grad_acc_steps // workers))
+    return per_worker, f"2 x grad_acc_steps={cfg.grad_acc_steps} micro-batches over {workers} worker(s)"
 
 
 def validate(cfg: DictConfig) -> None:

@@ -404,3 +404,23 @@ def test_pad_multiple_auto_is_resolved_logged_and_saved(caplog, tmp_path):
         resolved_model_config(cfg, info)
     assert cfg.dataset.pad_to_multiple_of == 16
     assert "dataset.pad_to_multiple_of=auto picked 16: no FP8 block scaling" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "overrides, factor, why",
+    [
+        (["grad_acc_steps=16", "dataset.num_workers=1"], 32, "2 x grad_acc_steps=16 micro-batches over 1 worker"),
+        (["grad_acc_steps=16", "dataset.num_workers=3"], 11, "over 3 worker"),
+        (["grad_acc_steps=1", "dataset.num_workers=1"], 4, "2 x grad_acc_steps=1"),
+        (["grad_acc_steps=16", "dataset.num_workers=0"], 32, "over 1 worker"),  # unused without workers
+        (["grad_acc_steps=16", "dataset.prefetch_factor=2"], 2, "set"),
+    ],
+)
+def test_prefetch_factor_auto_covers_two_steps_of_micro_batches(overrides, factor, why):
+    """dataset.prefetch_factor=auto: a step takes all its micro-batches before its first forward, so the workers
+    keep two steps' worth in flight (at least 4 each); with torch's fixed 4 per worker, a 16-micro-batch step
+    waited on the workers for 12 of them (docs/benchmarks.md, lever 47). An explicit value is kept."""
+    from recipe.config import prefetch_factor
+
+    got, reason = prefetch_factor(load("L0_sanity", *overrides))
+    assert got == factor and why in reason
