@@ -14,11 +14,13 @@ gradient), then clip. The loop checks for non-finite values before it updates.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
 import sys
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -61,6 +63,36 @@ log = logging.getLogger("recipe")
 
 class NonFiniteError(RuntimeError):
     pass
+
+
+class GarbageCollection:
+    """Python's garbage collector on the loop's schedule (`every_n_steps` > 0): set-up's objects (the model, the
+    data, imported modules) are frozen out of every later collection, automatic collection is off, and `step`
+    collects every n steps at the point where the host waits for the GPU anyway. Left automatic, a collection
+    starts whenever allocations pass its threshold, mid-step, and stalls the host that feeds the GPU."""
+
+    def __init__(self, every_n_steps: int):
+        self.every = every_n_steps
+        if self.every:
+            gc.collect()
+            gc.freeze()
+            gc.disable()
+
+    def step(self, step: int) -> None:
+        if self.every and step % self.every == 0:
+            gc.collect()
+
+    @staticmethod
+    @contextmanager
+    def restored() -> Iterator[None]:
+        """Python's collector as it was before the run, however the run ends."""
+        enabled = gc.isenabled()
+        try:
+            yield
+        finally:
+            gc.unfreeze()
+            if enabled:
+                gc.enable()
 
 
 # ====================================================================================== one step
@@ -163,7 +195,7 @@ def fit(cfg: DictConfig, strategy: Strategy):
     """Train as `cfg` says; returns the (wrapped) model. The output directory is this run's alone while it runs,
     and a fresh run never mixes with another's outputs (recipe/run_dir.py)."""
     config_lib.validate(cfg)
-    with run_dir.claim(cfg, strategy.info):
+    with run_dir.claim(cfg, strategy.info), GarbageCollection.restored():
         try:
             return _fit(cfg, strategy)
         finally:
@@ -214,6 +246,7 @@ def _fit(cfg: DictConfig, strategy: Strategy):
     model.train()
 
     counts, counter, readback = StepCounts(0, 0, 0, 0, 0, 0), StepCounter(info.device), HostReadback(info.device, 2)
+    collector = GarbageCollection(cfg.gc_every_n_steps)
     while state.step < cfg.num_train_steps:
         # The step's micro-batches: the data position counts what reaches the model; then this rank's CP share.
         batches = [next(train_iter) for _ in range(cfg.grad_acc_steps)]
@@ -231,6 +264,7 @@ def _fit(cfg: DictConfig, strategy: Strategy):
             check_finite(loss_v, norm_v, state.step + 1)
         optimizer.step()  # without the check above, queued before the host waits for the loss
         optimizer.zero_grad(set_to_none=True)
+        collector.step(state.step + 1)  # while the GPU runs the step's tail
         loss_v, norm_v = readback.get()
 
         # Count it, then whatever the schedules ask for at this step.

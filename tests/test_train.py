@@ -458,19 +458,3 @@ def test_a_second_run_in_a_running_runs_directory_is_refused(tmp_path):
         _, err = first.communicate(timeout=120)
     assert first.returncode == 0, err[-3000:]
     assert "preemption signal: checkpoint saved" in err
-
-
-def test_step_counter_returns_each_steps_counts_through_its_reused_buffers():
-    """The counts come back as they went up, step after step (the buffers are reused), and the device tensor that
-    `start` returns holds them too (the loss denominator is read from it). On CPU; the pinned, non-blocking path is
-    exercised by the GPU runs."""
-    import torch
-
-    from recipe.train import StepCounter, StepCounts
-
-    counter = StepCounter(torch.device("cpu"))
-    for step in range(3):
-        local = [10.0 + step, 100.0, 1e12 * (step + 1), 5.0, 0.0, float(step == 2)]
-        summed = counter.start(local)
-        assert summed.tolist() == local
-        assert counter.result() == StepCounts(*local)
