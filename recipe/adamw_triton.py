@@ -13,16 +13,22 @@ import triton.language as tl
 # from the compiler; offsets from an argument keep it, so ALIGNED launches load and store four floats at a time).
 # The arithmetic is torch's fused AdamW's, in fp32 and in its order, with IEEE division and square root: the gradient
 # divided by the clip divisor (HAS_SCALE), decoupled weight decay (DECAY), both moments, then the bias-corrected step.
+# With HAS_INF, a non-zero `found_inf` (the step's loss or gradient norm is not finite) masks every load and store:
+# the update skips itself on the GPU, and the host, which checks after queuing it, stops the run.
 
 
 @triton.jit
-def adamw_step(base, table, numels, first, blocks, scale, lr, beta1, beta2, eps, weight_decay, step_size, bc2_sqrt,
-               HAS_SCALE: tl.constexpr, DECAY: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+def adamw_step(base, table, numels, first, blocks, scale, found_inf, lr, beta1, beta2, eps, weight_decay, step_size,
+               bc2_sqrt, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, DECAY: tl.constexpr, ALIGNED: tl.constexpr,
+               BLOCK: tl.constexpr):  # fmt: skip
     pid = tl.program_id(0)
     VEC: tl.constexpr = 4 if ALIGNED else 1  # offsets and sizes of ALIGNED tensors: multiples of 4 elements
     t = tl.load(blocks + pid)
     offsets = tl.multiple_of((pid - tl.load(first + t)) * BLOCK, BLOCK) + tl.arange(0, BLOCK)
-    mask = offsets < tl.multiple_of(tl.load(numels + t), VEC)
+    numel = tl.load(numels + t)
+    if HAS_INF:  # no element of any tensor when the flag is set
+        numel = numel * (tl.load(found_inf) == 0).to(numel.dtype)
+    mask = offsets < tl.multiple_of(numel, VEC)
     param = base + tl.multiple_of(tl.load(table + 4 * t), VEC) + offsets
     grad = base + tl.multiple_of(tl.load(table + 4 * t + 1), VEC) + offsets
     exp_avg = base + tl.multiple_of(tl.load(table + 4 * t + 2), VEC) + offsets

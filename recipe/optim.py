@@ -72,6 +72,8 @@ class TritonAdamW(torch.optim.AdamW):
     step reads the four and writes three, nothing else; `grad_scale` divides the gradient as it is read and the
     gradients are left as they were (unclipped). The same arithmetic as torch's fused kernel in fp32 (IEEE division
     and square root); the state (`step` on the CPU, `exp_avg`, `exp_avg_sq`) and its checkpoints are torch AdamW's.
+    A non-zero `found_inf` (the AMP protocol's name; `guard_update` sets it) skips the update on the GPU; only the
+    host's step counts advance, and the loop stops the run before anything is written.
     Every parameter and gradient must be FP32 and contiguous, on one device (a DTensor's local shard counts)."""
 
     BLOCK, WARPS = 2048, 8  # elements per program, warps per program (bench/adamw_kernels.py)
@@ -79,6 +81,7 @@ class TritonAdamW(torch.optim.AdamW):
     def __init__(self, params: Any, lr: float, betas: tuple[float, float], eps: float, weight_decay: float = 0.01):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=False, fused=False)
         self.grad_scale: torch.Tensor | None = None
+        self.found_inf: torch.Tensor | None = None
         self._layouts: dict[tuple, tuple] = {}  # tensor sizes -> their programs' layout on the device
         self._offsets: dict[tuple, tuple] = {}  # (aligned, sizes) -> (base and addresses, offsets on the device)
 
@@ -108,10 +111,11 @@ class TritonAdamW(torch.optim.AdamW):
         for step, tensors in by_step.items():
             scalars = (lr, beta1, beta2, group["eps"], decay, lr / (1 - beta1**step), math.sqrt(1 - beta2**step))
             for aligned, base, table, numels, first, blocks in self._launches(tensors):
-                kernel[(blocks.numel(),)](base, table, numels, first, blocks, base if self.grad_scale is None
-                                          else self.grad_scale, *scalars, HAS_SCALE=self.grad_scale is not None,
-                                          DECAY=decay != 0, ALIGNED=aligned, BLOCK=self.BLOCK,
-                                          num_warps=self.WARPS)  # fmt: skip
+                scale, found_inf = self.grad_scale, self.found_inf
+                kernel[(blocks.numel(),)](base, table, numels, first, blocks, base if scale is None else scale,
+                                          base if found_inf is None else found_inf, *scalars,
+                                          HAS_SCALE=scale is not None, HAS_INF=found_inf is not None, DECAY=decay != 0,
+                                          ALIGNED=aligned, BLOCK=self.BLOCK, num_warps=self.WARPS)  # fmt: skip
 
     def _state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
@@ -212,6 +216,17 @@ def adamw_kind(fused: Any, device: torch.device, model: nn.Module, triton_ok: bo
         return "foreach"
     sharded = any(hasattr(p, "to_local") for p in params)  # the gain was measured on whole parameters (docs/benchmarks.md)
     return "triton" if triton_ok and fp32 and not sharded and rope_kernel.available() else "fused"
+
+
+def guard_update(optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+    """Give an optimizer that can skip its own update on the GPU (TritonAdamW) this step's flag, non-zero when the
+    loss or the gradient norm is not finite, and return True; False for the others, whose update must wait for the
+    host's check. With the flag the host queues the update first and checks after: it does not wait for the
+    backward to finish before it can queue the update and the next step (docs/benchmarks.md, lever 49)."""
+    if not isinstance(optimizer, TritonAdamW):
+        return False
+    optimizer.found_inf = (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float()
+    return True
 
 
 def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:

@@ -9,7 +9,8 @@ the model is parallelised in recipe/parallel.py.
 One optimizer step (`train_step`): `grad_acc_steps` micro-batches, their labelled tokens counted on the CPU and
 all-reduced once with the step's other counters (`StepCounter`), then forward/backward on each with the loss scaled to
 a token-weighted mean over the whole global step (so DDP, FSDP2, any world size and any accumulation give the same
-gradient), then clip. The loop checks for non-finite values before it updates.
+gradient), then clip. The loop checks for non-finite values before anything is written: before the update, or right
+after queuing it where the optimizer skips a non-finite step on the GPU itself (optim.guard_update).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from recipe.model.convert import export_hf
 from recipe.model.esm import IGNORE_INDEX
 from recipe.model.flops import batch_flops
 from recipe.model.hf import HFBackendError
-from recipe.optim import build_optimizer, describe_optimizer, scheduled_lr, set_lr
+from recipe.optim import build_optimizer, describe_optimizer, guard_update, scheduled_lr, set_lr
 from recipe.parallel import (
     STRATEGIES,
     ContextParallelError,
@@ -259,13 +260,16 @@ def _fit(cfg: DictConfig, strategy: Strategy):
         set_lr(optimizer, lr)
         loss, grad_norm = train_step(model, strategy, batches, reduced[0].clamp(min=1).float(), amp, cfg.max_grad_norm, optimizer)
         readback.send(torch.stack([loss, grad_norm.float()]))
-        if cfg.detect_anomaly:  # the update waits for the check
+        checked_on_gpu = cfg.detect_anomaly and guard_update(optimizer, loss, grad_norm)  # a non-finite step skips itself
+        if cfg.detect_anomaly and not checked_on_gpu:  # the update waits for the host's check
             loss_v, norm_v = readback.get()
             check_finite(loss_v, norm_v, state.step + 1)
-        optimizer.step()  # without the check above, queued before the host waits for the loss
+        optimizer.step()  # unless the check above ran, queued before the host waits for the loss
         optimizer.zero_grad(set_to_none=True)
         collector.step(state.step + 1)  # while the GPU runs the step's tail
         loss_v, norm_v = readback.get()
+        if checked_on_gpu:
+            check_finite(loss_v, norm_v, state.step + 1)
 
         # Count it, then whatever the schedules ask for at this step.
         counts = counter.result()

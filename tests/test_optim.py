@@ -189,3 +189,34 @@ def test_step_counts_placed_for_the_configured_kernel():
     place_step_counts(opt)
     assert opt.state[params[0]]["step"].device.type == "meta"
     assert opt.state[params[1]]["step"].device.type == "cpu"
+
+
+@needs_triton
+@pytest.mark.parametrize("loss, norm, skipped", [(2.0, 1.0, False), (float("nan"), 1.0, True), (2.0, float("inf"), True)])
+def test_triton_adamw_skips_a_non_finite_step_on_the_device(interpreted, loss, norm, skipped):
+    """guard_update gives TritonAdamW the step's flag: with a non-finite loss or gradient norm the update writes
+    nothing (parameters and moments as they were), with finite ones it is the same update as without the flag.
+    torch's AdamW takes no flag: guard_update says so and its update waits for the host's check."""
+    from recipe.optim import guard_update
+
+    flagged, plain = parameters(), parameters()
+    opts = [TritonAdamW(groups(ps), lr=1e-2, betas=(0.9, 0.98), eps=1e-8) for ps in (flagged, plain)]
+    for step in range(2):
+        torch.manual_seed(step)
+        grads = [torch.randn_like(p) for p in flagged]
+        for ps in (flagged, plain):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+        before = [p.detach().clone() for p in flagged]
+        moments = [{k: v.clone() for k, v in opts[0].state[p].items() if k != "step"} for p in flagged if opts[0].state[p]]
+        last = step == 1
+        assert guard_update(opts[0], torch.tensor(loss if last else 1.0), torch.tensor(norm if last else 1.0))
+        opts[0].step()
+        opts[1].step()
+        if last and skipped:
+            assert all(torch.equal(p.detach(), b) for p, b in zip(flagged, before))
+            for p, m in zip(flagged, moments):
+                assert all(torch.equal(opts[0].state[p][k], v) for k, v in m.items())
+        else:
+            assert all(torch.equal(a.detach(), b.detach()) for a, b in zip(flagged, plain))
+    assert not guard_update(torch.optim.AdamW(parameters(), lr=1e-2), torch.tensor(float("nan")), torch.tensor(1.0))
