@@ -1,0 +1,151 @@
+"""Exact packed (THD) attention through our own Triton kernels (attention_triton.py): each token attends to every
+token of its own sequence (bidirectional, no dropout), the sequences given by cumulative lengths as for
+`torch.nn.attention.varlen.varlen_attn`.
+
+Why: at ESM-2's small head dims (16, 24, 32) FA2's Hopper kernels pad the head dim to 32 and run 128x128 tiles, and
+attention is most of the torch backend's step at the small sizes; these kernels pad only to the next power of two
+and take their block sizes as launch settings (bench/attention_kernels.py --sweep times them). The CPU tests run
+them through Triton's interpreter (tests/test_attention_triton.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from recipe.model import rope_kernel
+
+
+class Launch(NamedTuple):
+    """One kernel's launch settings: query rows and keys per tile, warps and pipeline stages per program."""
+
+    block_m: int = 64
+    block_n: int = 64
+    warps: int = 4
+    stages: int = 2
+
+
+FORWARD = Launch()  # until the H200 sweep picks others
+BACKWARD = Launch()
+DELTA_ROWS = 64  # tokens per program of the delta = rowsum(dO * O) preprocess
+
+
+@functools.cache
+def _kernels() -> Any:
+    """The kernel module (attention_triton.py), loaded so that TRITON_INTERPRET applies (rope_kernel.kernel_module)."""
+    return rope_kernel.kernel_module("recipe.model.attention_triton")
+
+
+def _head_block(head_dim: int) -> int:
+    """The head dim padded to a power of two and at least 16 (tl.dot's smallest operand)."""
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
+def _grid_rows(num_tokens: int, num_seqs: int, block: int) -> int:
+    """An upper bound on the blocks of `block` rows over all sequences: each sequence leaves at most one block part
+    filled (the kernels find their block from cu_seqlens and return past the last)."""
+    return -(-num_tokens // block) + num_seqs
+
+
+def _seq_lanes(num_seqs: int) -> int:
+    return max(16, 1 << max(0, num_seqs - 1).bit_length())
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get full-precision dot products (the tests' tight check), not TF32."""
+    return "ieee" if dtype == torch.float32 else "ieee"
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x [T, H, D] with unit stride along D (the kernels take the token and head strides)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def attention_forward(q, k, v, cu_seqlens, scale: float, launch: Launch = FORWARD) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [T, H, D] in q's dtype, lse [H, T] fp32, natural log) of packed attention."""
+    num_tokens, heads, head_dim = q.shape
+    num_seqs = cu_seqlens.numel() - 1
+    out = torch.empty(num_tokens, heads, head_dim, device=q.device, dtype=q.dtype)
+    lse = torch.empty(heads, num_tokens, device=q.device, dtype=torch.float32)
+    rows = _grid_rows(num_tokens, num_seqs, launch.block_m)
+    if num_tokens and rows:
+        _kernels().attn_fwd[(rows, heads)](
+            q, k, v, out, lse, cu_seqlens, num_seqs, num_tokens, scale * math.log2(math.e),
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+            D=head_dim, BLOCK_D=_head_block(head_dim), BLOCK_M=launch.block_m, BLOCK_N=launch.block_n,
+            SEQS=_seq_lanes(num_seqs), PRECISION=_precision(q.dtype), num_warps=launch.warps, num_stages=launch.stages,
+        )  # fmt: skip
+    return out, lse
+
+
+def attention_backward(do, q, k, v, out, lse, cu_seqlens, scale: float, launch: Launch = BACKWARD):
+    """(dq, dk, dv) [T, H, D] in q's dtype: the delta preprocess, then dK/dV per key block (launch.block_n keys,
+    looping over blocks of launch.block_m queries) and dQ per query block (looping over key blocks)."""
+    num_tokens, heads, head_dim = q.shape
+    num_seqs = cu_seqlens.numel() - 1
+    dq, dk, dv = (torch.empty(num_tokens, heads, head_dim, device=q.device, dtype=q.dtype) for _ in range(3))
+    if not num_tokens:
+        return dq, dk, dv
+    kernels, block_d = _kernels(), _head_block(head_dim)
+    delta = torch.empty_like(lse)
+    kernels.attn_bwd_delta[(-(-num_tokens // DELTA_ROWS), heads)](
+        out, do, delta, num_tokens, out.stride(0), out.stride(1), do.stride(0), do.stride(1),
+        D=head_dim, BLOCK_D=block_d, BLOCK_T=DELTA_ROWS,
+    )  # fmt: skip
+    common = dict(D=head_dim, BLOCK_D=block_d, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, SEQS=_seq_lanes(num_seqs),
+                  PRECISION=_precision(q.dtype), num_warps=launch.warps, num_stages=launch.stages)  # fmt: skip
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
+    qk_scale = scale * math.log2(math.e)
+    kernels.attn_bwd_dkdv[(_grid_rows(num_tokens, num_seqs, launch.block_n), heads)](
+        q, k, v, do, lse, delta, dk, dv, cu_seqlens, num_seqs, num_tokens, scale, qk_scale, *strides,
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), **common,
+    )  # fmt: skip
+    kernels.attn_bwd_dq[(_grid_rows(num_tokens, num_seqs, launch.block_m), heads)](
+        q, k, v, do, lse, delta, dq, cu_seqlens, num_seqs, num_tokens, scale, qk_scale, *strides,
+        dq.stride(0), dq.stride(1), **common,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+class _VarlenAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, scale: float, fwd: Launch, bwd: Launch):
+        q, k, v = _rows(q), _rows(k), _rows(v)
+        out, lse = attention_forward(q, k, v, cu_seqlens, scale, fwd)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+        ctx.scale, ctx.bwd = scale, bwd
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+        dq, dk, dv = attention_backward(_rows(grad), q, k, v, out, lse, cu_seqlens, ctx.scale, ctx.bwd)
+        return dq, dk, dv, None, None, None, None
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
+    if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"varlen_attention: q, k, v must be [T, H, D] of one shape, got {[tuple(x.shape) for x in (q, k, v)]}")
+    if len({q.dtype, k.dtype, v.dtype}) != 1 or q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"varlen_attention: q, k, v must share one of bf16, fp16, fp32, got {(q.dtype, k.dtype, v.dtype)}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 or cu_seqlens.dtype != torch.int32:
+        raise ValueError(f"varlen_attention: cu_seqlens must be int32 [N + 1], got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+
+
+@torch.compiler.disable  # Triton launches torch.compile would only break around
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                     scale: float | None = None, fwd: Launch = FORWARD, bwd: Launch = BACKWARD) -> torch.Tensor:  # fmt: skip
+    """Exact softmax attention of q, k, v [T, H, D] (bf16, fp16 or fp32; unit stride along D, any token and head
+    strides) within each packed sequence of `cu_seqlens` (int32 [N + 1], non-decreasing from 0 to T; empty
+    sequences allowed), scale 1/sqrt(D) by default. Returns [T, H, D] in q's dtype. `max_seqlen` is taken for
+    varlen_attn's signature only: the kernels find each block's sequence from cu_seqlens. `fwd` and `bwd` are the
+    kernels' launch settings."""
+    _check(q, k, v, cu_seqlens)
+    del max_seqlen
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _VarlenAttention.apply(q, k, v, cu_seqlens.contiguous(), scale, Launch(*fwd), Launch(*bwd))
