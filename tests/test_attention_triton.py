@@ -195,3 +195,46 @@ def test_grid_bound_covers_every_block():
             lengths = torch.randint(0, 300, (int(torch.randint(1, 20, (1,), generator=g)),), generator=g).tolist()
             need = sum(math.ceil(n / block) for n in lengths)
             assert attention._grid_rows(sum(lengths), len(lengths), block) >= need
+
+
+def test_bench_launch_settings_parse():
+    """bench/attention_kernels.py: --fwd/--bwd take the settings as the BEST line prints them, and the sweep covers
+    block sizes 64 and 128, 4 and 8 warps, 2 and 3 stages."""
+    import argparse
+
+    from bench import attention_kernels as bench
+
+    launch = attention.Launch(128, 32, 8, 3)
+    assert bench.parse_launch(bench.launch_text(launch)) == launch
+    with pytest.raises(argparse.ArgumentTypeError, match="block_m,block_n,warps,stages"):
+        bench.parse_launch("128,64,4")
+    for backward in (False, True):
+        settings = bench.sweep_launches(backward)
+        assert len(set(settings)) == len(settings)
+        for field, values in (("block_m", {64, 128}), ("warps", {4, 8}), ("stages", {2, 3})):
+            assert {getattr(x, field) for x in settings} == values
+        assert {x.block_n for x in settings} >= {64, 128}
+
+
+@needs_triton
+def test_bench_sweep_on_cpu(attn_interpreted, monkeypatch, capsys):
+    """The sweep's host side through the interpreter: every setting runs and is compared with the reference (FA2's
+    place; here per-sequence PyTorch attention, so the printed differences are float rounding), and the BEST line
+    names the fastest setting of each pass (times given: the second forward, the first backward setting)."""
+    from bench import attention_kernels as bench
+
+    def torch_reference(q, k, v, cu, m):
+        return reference(q, k, v, cu, q.shape[-1] ** -0.5)[0]
+
+    settings = [attention.Launch(16, 16, 4, 2), attention.Launch(32, 16, 4, 3)]
+    times = iter([2e-3, 1e-3, 1e-3, 3e-3])
+    monkeypatch.setattr(bench, "kernels_flash2", lambda: torch_reference)
+    monkeypatch.setattr(bench, "sweep_launches", lambda backward: settings)
+    monkeypatch.setattr(bench, "timed_seconds", lambda step, batches: [step(b) for b in batches] and next(times))
+    q, k, v, grad = inputs(PACKINGS["several"], 2, 24, torch.float32)
+    for x in (q, k, v):
+        x.requires_grad_()
+    line = bench.sweep("8M", (q, k, v, cu_seqlens(PACKINGS["several"]), 70, grad), iters=1)
+    assert line == "BEST size=8M fwd=32,16,4,3 (1.000 ms) bwd=16,16,4,2 (1.000 ms)"
+    diffs = [float(x.split("max diff from FA2 ")[1].rstrip(")")) for x in capsys.readouterr().out.splitlines()]
+    assert len(diffs) == 4 and max(diffs) < 1e-4

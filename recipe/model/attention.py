@@ -21,7 +21,9 @@ from recipe.model import rope_kernel
 
 
 class Launch(NamedTuple):
-    """One kernel's launch settings: query rows and keys per tile, warps and pipeline stages per program."""
+    """One pass's launch settings: the rows of a program's own block (`block_m`: queries in the forward and dQ, keys
+    in dK/dV), the rows of each tile its loop runs over (`block_n`: keys, or queries in dK/dV), warps and pipeline
+    stages per program."""
 
     block_m: int = 64
     block_n: int = 64
@@ -29,8 +31,8 @@ class Launch(NamedTuple):
     stages: int = 2
 
 
-FORWARD = Launch()  # until the H200 sweep picks others
-BACKWARD = Launch()
+FORWARD = Launch(64, 64, 4, 2)  # until bench/attention_kernels.py --sweep on the H200 picks others
+BACKWARD = Launch(64, 32, 4, 2)
 DELTA_ROWS = 64  # tokens per program of the delta = rowsum(dO * O) preprocess
 
 
@@ -83,8 +85,9 @@ def attention_forward(q, k, v, cu_seqlens, scale: float, launch: Launch = FORWAR
 
 
 def attention_backward(do, q, k, v, out, lse, cu_seqlens, scale: float, launch: Launch = BACKWARD):
-    """(dq, dk, dv) [T, H, D] in q's dtype: the delta preprocess, then dK/dV per key block (launch.block_n keys,
-    looping over blocks of launch.block_m queries) and dQ per query block (looping over key blocks)."""
+    """(dq, dk, dv) [T, H, D] in q's dtype: the delta preprocess, then dK/dV per block of launch.block_m keys,
+    looping over tiles of launch.block_n queries, and dQ per block of launch.block_m queries, looping over tiles of
+    launch.block_n keys."""
     num_tokens, heads, head_dim = q.shape
     num_seqs = cu_seqlens.numel() - 1
     dq, dk, dv = (torch.empty(num_tokens, heads, head_dim, device=q.device, dtype=q.dtype) for _ in range(3))
@@ -96,17 +99,18 @@ def attention_backward(do, q, k, v, out, lse, cu_seqlens, scale: float, launch: 
         out, do, delta, num_tokens, out.stride(0), out.stride(1), do.stride(0), do.stride(1),
         D=head_dim, BLOCK_D=block_d, BLOCK_T=DELTA_ROWS,
     )  # fmt: skip
-    common = dict(D=head_dim, BLOCK_D=block_d, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, SEQS=_seq_lanes(num_seqs),
-                  PRECISION=_precision(q.dtype), num_warps=launch.warps, num_stages=launch.stages)  # fmt: skip
+    common = dict(D=head_dim, BLOCK_D=block_d, SEQS=_seq_lanes(num_seqs), PRECISION=_precision(q.dtype),
+                  num_warps=launch.warps, num_stages=launch.stages)  # fmt: skip
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
     qk_scale = scale * math.log2(math.e)
-    kernels.attn_bwd_dkdv[(_grid_rows(num_tokens, num_seqs, launch.block_n), heads)](
+    grid = (_grid_rows(num_tokens, num_seqs, launch.block_m), heads)
+    kernels.attn_bwd_dkdv[grid](
         q, k, v, do, lse, delta, dk, dv, cu_seqlens, num_seqs, num_tokens, scale, qk_scale, *strides,
-        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), **common,
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), BLOCK_N=launch.block_m, BLOCK_M=launch.block_n, **common,
     )  # fmt: skip
-    kernels.attn_bwd_dq[(_grid_rows(num_tokens, num_seqs, launch.block_m), heads)](
+    kernels.attn_bwd_dq[grid](
         q, k, v, do, lse, delta, dq, cu_seqlens, num_seqs, num_tokens, scale, qk_scale, *strides,
-        dq.stride(0), dq.stride(1), **common,
+        dq.stride(0), dq.stride(1), BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, **common,
     )  # fmt: skip
     return dq, dk, dv
 

@@ -80,11 +80,11 @@ def _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, n0, length, stride_kt, stride_vt
 
 
 @triton.jit
-def attn_fwd(Q, K, V, O, LSE, CU, num_seqs, num_tokens, qk_scale,
+def attn_fwd(Q, K, V, OUT, LSE, CU, num_seqs, num_tokens, qk_scale,
              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
              D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              SEQS: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
-    """O [T, H, D] and LSE [H, T] (natural log) of one query block of one sequence and head. qk_scale is the softmax
+    """OUT [T, H, D] and LSE [H, T] (natural log) of one query block of one sequence and head. qk_scale is the softmax
     scale times log2(e)."""
     head = tl.program_id(1)
     seq, m0, bos, length = _find_block(CU, tl.program_id(0), num_seqs, BLOCK_M, SEQS)
@@ -111,13 +111,13 @@ def attn_fwd(Q, K, V, O, LSE, CU, num_seqs, num_tokens, qk_scale,
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, full, length, stride_kt, stride_vt, qk_scale, offs_n,
                                   mask_d, True, PRECISION)  # fmt: skip
     out = acc / l_i[:, None]
-    tl.store(O + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :], out.to(O.dtype.element_ty),
+    tl.store(OUT + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :], out.to(OUT.dtype.element_ty),
              mask=mask_m[:, None] & mask_d[None, :])  # fmt: skip
     tl.store(LSE + head * num_tokens + bos + offs_m, (m_i + tl.math.log2(l_i)) / 1.4426950408889634, mask=mask_m)
 
 
 @triton.jit
-def attn_bwd_delta(O, DO, DELTA, num_tokens, stride_ot, stride_oh, stride_dot, stride_doh,
+def attn_bwd_delta(OUT, DO, DELTA, num_tokens, stride_ot, stride_oh, stride_dot, stride_doh,
                    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
     """DELTA [H, T] = rowsum(dO * O) in fp32: the softmax backward's per-row term, computed once for both backward
     kernels."""
@@ -126,7 +126,7 @@ def attn_bwd_delta(O, DO, DELTA, num_tokens, stride_ot, stride_oh, stride_dot, s
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_t < num_tokens)[:, None] & (offs_d < D)[None, :]
     rows = offs_t.to(tl.int64)[:, None]
-    o = tl.load(O + rows * stride_ot + head * stride_oh + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(OUT + rows * stride_ot + head * stride_oh + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
     do = tl.load(DO + rows * stride_dot + head * stride_doh + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(DELTA + head * num_tokens + offs_t, tl.reduce(o * do, 1, _add), mask=offs_t < num_tokens)
 
