@@ -183,6 +183,8 @@ def test_bad_inputs_raise():
         attention.varlen_attention(q, q, q, torch.tensor([0, 4]), 4)
     with pytest.raises(ValueError, match="one shape"):
         attention.varlen_attention(q, q, q[:, :1], torch.tensor([0, 4], dtype=torch.int32), 4)
+    with pytest.raises(ValueError, match="scale must be positive"):
+        attention.varlen_attention(q, q, q, torch.tensor([0, 4], dtype=torch.int32), 4, scale=-1.0)
     with pytest.raises(TypeError, match="bf16, fp16, fp32"):
         attention.varlen_attention(q.double(), q.double(), q.double(), torch.tensor([0, 4], dtype=torch.int32), 4)
 

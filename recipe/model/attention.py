@@ -144,12 +144,14 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.
 @torch.compiler.disable  # Triton launches torch.compile would only break around
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                      scale: float | None = None, fwd: Launch = FORWARD, bwd: Launch = BACKWARD) -> torch.Tensor:  # fmt: skip
-    """Exact softmax attention of q, k, v [T, H, D] (bf16, fp16 or fp32; unit stride along D, any token and head
-    strides) within each packed sequence of `cu_seqlens` (int32 [N + 1], non-decreasing from 0 to T; empty
-    sequences allowed), scale 1/sqrt(D) by default. Returns [T, H, D] in q's dtype. `max_seqlen` is taken for
-    varlen_attn's signature only: the kernels find each block's sequence from cu_seqlens. `fwd` and `bwd` are the
-    kernels' launch settings."""
+    """Exact softmax attention of q, k, v [T, H, D] (bf16, fp16 or fp32; any token and head strides, copied where
+    D's stride is not 1) within each packed sequence of `cu_seqlens` (int32 [N + 1], non-decreasing from 0 to T;
+    empty sequences allowed), with a positive scale, 1/sqrt(D) by default. Returns [T, H, D] in q's dtype.
+    `max_seqlen` is taken for varlen_attn's signature only: the kernels find each block's sequence from cu_seqlens.
+    `fwd` and `bwd` are the kernels' launch settings."""
     _check(q, k, v, cu_seqlens)
     del max_seqlen
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not scale > 0:  # the forward takes the row max of unscaled scores
+        raise ValueError(f"varlen_attention: the softmax scale must be positive, got {scale}")
     return _VarlenAttention.apply(q, k, v, cu_seqlens.contiguous(), scale, Launch(*fwd), Launch(*bwd))

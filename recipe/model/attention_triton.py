@@ -68,11 +68,11 @@ def _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, n0, length, stride_kt, stride_vt
     else:
         k = tl.load(k_ptrs + n0 * stride_kt, mask=mask_d[None, :], other=0.0)
         v = tl.load(v_ptrs + n0 * stride_vt, mask=mask_d[None, :], other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # unscaled: the scale goes into exp2's argument (one FMA)
     if MASK_N:
         s = tl.where(ok[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.reduce(s, 1, _maximum))
-    p = tl.math.exp2(s - m_new[:, None])
+    m_new = tl.maximum(m_i, tl.reduce(s, 1, _maximum) * qk_scale)  # qk_scale > 0: the max commutes with it
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.reduce(p, 1, _add)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
