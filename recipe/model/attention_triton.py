@@ -15,6 +15,9 @@ host synchronisation, where a table built on the device would be extra launches 
 a (cdiv(max_seqlen, BLOCK), N, H) grid would start mostly empty programs for batches of short sequences. Programs
 past the last block (at most N per head) return at once.
 
+Recompiles: a kernel is compiled per head dim, launch setting and power-of-two bucket of the sequence count (SEQS);
+the token and sequence counts are not specialised on (do_not_specialize), so packed batches of other sizes reuse it.
+
 Numerics: scores, softmax statistics and all accumulators in fp32; P (and dS) are rounded to the input dtype only as
 operands of the second dot product of each pair, as flash attention does. The log-sum-exp is saved in natural-log
 units [H, T].
@@ -79,7 +82,7 @@ def _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, n0, length, stride_kt, stride_vt
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs", "num_tokens"])
 def attn_fwd(Q, K, V, OUT, LSE, CU, num_seqs, num_tokens, qk_scale,
              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
              D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -116,7 +119,7 @@ def attn_fwd(Q, K, V, OUT, LSE, CU, num_seqs, num_tokens, qk_scale,
     tl.store(LSE + head * num_tokens + bos + offs_m, (m_i + tl.math.log2(l_i)) / 1.4426950408889634, mask=mask_m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])
 def attn_bwd_delta(OUT, DO, DELTA, num_tokens, stride_ot, stride_oh, stride_dot, stride_doh,
                    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
     """DELTA [H, T] = rowsum(dO * O) in fp32: the softmax backward's per-row term, computed once for both backward
@@ -131,7 +134,7 @@ def attn_bwd_delta(OUT, DO, DELTA, num_tokens, stride_ot, stride_oh, stride_dot,
     tl.store(DELTA + head * num_tokens + offs_t, tl.reduce(o * do, 1, _add), mask=offs_t < num_tokens)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs", "num_tokens"])
 def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU, num_seqs, num_tokens, sm_scale, qk_scale,
                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                   stride_dkt, stride_dkh, stride_dvt, stride_dvh,
@@ -176,7 +179,7 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU, num_seqs, num_tokens, sm_
     tl.store(DV + keys[:, None] * stride_dvt + head * stride_dvh + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs", "num_tokens"])
 def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU, num_seqs, num_tokens, sm_scale, qk_scale,
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                 stride_dqt, stride_dqh,
