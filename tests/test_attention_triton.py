@@ -157,6 +157,29 @@ def test_scale_and_strided_inputs(attn_interpreted):
     torch.testing.assert_close(strided, dense, rtol=0, atol=0)
 
 
+@needs_triton
+def test_rows_of_far_negative_scores(attn_interpreted):
+    """A query whose scores against every key of its sequence are far below zero (log-sum-exp about -117, so
+    exp(-lse) overflows fp32), in sequences that end inside a tile: its output and dq stay finite and exact (keys
+    past a sequence's end must get P = 0, not exp2(0 - lse))."""
+    lengths, dim = [20, 5], 16
+    g = torch.Generator().manual_seed(0)
+    q, v, do = (torch.randn(sum(lengths), 1, dim, generator=g) for _ in range(3))
+    k = 1 + 0.01 * torch.randn(sum(lengths), 1, dim, generator=g)
+    q[3] = -30.0
+    cu = cu_seqlens(lengths)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = attention.varlen_attention(*leaves, cu, max(lengths), fwd=attention.Launch(16, 16), bwd=attention.Launch(16, 16))
+    out.backward(do)
+    refs = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref_out, ref_lse = reference(*refs, cu, dim**-0.5)
+    ref_out.backward(do)
+    assert ref_lse[0, 3] < -100
+    for got, want in zip([out, *(x.grad for x in leaves)], [ref_out, *(x.grad for x in refs)], strict=True):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def leaky(q, k, v, cu, scale):
     """Attention over the whole packed batch: the mask leak across sequences a wrong kernel could have."""
     return reference(q, k, v, torch.tensor([0, q.shape[0]], dtype=torch.int32), scale)

@@ -143,7 +143,8 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU, num_seqs, num_tokens, sm_
     """dK and dV of one key block (BLOCK_N keys) of one sequence and head, looping over the sequence's query blocks
     (BLOCK_M rows). Works transposed ([keys, queries] tiles) so that P^T is computed once per tile and feeds both
     dV += P^T dO and dS^T = P^T * (dP^T - delta). Query rows past the sequence's end are loaded as zeros with an
-    infinite log-sum-exp, which makes their P exactly zero: no mask on the tiles."""
+    infinite log-sum-exp, which makes their P exactly zero (not exp2(0 - lse), which can overflow): no mask on the
+    tiles. Key rows past the end are computed but not stored, and no other row sums over them."""
     head = tl.program_id(1)
     seq, n0, bos, length = _find_block(CU, tl.program_id(0), num_seqs, BLOCK_N, SEQS)
     if seq >= num_seqs:
@@ -179,6 +180,27 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU, num_seqs, num_tokens, sm_
     tl.store(DV + keys[:, None] * stride_dvt + head * stride_dvh + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
+@triton.jit
+def _dq_tile(dq, q, do, lse, delta, k_ptrs, v_ptrs, n0, length, stride_kt, stride_vt, qk_scale, offs_n, mask_d,
+             MASK_N: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+    """One key tile of dQ += dS K. Keys past the sequence's end (MASK_N, the last tile) load as zeros, and their P
+    is set to zero: exp2(0 - lse) overflows for a row whose scores are all far below zero, and inf times a zero key
+    would be NaN in the row's dQ."""
+    if MASK_N:
+        ok = n0 + offs_n < length
+        k = tl.load(k_ptrs + n0 * stride_kt, mask=ok[:, None] & mask_d[None, :], other=0.0)
+        v = tl.load(v_ptrs + n0 * stride_vt, mask=ok[:, None] & mask_d[None, :], other=0.0)
+    else:
+        k = tl.load(k_ptrs + n0 * stride_kt, mask=mask_d[None, :], other=0.0)
+        v = tl.load(v_ptrs + n0 * stride_vt, mask=mask_d[None, :], other=0.0)
+    p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse[:, None])
+    if MASK_N:
+        p = tl.where(ok[None, :], p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+
 @triton.jit(do_not_specialize=["num_seqs", "num_tokens"])
 def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU, num_seqs, num_tokens, sm_scale, qk_scale,
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
@@ -186,8 +208,7 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU, num_seqs, num_tokens, sm_scale,
                 D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 SEQS: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
     """dQ of one query block (BLOCK_M rows) of one sequence and head, looping over the sequence's key blocks
-    (BLOCK_N keys). Keys past the sequence's end are loaded as zeros: their dS is not zero, but it multiplies a zero
-    key row, so no mask on the tiles."""
+    (BLOCK_N keys); only the last, part-filled key tile masks P (`_dq_tile`)."""
     head = tl.program_id(1)
     seq, m0, bos, length = _find_block(CU, tl.program_id(0), num_seqs, BLOCK_M, SEQS)
     if seq >= num_seqs:
@@ -206,13 +227,12 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU, num_seqs, num_tokens, sm_scale,
     k_ptrs = K + bos.to(tl.int64) * stride_kt + head * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
     v_ptrs = V + bos.to(tl.int64) * stride_vt + head * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
     dq = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
-    for n0 in range(0, length, BLOCK_N):
-        kmask = (n0 + offs_n < length)[:, None] & mask_d[None, :]
-        k = tl.load(k_ptrs + n0 * stride_kt, mask=kmask, other=0.0)
-        v = tl.load(v_ptrs + n0 * stride_vt, mask=kmask, other=0.0)
-        p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    full = length // BLOCK_N * BLOCK_N
+    for n0 in range(0, full, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse, delta, k_ptrs, v_ptrs, n0, length, stride_kt, stride_vt, qk_scale, offs_n, mask_d,
+                      False, PRECISION)  # fmt: skip
+    if full < length:
+        dq = _dq_tile(dq, q, do, lse, delta, k_ptrs, v_ptrs, full, length, stride_kt, stride_vt, qk_scale, offs_n, mask_d,
+                      True, PRECISION)  # fmt: skip
     tl.store(DQ + rows[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=q_mask)  # fmt: skip
