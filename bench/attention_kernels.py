@@ -8,7 +8,7 @@ apart). Forward plus backward of one layer's attention, and the largest differen
 gradients from FA2's.
 
     python bench/attention_kernels.py --data .device/data/swissprot14_train_100k.fasta.xz
-    python bench/attention_kernels.py --data ... --sizes 8M 35M 150M --kernels flash2 flex flex_bs64 flex_pad
+    python bench/attention_kernels.py --data ... --sizes 8M 35M 150M --kernels flash2 flex flex_bs64 flex_pad flex_ranges
 """
 
 from __future__ import annotations
@@ -81,9 +81,15 @@ def kernels(cfg: EsmConfig) -> dict:
 
 # FlexAttention: the packed [T, H, D] tokens as one [1, H, T, D] sequence, each token attending to the tokens of its
 # own packed sequence (bidirectional). Column name: (sparse block size of the BlockMask, pad the head dim to a power
-# of 2). Flex's Triton template takes any head dim (it rounds up inside); flex_pad zero-pads q, k and v instead, to
-# see whether that is faster at head dim 24 (35M), and is skipped where the head dim is a power of 2 already.
-FLEX_VARIANTS = {"flex": (128, False), "flex_bs64": (64, False), "flex_pad": (128, True)}
+# of 2, how the mask is built). Flex's Triton template takes any head dim (it rounds up inside); flex_pad zero-pads
+# q, k and v instead, to see whether that is faster at head dim 24 (35M), and is skipped where the head dim is a
+# power of 2 already. flex_ranges: the same mask as flex, built from block ends instead of create_block_mask.
+FLEX_VARIANTS = {
+    "flex": (128, False, "mask_mod"),
+    "flex_bs64": (64, False, "mask_mod"),
+    "flex_pad": (128, True, "mask_mod"),
+    "flex_ranges": (128, False, "ranges"),
+}
 
 
 def document_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
@@ -103,6 +109,32 @@ def document_block_mask(doc: torch.Tensor, block_size: int = 128) -> BlockMask:
 
     t = doc.numel()
     return create_block_mask(same_document, None, None, t, t, device=doc.device, BLOCK_SIZE=block_size)
+
+
+def document_block_mask_from_ranges(doc: torch.Tensor, block_size: int = 128) -> BlockMask:
+    """The same BlockMask as `document_block_mask`, from block ends alone: documents are contiguous runs of tokens,
+    so two blocks share a document iff their document ranges overlap, and a block pair is full iff both lie in one
+    and the same document (a last, shorter block counts as partial, as create_block_mask has it). Work in blocks²
+    instead of the mask_mod's T², for when building the mask per micro-batch costs."""
+
+    def same_document(b, h, q_idx, kv_idx):
+        return doc[q_idx] == doc[kv_idx]
+
+    t = doc.numel()
+    starts = torch.arange(0, t, block_size, device=doc.device)
+    first, last = doc[starts], doc[(starts + block_size).clamp(max=t) - 1]
+    whole = (first == last) & (starts + block_size <= t)
+    touch = (first[:, None] <= last[None, :]) & (first[None, :] <= last[:, None])
+    full = whole[:, None] & whole[None, :] & (first[:, None] == first[None, :])
+    partial = touch & ~full
+
+    def ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # counts and indices, present first
+        order = torch.sort(blocks.to(torch.int8), dim=-1, descending=True, stable=True).indices
+        return blocks.sum(-1, dtype=torch.int32)[None, None], order.to(torch.int32)[None, None]
+
+    return BlockMask.from_kv_blocks(
+        *ordered(partial), *ordered(full), BLOCK_SIZE=block_size, mask_mod=same_document, seq_lengths=(t, t)
+    )
 
 
 def flex_packed(q, k, v, block_mask: BlockMask, pad_head_dim: bool = False) -> torch.Tensor:
@@ -143,16 +175,19 @@ def flex_kernels(cfg: EsmConfig, cu: torch.Tensor, total: int, names: list[str],
     model would per micro-batch), and per column a note on the mask build, or why a column did not run. flex_packed
     is compiled whole (fullgraph, static shapes), as a model under torch.compile would run it; so is the mask build."""
     attend = torch.compile(flex_packed, fullgraph=True, dynamic=False, mode=mode)
-    build = torch.compile(document_block_mask, fullgraph=True, dynamic=False)
+    builders = {
+        "mask_mod": torch.compile(document_block_mask, fullgraph=True, dynamic=False),
+        "ranges": torch.compile(document_block_mask_from_ranges, fullgraph=True, dynamic=False),
+    }
     fns, notes = {}, {}
     for name in names:
-        block, pad = FLEX_VARIANTS[name]
+        block, pad, builder = FLEX_VARIANTS[name]
         d = cfg.head_dim
         if pad and d & (d - 1) == 0:
             notes[name] = f"(head dim {d} needs no padding: = flex)"
             continue
         try:
-            mask, notes[name] = block_mask_cost(build, cu, total, block, iters)
+            mask, notes[name] = block_mask_cost(builders[builder], cu, total, block, iters)
         except Exception as exc:  # reported in the column, the other kernels still run
             notes[name] = f"mask build fails: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
             torch.cuda.empty_cache()
@@ -213,7 +248,8 @@ def main() -> None:
         f"{torch.cuda.get_device_name()}, torch {torch.__version__}; ms per forward + backward, and in brackets the "
         "largest difference from FA2 of out, dq, dk, dv (random bf16 inputs); flex: compiled, one [1, H, T, D] "
         f"sequence with a document BlockMask (flex_bs64: sparse block 64; flex_pad: head dim zero-padded to a power "
-        f"of 2), compile mode {a.flex_mode or 'default'}, and the mask's build per micro-batch"
+        f"of 2; flex_ranges: mask built from block ends), compile mode {a.flex_mode or 'default'}, and the mask's "
+        "build per micro-batch"
     )
     print("| size | heads × head dim | tokens | " + " | ".join(names) + " |\n|---|---|---|" + "---|" * len(names))
     for size in a.sizes:
