@@ -100,15 +100,20 @@ def document_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     return torch.searchsorted(cu_seqlens[1:], positions, right=True)
 
 
+def same_document(doc: torch.Tensor):
+    """Flex mask_mod: query and key in the same document (bidirectional within it)."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return doc[q_idx] == doc[kv_idx]
+
+    return mask_mod
+
+
 def document_block_mask(doc: torch.Tensor, block_size: int = 128) -> BlockMask:
     """Flex's BlockMask for bidirectional attention within each document of `doc` (from `document_ids`): blocks
     whose queries and keys share no document are skipped, blocks inside one document run without the mask_mod."""
-
-    def same_document(b, h, q_idx, kv_idx):
-        return doc[q_idx] == doc[kv_idx]
-
     t = doc.numel()
-    return create_block_mask(same_document, None, None, t, t, device=doc.device, BLOCK_SIZE=block_size)
+    return create_block_mask(same_document(doc), None, None, t, t, device=doc.device, BLOCK_SIZE=block_size)
 
 
 def document_block_mask_from_ranges(doc: torch.Tensor, block_size: int = 128) -> BlockMask:
@@ -116,10 +121,6 @@ def document_block_mask_from_ranges(doc: torch.Tensor, block_size: int = 128) ->
     so two blocks share a document iff their document ranges overlap, and a block pair is full iff both lie in one
     and the same document (a last, shorter block counts as partial, as create_block_mask has it). Work in blocks²
     instead of the mask_mod's T², for when building the mask per micro-batch costs."""
-
-    def same_document(b, h, q_idx, kv_idx):
-        return doc[q_idx] == doc[kv_idx]
-
     t = doc.numel()
     starts = torch.arange(0, t, block_size, device=doc.device)
     first, last = doc[starts], doc[(starts + block_size).clamp(max=t) - 1]
@@ -133,7 +134,7 @@ def document_block_mask_from_ranges(doc: torch.Tensor, block_size: int = 128) ->
         return blocks.sum(-1, dtype=torch.int32)[None, None], order.to(torch.int32)[None, None]
 
     return BlockMask.from_kv_blocks(
-        *ordered(partial), *ordered(full), BLOCK_SIZE=block_size, mask_mod=same_document, seq_lengths=(t, t)
+        *ordered(partial), *ordered(full), BLOCK_SIZE=block_size, mask_mod=same_document(doc), seq_lengths=(t, t)
     )
 
 
