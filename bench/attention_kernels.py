@@ -1,12 +1,14 @@
 """Packed (THD) attention kernels side by side at each ESM-2 size's head count and head dim, on real Swiss-Prot
-packings: FlashAttention-2 (`torch.nn.attention.varlen.varlen_attn`, what the torch backend runs), our Triton
+packings: FlashAttention-2 (`torch.nn.attention.varlen.varlen_attn`, what the torch backend ran), our Triton
 kernels (`triton`: recipe/model/attention.py, launch settings --fwd and --bwd), TransformerEngine's
-`DotProductAttention` (cuDNN, what the te backend runs), and cuDNN's ragged attention through PyTorch's private ATen
+`DotProductAttention` (cuDNN, what the te backend runs), cuDNN's ragged attention through PyTorch's private ATen
 ops (`aten._cudnn_attention_forward/backward` with cumulative sequence lengths, the path of nested-tensor SDPA;
-`varlen_attn` has it switched off). Forward plus backward of one layer's attention, and the largest difference of
-each kernel's output and gradients from FA2's.
+`varlen_attn` has it switched off), and PyTorch's FlexAttention over the packed tokens as one sequence with a
+document mask (compiled; the block mask's build, once per micro-batch for all layers, timed apart). Forward plus
+backward of one layer's attention, and the largest difference of each kernel's output and gradients from FA2's.
 
     python bench/attention_kernels.py --data .device/data/swissprot14_train_100k.fasta.xz --sizes 8M 35M 150M 650M
+    python bench/attention_kernels.py --data ... --sizes 8M 35M 150M --kernels flash2 triton flex flex_bs64 flex_ranges
 
 --sweep instead times the Triton forward and backward alone at each launch setting of `sweep_launches()` (block
 sizes, warps, stages) on each size's batch, with each setting's largest difference from FA2, and prints the fastest
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -26,6 +29,8 @@ try:  # before any CUDA work (TE loads its cuDNN first)
 except ImportError:
     te = None
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention  # noqa: E402
 
 from bench.throughput import TOKEN_BUDGET, batches_for, timed_seconds  # noqa: E402
 from recipe.data.sources import load_sequences  # noqa: E402
@@ -103,6 +108,127 @@ def kernels(cfg: EsmConfig, fwd: attention.Launch = attention.FORWARD, bwd: atte
     return out
 
 
+# FlexAttention: the packed [T, H, D] tokens as one [1, H, T, D] sequence, each token attending to the tokens of its
+# own packed sequence (bidirectional). Column name: (sparse block size of the BlockMask, pad the head dim to a power
+# of 2, how the mask is built). Flex's Triton template takes any head dim (it rounds up inside); flex_pad zero-pads
+# q, k and v instead, to see whether that is faster at head dim 24 (35M), and is skipped where the head dim is a
+# power of 2 already. flex_ranges: the same mask as flex, built from block ends instead of create_block_mask.
+FLEX_VARIANTS = {
+    "flex": (128, False, "mask_mod"),
+    "flex_bs64": (64, False, "mask_mod"),
+    "flex_pad": (128, True, "mask_mod"),
+    "flex_ranges": (128, False, "ranges"),
+}
+
+
+def document_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Per token of a packed batch of `total` tokens, the index of its sequence in `cu_seqlens`. Tokens past
+    cu_seqlens[-1] (padding to a fixed token count) get one more index, so they attend only among themselves and
+    no real token sees them. Sync-free (no .item()), so it can run ahead of the GPU like the rest of the step."""
+    positions = torch.arange(total, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    return torch.searchsorted(cu_seqlens[1:], positions, right=True)
+
+
+def same_document(doc: torch.Tensor):
+    """Flex mask_mod: query and key in the same document (bidirectional within it)."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return doc[q_idx] == doc[kv_idx]
+
+    return mask_mod
+
+
+def document_block_mask(doc: torch.Tensor, block_size: int = 128) -> BlockMask:
+    """Flex's BlockMask for bidirectional attention within each document of `doc` (from `document_ids`): blocks
+    whose queries and keys share no document are skipped, blocks inside one document run without the mask_mod."""
+    t = doc.numel()
+    return create_block_mask(same_document(doc), None, None, t, t, device=doc.device, BLOCK_SIZE=block_size)
+
+
+def document_block_mask_from_ranges(doc: torch.Tensor, block_size: int = 128) -> BlockMask:
+    """The same BlockMask as `document_block_mask`, from block ends alone: documents are contiguous runs of tokens,
+    so two blocks share a document iff their document ranges overlap, and a block pair is full iff both lie in one
+    and the same document (a last, shorter block counts as partial, as create_block_mask has it). Work in blocks²
+    instead of the mask_mod's T², for when building the mask per micro-batch costs."""
+    t = doc.numel()
+    starts = torch.arange(0, t, block_size, device=doc.device)
+    first, last = doc[starts], doc[(starts + block_size).clamp(max=t) - 1]
+    whole = (first == last) & (starts + block_size <= t)
+    touch = (first[:, None] <= last[None, :]) & (first[None, :] <= last[:, None])
+    full = whole[:, None] & whole[None, :] & (first[:, None] == first[None, :])
+    partial = touch & ~full
+
+    def ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # counts and indices, present first
+        order = torch.sort(blocks.to(torch.int8), dim=-1, descending=True, stable=True).indices
+        return blocks.sum(-1, dtype=torch.int32)[None, None], order.to(torch.int32)[None, None]
+
+    return BlockMask.from_kv_blocks(
+        *ordered(partial), *ordered(full), BLOCK_SIZE=block_size, mask_mod=same_document(doc), seq_lengths=(t, t)
+    )
+
+
+def flex_packed(q, k, v, block_mask: BlockMask, pad_head_dim: bool = False) -> torch.Tensor:
+    """Flex attention on packed [T, H, D] q, k, v (views as [1, H, T, D], no copies) with a document `block_mask`;
+    scale 1/sqrt(D) as FA2. `pad_head_dim` zero-pads D to the next power of 2 (scores unchanged: the padded columns
+    add zeros to q·k, the output's padded columns are sliced off). Returns [T, H, D] (a view)."""
+    d = q.shape[-1]
+    q, k, v = (x.unsqueeze(0).transpose(1, 2) for x in (q, k, v))
+    if pad_head_dim:
+        q, k, v = (F.pad(x, (0, (1 << (d - 1).bit_length()) - d)) for x in (q, k, v))
+    out = flex_attention(q, k, v, block_mask=block_mask, scale=d**-0.5)
+    return out[..., :d].transpose(1, 2).squeeze(0)
+
+
+def block_mask_cost(build, cu: torch.Tensor, total: int, block_size: int, iters: int) -> tuple[BlockMask, str]:
+    """Build the block mask from cu_seqlens (document ids, then the compiled build; warmed up) and say what a build
+    costs: ms per build on the GPU and on the host's clock (launches and guards included), the peak memory it adds
+    above what was allocated before (a mask materialised at T × T would show here), and the size of its tensors."""
+
+    def step(_=None):
+        return build(document_ids(cu, total), block_size)
+
+    for _ in range(2):  # compiles
+        mask = step()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    ms = timed_seconds(step, list(range(iters))) * 1e3 / iters
+    wall = (time.perf_counter() - start) * 1e3 / iters
+    peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+    size = sum(x.numel() * x.element_size() for x in mask.as_tuple() if isinstance(x, torch.Tensor)) / 2**20
+    return mask, f"; mask {ms:.2f} ms GPU, {wall:.2f} ms wall, peak +{peak:.0f} MiB, holds {size:.1f} MiB"
+
+
+def flex_kernels(cfg: EsmConfig, cu: torch.Tensor, total: int, names: list[str], mode: str | None, iters: int):
+    """The selected flex columns at this packing: kernels for `compare` (the block mask built once beforehand, as the
+    model would per micro-batch), and per column a note on the mask build, or why a column did not run. flex_packed
+    is compiled whole (fullgraph, static shapes), as a model under torch.compile would run it; so is the mask build."""
+    attend = torch.compile(flex_packed, fullgraph=True, dynamic=False, mode=mode)
+    builders = {
+        "mask_mod": torch.compile(document_block_mask, fullgraph=True, dynamic=False),
+        "ranges": torch.compile(document_block_mask_from_ranges, fullgraph=True, dynamic=False),
+    }
+    fns, notes = {}, {}
+    for name in names:
+        block, pad, builder = FLEX_VARIANTS[name]
+        d = cfg.head_dim
+        if pad and d & (d - 1) == 0:
+            notes[name] = f"(head dim {d} needs no padding: = flex)"
+            continue
+        try:
+            mask, notes[name] = block_mask_cost(builders[builder], cu, total, block, iters)
+        except Exception as exc:  # reported in the column, the other kernels still run
+            notes[name] = f"mask build fails: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+            torch.cuda.empty_cache()
+            continue
+        fns[name] = lambda q, k, v, cu, m, mask=mask, pad=pad: attend(q, k, v, mask, pad)
+    return fns, notes
+
+
+KERNELS = ("flash2", "triton", "te", "cudnn_aten", *FLEX_VARIANTS)
+
+
 def run(fn, q, k, v, cu, m, grad):
     for t in (q, k, v):
         t.grad = None
@@ -169,6 +295,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True)
     p.add_argument("--sizes", nargs="+", default=["8M", "35M", "150M", "650M", "3B"])
+    p.add_argument(
+        "--kernels", nargs="+", choices=KERNELS, default=list(KERNELS), help="columns (FA2 runs anyway: the reference)"
+    )
+    p.add_argument("--flex-mode", default=None, help="torch.compile mode for flex, e.g. max-autotune-no-cudagraphs")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--fwd", type=parse_launch, default=attention.FORWARD, help="our forward's block_m,block_n,warps,stages")
     p.add_argument("--bwd", type=parse_launch, default=attention.BACKWARD, help="our backward's block_m,block_n,warps,stages")
@@ -176,12 +306,19 @@ def main() -> None:
     a = p.parse_args()
     for size in a.sizes:
         EsmConfig.from_size(size)  # an unknown size fails here, before any data is read
+    names = [n for n in KERNELS if n in a.kernels]
+    flex_names = [n for n in names if n in FLEX_VARIANTS]
+    # Every size and flex column compiles flex_packed anew (static shapes): more than dynamo's default of 8 per
+    # function, past which it would fall back to eager flex (the T × T scores materialised).
+    torch._dynamo.config.recompile_limit = 64
     store = load_sequences(a.data)
     print(
         f"{torch.cuda.get_device_name()}, torch {torch.__version__}; ms per forward + backward, and in brackets the "
-        "largest difference from FA2 of out, dq, dk, dv (random bf16 inputs)"
+        "largest difference from FA2 of out, dq, dk, dv (random bf16 inputs); flex: compiled, one [1, H, T, D] "
+        f"sequence with a document BlockMask (flex_bs64: sparse block 64; flex_pad: head dim zero-padded to a power "
+        f"of 2; flex_ranges: mask built from block ends), compile mode {a.flex_mode or 'default'}, and the mask's "
+        "build per micro-batch"
     )
-    names = ["flash2", "triton", "te", "cudnn_aten"]
     if a.sweep:
         print(f"sweep of our kernels' launch settings; {a.iters} iterations each")
     else:
@@ -201,9 +338,16 @@ def main() -> None:
         if a.sweep:
             print(sweep(size, (q, k, v, cu, m, grad), a.iters), flush=True)
             continue
-        cells = compare(kernels(cfg, a.fwd, a.bwd), (q, k, v, cu, m, grad), a.iters)
+        fns = {n: f for n, f in kernels(cfg, a.fwd, a.bwd).items() if n in names or n == "flash2"}
+        notes = {}
+        if flex_names:
+            flex_fns, notes = flex_kernels(cfg, cu, t, flex_names, a.flex_mode, a.iters)
+            fns.update(flex_fns)
+        cells = compare(fns, (q, k, v, cu, m, grad), a.iters)
         print(
-            f"| {size} | {cfg.num_heads} × {cfg.head_dim} | {t:,} | " + " | ".join(cells.get(n, "—") for n in names) + " |",
+            f"| {size} | {cfg.num_heads} × {cfg.head_dim} | {t:,} | "
+            + " | ".join(cells.get(n, "—") + notes.get(n, "") for n in names)
+            + " |",
             flush=True,
         )
 
