@@ -74,6 +74,7 @@ def resolved_model_config(cfg: DictConfig, info: DistInfo) -> EsmConfig:
         prepare_config(cfg)  # refuses what transformers' model cannot do; padded batches
     check_context_parallel(cfg.cp_size, info.world_size, info.device.type, mcfg.backend, cfg.dataset.layout)
     cfg.model.rope_kernel = resolve_rope_kernel(cfg.model.rope_kernel, mcfg.backend, cfg.cp_size)
+    cfg.model.attention_kernel = resolve_attention_kernel(cfg.model.attention_kernel, mcfg, info.device)
     if cfg.dataset.pad_to_multiple_of == "auto":
         multiple, why = config_lib.pad_multiple(cfg)
         log.info("dataset.pad_to_multiple_of=auto picked %d: %s", multiple, why)
@@ -107,6 +108,35 @@ def resolve_rope_kernel(kernel: str, backend: str, cp_size: int) -> str:
         raise config_lib.ConfigError(f"model.rope_kernel={kernel} runs without context parallelism only (cp_size={cp_size})")
     if not rope_kernel.available():
         raise config_lib.ConfigError(f"model.rope_kernel={kernel} needs Triton (pip install triton)")
+    return kernel
+
+
+# Head dims at which our Triton attention beat FlashAttention-2 on an H200 (docs/benchmarks.md, lever 50); at 24 it
+# was slower.
+TRITON_ATTENTION_HEAD_DIMS = (16, 32, 64)
+
+
+def resolve_attention_kernel(kernel: str, mcfg: EsmConfig, device: torch.device) -> str:
+    """model.attention_kernel: `auto` -> triton for the torch backend on CUDA at the head dims where it was faster and
+    Triton imports, else flash (logged); an explicit triton needs all three (the torch backend, CUDA, Triton)."""
+    from recipe.model import rope_kernel
+
+    if kernel == "auto":
+        if mcfg.backend != "torch" or device.type != "cuda":
+            return "flash"  # unused
+        why: str | None = None
+        if mcfg.head_dim not in TRITON_ATTENTION_HEAD_DIMS:
+            why = f"head dim {mcfg.head_dim} (ours is faster at {', '.join(map(str, TRITON_ATTENTION_HEAD_DIMS))})"
+        elif not rope_kernel.available():
+            why = "Triton is not installed"
+        log.info("model.attention_kernel=auto picked %s", "triton" if why is None else f"flash: {why}")
+        return "triton" if why is None else "flash"
+    if kernel == "triton":
+        why = (f"the torch backend (resolved: {mcfg.backend}; the te backend runs TE's attention)"
+               if mcfg.backend != "torch" else "a CUDA GPU" if device.type != "cuda" else
+               "Triton (pip install triton)" if not rope_kernel.available() else None)  # fmt: skip
+        if why:
+            raise config_lib.ConfigError(f"model.attention_kernel=triton needs {why}: leave model.attention_kernel=auto")
     return kernel
 
 
@@ -158,6 +188,7 @@ def build(
         amax_group=torch.distributed.group.WORLD if plan.quantized and torch.distributed.is_initialized() else None,
         check_inputs=False,  # our packer guarantees the invariants; skipping saves a GPU sync per micro-batch
         rope_kernel=cfg.model.rope_kernel,
+        attention_kernel=cfg.model.attention_kernel,
     )
     contexts = [quantization.init_context(recipes.get(p)) for p in plan.layers] if cfg.quantized_model_init else None
     # Quantized weights are made on the device (TE quantizes them as they are initialised), then sharded.

@@ -424,3 +424,35 @@ def test_prefetch_factor_auto_covers_two_steps_of_micro_batches(overrides, facto
 
     got, reason = prefetch_factor(load("L0_sanity", *overrides))
     assert got == factor and why in reason
+
+
+@pytest.mark.parametrize(
+    "kernel, backend, size, device, expected",
+    [
+        ("auto", "torch", "8M", "cuda", "triton"),  # head dim 16
+        ("auto", "torch", "150M", "cuda", "triton"),  # 32
+        ("auto", "torch", "35M", "cuda", "flash"),  # 24: ours was slower
+        ("auto", "torch", "8M", "cpu", "flash"),
+        ("auto", "te", "8M", "cuda", "flash"),
+        ("flash", "torch", "8M", "cuda", "flash"),
+        ("triton", "torch", "35M", "cuda", "triton"),
+        ("triton", "te", "8M", "cuda", "model.attention_kernel=triton needs the torch backend"),
+        ("triton", "torch", "8M", "cpu", "model.attention_kernel=triton needs a CUDA GPU"),
+    ],
+)
+def test_attention_kernel_auto_picks_triton_where_it_was_faster(kernel, backend, size, device, expected):
+    """model.attention_kernel=auto: our Triton attention for the torch backend on CUDA at head dims 16, 32 and 64
+    (measured faster than FA2, docs/benchmarks.md lever 50), FA2 elsewhere; an explicit triton where it cannot run is
+    a ConfigError, not a silent FA2 (needs Triton: the dev extra has it)."""
+    import torch
+
+    from recipe.build import resolve_attention_kernel
+    from recipe.model import EsmConfig
+
+    pytest.importorskip("triton")
+    mcfg = dataclasses.replace(EsmConfig.from_size(size), backend=backend)
+    if expected.startswith("model."):
+        with pytest.raises(ConfigError, match=re.escape(expected)):
+            resolve_attention_kernel(kernel, mcfg, torch.device(device))
+    else:
+        assert resolve_attention_kernel(kernel, mcfg, torch.device(device)) == expected

@@ -83,7 +83,10 @@ def test_torch_backend_bf16_against_fp32(batch, size, fp32_residual):
     assert abs(low.loss.item() - ref.loss.item()) / ref.loss.item() < 1e-2
 
 
-def test_varlen_attention_matches_padded_reference():
+@pytest.mark.parametrize("kernel", ["flash", "triton"])
+def test_varlen_attention_matches_padded_reference(kernel):
+    """The torch backend's packed attention (FA2's varlen_attn, or our Triton kernels through their custom ops)
+    against SDPA over the padded sequences in fp32."""
     from recipe.model.layers import PackedInfo, packed_attention, padded_attention
 
     torch.manual_seed(0)
@@ -91,13 +94,13 @@ def test_varlen_attention_matches_padded_reference():
     cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32).cuda()
     q, k, v = (torch.randn(int(lengths.sum()), 8, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     packed = PackedInfo(cu, int(lengths.max()), int(lengths.sum()))
-    fast = packed_attention(q, k, v, packed)
+    fast = packed_attention(q, k, v, packed, kernel)
     seq, off = packed.seq_index, packed.offsets
     pad = [x.float().new_zeros(4, 512, 8, 64).index_put_((seq, off), x.float()) for x in (q, k, v)]
     mask = torch.zeros(4, 512, dtype=torch.bool, device="cuda").index_put_((seq, off), torch.ones_like(seq, dtype=torch.bool))
     ref = padded_attention(*pad, mask)[seq, off]
     err = rel_err(fast, ref)
-    print(f"\n  varlen_attn bf16 vs fp32 padded SDPA: relative error {err:.2e}")
+    print(f"\n  packed attention ({kernel}) bf16 vs fp32 padded SDPA: relative error {err:.2e}")
     assert err < 1e-2
 
 

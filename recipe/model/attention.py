@@ -31,8 +31,9 @@ class Launch(NamedTuple):
     stages: int = 2
 
 
-FORWARD = Launch(64, 64, 4, 2)  # until bench/attention_kernels.py --sweep on the H200 picks others
-BACKWARD = Launch(64, 32, 4, 2)
+# The fastest of bench/attention_kernels.py --sweep at the 8M and 150M shapes on an H200 (docs/benchmarks.md, lever 50).
+FORWARD = Launch(64, 64, 4, 3)
+BACKWARD = Launch(128, 32, 4, 3)
 DELTA_ROWS = 64  # tokens per program of the delta = rowsum(dO * O) preprocess
 
 
@@ -157,3 +158,54 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     if not scale > 0:  # the forward takes the row max of unscaled scores
         raise ValueError(f"varlen_attention: the softmax scale must be positive, got {scale}")
     return _VarlenAttention.apply(q, k, v, cu_seqlens.contiguous(), scale, Launch(*fwd), Launch(*bwd))
+
+
+# The trainer's entry: the same kernels as PyTorch custom ops with their autograd registered, which torch.compile
+# keeps in the compiled layer's graph as opaque calls (a graph break per layer costs more than the kernels save at
+# the small sizes); `varlen_attention` above stays the eager function with its launch settings as arguments.
+@torch.library.custom_op("esm::packed_attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    return attention_forward(_rows(q), _rows(k), _rows(v), cu_seqlens, scale, FORWARD)
+
+
+@_attention_op.register_fake
+def _(q, k, v, cu_seqlens, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("esm::packed_attention_backward", mutates_args=())
+def _attention_backward_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                           lse: torch.Tensor, cu_seqlens: torch.Tensor, scale: float
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    return attention_backward(_rows(grad), _rows(q), _rows(k), _rows(v), out, lse, cu_seqlens, scale, BACKWARD)
+
+
+@_attention_backward_op.register_fake
+def _(grad, q, k, v, out, lse, cu_seqlens, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, cu_seqlens, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+    ctx.scale = scale
+
+
+def _backward(ctx, grad, _grad_lse):
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _attention_backward_op(grad, q, k, v, out, lse, cu_seqlens, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """What layers.packed_attention runs with attention_kernel=triton: `varlen_attention` at the launch settings
+    FORWARD and BACKWARD, scale 1/sqrt(D), through the custom ops above. q, k and v are kept for backward: pass v as
+    its own tensor, not a view of the fused QKV projection, or all of QKV stays alive."""
+    _check(q, k, v, cu_seqlens)
+    out, _ = _attention_op(q, k, v, cu_seqlens.contiguous(), q.shape[-1] ** -0.5)
+    return out

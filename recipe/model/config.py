@@ -96,7 +96,7 @@ class ContextParallel:
 @dataclass(frozen=True)
 class Runtime:
     """How the model runs, fixed when it is built (never set afterwards): context parallelism, the per-layer
-    quantization recipes, the rotary kernel, and whether forward checks its inputs. The trainer's packer guarantees
+    quantization recipes, the rotary and attention kernels, and whether forward checks its inputs. The trainer's packer guarantees
     what the checks test, so it builds the model without them (each costs a GPU sync per micro-batch); anyone else
     keeps them."""
 
@@ -105,3 +105,4 @@ class Runtime:
     amax_group: Any = None  # process group over which FP8 amaxes are reduced (all ranks)
     check_inputs: bool = True
     rope_kernel: str = "te"  # te backend: "te" (TE's fused THD rope) or "triton" (recipe/model/rope_kernel.py)
+    attention_kernel: str = "flash"  # torch backend, packed on CUDA: "flash" (varlen_attn) or "triton" (attention.py)

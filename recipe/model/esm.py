@@ -98,6 +98,8 @@ class EsmForMaskedLM(nn.Module):
         layer_kw: dict[str, Any] = {"context_parallel": cp, "cp_stream": torch.cuda.Stream()} if cp.size > 1 else {}
         if config.backend == "te":
             layer_kw["rope_kernel"] = runtime.rope_kernel
+        elif config.backend == "torch":
+            layer_kw["attention_kernel"] = runtime.attention_kernel
         layers = []
         for i, ctx in enumerate(contexts):
             if config.backend == "te":  # an FP8/FP4 layer runs TE's projections (te_layers.py)

@@ -279,9 +279,10 @@ class TorchEsmLayer(EsmLayerBase):
     before the rotation; we let the attention kernel scale, which is the same function (rotation is linear) and
     lets flash kernels fuse it; fp32 logits agree to ~1e-6."""
 
-    def __init__(self, config: EsmConfig, device=None, dtype=None):
+    def __init__(self, config: EsmConfig, device=None, dtype=None, attention_kernel: str = "flash"):
         super().__init__(config)
         h, eps = config.hidden_size, config.layer_norm_eps
+        self.attention_kernel = attention_kernel
         self.attention = AttentionBlock(
             LayerNormLinear(h, 3 * h, eps, device=device, dtype=dtype), Linear(h, h, device=device, dtype=dtype)
         )
@@ -298,7 +299,7 @@ class TorchEsmLayer(EsmLayerBase):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if packed is None:
             return padded_attention(q, k, v, key_padding_mask)
-        return packed_attention(q, k, v, packed)
+        return packed_attention(q, k, v, packed, self.attention_kernel)
 
 
 def padded_attention(q, k, v, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
@@ -312,13 +313,18 @@ def _varlen_usable(q: torch.Tensor) -> bool:
     return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
 
 
-def packed_attention(q, k, v, packed: PackedInfo) -> torch.Tensor:
+def packed_attention(q, k, v, packed: PackedInfo, kernel: str = "flash") -> torch.Tensor:
     """[T, H, D] attention within each packed sequence.
 
-    On CUDA in bf16/fp16 this is `varlen_attn` (flash attention over cu_seqlens). Elsewhere (CPU, or fp32 where the
-    flash kernel does not run) the sequences are scattered into a padded [N, S, H, D] block and run through SDPA:
-    slower, but the same function, and what the CPU tests check against transformers.
+    On CUDA in bf16/fp16 this is `varlen_attn` (flash attention over cu_seqlens), or with kernel="triton" our Triton
+    kernels (attention.py). Elsewhere (CPU, or fp32 where the flash kernel does not run) the sequences are scattered
+    into a padded [N, S, H, D] block and run through SDPA: slower, but the same function, and what the CPU tests
+    check against transformers.
     """
+    if q.is_cuda and kernel == "triton":
+        from recipe.model.attention import packed_attention as triton_attention
+
+        return triton_attention(q, k, v.contiguous(), packed.cu_seqlens)  # v copied: see below
     if _varlen_usable(q):
         from torch.nn.attention.varlen import varlen_attn
 
