@@ -82,6 +82,12 @@ def resolved_model_config(cfg: DictConfig, info: DistInfo) -> EsmConfig:
     return mcfg
 
 
+def auto_pick(key: str, pick: str, fallback: str, why_not: str | None) -> str:
+    """What `key=auto` resolves to: `pick`, or `fallback` where `why_not` gives the reason; logged either way."""
+    log.info("%s=auto picked %s", key, pick if why_not is None else f"{fallback}: {why_not}")
+    return pick if why_not is None else fallback
+
+
 def resolve_rope_kernel(kernel: str, backend: str, cp_size: int) -> str:
     """model.rope_kernel: `auto` -> triton where it can run, else te (logged); an explicit triton needs the te backend
     without context parallelism (under CP, TE's rope places each token of the dual-chunk layout itself) and Triton."""
@@ -95,8 +101,7 @@ def resolve_rope_kernel(kernel: str, backend: str, cp_size: int) -> str:
             why = f"context parallelism (cp_size={cp_size}) needs TE's rope"
         elif not rope_kernel.available():
             why = "Triton is not installed"
-        log.info("model.rope_kernel=auto picked %s", "triton" if why is None else f"te: {why}")
-        return "triton" if why is None else "te"
+        return auto_pick("model.rope_kernel", "triton", "te", why)
     if kernel == "te":
         return kernel
     if backend != "te":
@@ -129,8 +134,7 @@ def resolve_attention_kernel(kernel: str, mcfg: EsmConfig, device: torch.device)
             why = f"head dim {mcfg.head_dim} (ours is faster at {', '.join(map(str, TRITON_ATTENTION_HEAD_DIMS))})"
         elif not rope_kernel.available():
             why = "Triton is not installed"
-        log.info("model.attention_kernel=auto picked %s", "triton" if why is None else f"flash: {why}")
-        return "triton" if why is None else "flash"
+        return auto_pick("model.attention_kernel", "triton", "flash", why)
     if kernel == "triton":
         why = (f"the torch backend (resolved: {mcfg.backend}; the te backend runs TE's attention)"
                if mcfg.backend != "torch" else "a CUDA GPU" if device.type != "cuda" else

@@ -60,10 +60,26 @@ def _find_block(CU, pid, num_seqs, BLOCK: tl.constexpr, SEQS: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, n0, length, stride_kt, stride_vt, qk_scale, offs_n, mask_d,
-              MASK_N: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
-    """One key tile of the online softmax: scores in log2 units, the running max and sum rescaled once per tile.
-    Only the sequence's last tile (MASK_N) masks keys past its end."""
+def _own_block(CU, num_seqs, D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, SEQS: tl.constexpr):
+    """This program's block (`_find_block`) as the kernels use it: (sequence, sequence start, length, the block's
+    offsets in the sequence, the head dim's lanes, which offsets are inside, the [BLOCK, BLOCK_D] mask, the block's
+    token rows)."""
+    seq, r0, bos, length = _find_block(CU, tl.program_id(0), num_seqs, BLOCK, SEQS)
+    offs = r0 + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    inside = offs < length
+    return seq, bos, length, offs, offs_d, inside, inside[:, None] & (offs_d < D)[None, :], (bos + offs).to(tl.int64)
+
+
+@triton.jit
+def _head_rows(X, rows, head, stride_t, stride_h, offs_d, mask):
+    """The [rows, BLOCK_D] tile of one head of X [T, H, D], zeros outside `mask`."""
+    return tl.load(X + rows[:, None] * stride_t + head * stride_h + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _kv_tile(k_ptrs, v_ptrs, n0, length, stride_kt, stride_vt, offs_n, mask_d, MASK_N: tl.constexpr):
+    """k and v of the key tile at n0; only the sequence's last tile (MASK_N) masks the keys past its end."""
     if MASK_N:
         ok = n0 + offs_n < length
         k = tl.load(k_ptrs + n0 * stride_kt, mask=ok[:, None] & mask_d[None, :], other=0.0)
@@ -71,9 +87,18 @@ def _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, n0, length, stride_kt, stride_vt
     else:
         k = tl.load(k_ptrs + n0 * stride_kt, mask=mask_d[None, :], other=0.0)
         v = tl.load(v_ptrs + n0 * stride_vt, mask=mask_d[None, :], other=0.0)
+    return k, v
+
+
+@triton.jit
+def _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, n0, length, stride_kt, stride_vt, qk_scale, offs_n, mask_d,
+              MASK_N: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+    """One key tile of the online softmax: scores in log2 units, the running max and sum rescaled once per tile.
+    Only the sequence's last tile (MASK_N) masks keys past its end."""
+    k, v = _kv_tile(k_ptrs, v_ptrs, n0, length, stride_kt, stride_vt, offs_n, mask_d, MASK_N)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # unscaled: the scale goes into exp2's argument (one FMA)
     if MASK_N:
-        s = tl.where(ok[None, :], s, float("-inf"))
+        s = tl.where((n0 + offs_n < length)[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.reduce(s, 1, _maximum) * qk_scale)  # qk_scale > 0: the max commutes with it
     p = tl.math.exp2(s * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
@@ -90,17 +115,12 @@ def attn_fwd(Q, K, V, OUT, LSE, CU, num_seqs, num_tokens, qk_scale,
     """OUT [T, H, D] and LSE [H, T] (natural log) of one query block of one sequence and head. qk_scale is the softmax
     scale times log2(e)."""
     head = tl.program_id(1)
-    seq, m0, bos, length = _find_block(CU, tl.program_id(0), num_seqs, BLOCK_M, SEQS)
+    seq, bos, length, offs_m, offs_d, mask_m, q_mask, rows = _own_block(CU, num_seqs, D, BLOCK_M, BLOCK_D, SEQS)
     if seq >= num_seqs:
         return
-    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < length
     mask_d = offs_d < D
-    rows = (bos + offs_m).to(tl.int64)
-    q = tl.load(Q + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :],
-                other=0.0)  # fmt: skip
+    q = _head_rows(Q, rows, head, stride_qt, stride_qh, offs_d, q_mask)
     k_ptrs = K + bos.to(tl.int64) * stride_kt + head * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
     v_ptrs = V + bos.to(tl.int64) * stride_vt + head * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -114,8 +134,7 @@ def attn_fwd(Q, K, V, OUT, LSE, CU, num_seqs, num_tokens, qk_scale,
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, full, length, stride_kt, stride_vt, qk_scale, offs_n,
                                   mask_d, True, PRECISION)  # fmt: skip
     out = acc / l_i[:, None]
-    tl.store(OUT + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :], out.to(OUT.dtype.element_ty),
-             mask=mask_m[:, None] & mask_d[None, :])  # fmt: skip
+    tl.store(OUT + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=q_mask)
     tl.store(LSE + head * num_tokens + bos + offs_m, (m_i + tl.math.log2(l_i)) / 1.4426950408889634, mask=mask_m)
 
 
@@ -146,18 +165,13 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU, num_seqs, num_tokens, sm_
     infinite log-sum-exp, which makes their P exactly zero (not exp2(0 - lse), which can overflow): no mask on the
     tiles. Key rows past the end are computed but not stored, and no other row sums over them."""
     head = tl.program_id(1)
-    seq, n0, bos, length = _find_block(CU, tl.program_id(0), num_seqs, BLOCK_N, SEQS)
+    seq, bos, length, offs_n, offs_d, _, kv_mask, keys = _own_block(CU, num_seqs, D, BLOCK_N, BLOCK_D, SEQS)
     if seq >= num_seqs:
         return
-    offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_n = offs_n < length
     mask_d = offs_d < D
-    kv_mask = mask_n[:, None] & mask_d[None, :]
-    keys = (bos + offs_n).to(tl.int64)
-    k = tl.load(K + keys[:, None] * stride_kt + head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + keys[:, None] * stride_vt + head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+    k = _head_rows(K, keys, head, stride_kt, stride_kh, offs_d, kv_mask)
+    v = _head_rows(V, keys, head, stride_vt, stride_vh, offs_d, kv_mask)
     dk = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)
     dv = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)
     q_ptrs = Q + bos.to(tl.int64) * stride_qt + head * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
@@ -186,16 +200,10 @@ def _dq_tile(dq, q, do, lse, delta, k_ptrs, v_ptrs, n0, length, stride_kt, strid
     """One key tile of dQ += dS K. Keys past the sequence's end (MASK_N, the last tile) load as zeros, and their P
     is set to zero: exp2(0 - lse) overflows for a row whose scores are all far below zero, and inf times a zero key
     would be NaN in the row's dQ."""
-    if MASK_N:
-        ok = n0 + offs_n < length
-        k = tl.load(k_ptrs + n0 * stride_kt, mask=ok[:, None] & mask_d[None, :], other=0.0)
-        v = tl.load(v_ptrs + n0 * stride_vt, mask=ok[:, None] & mask_d[None, :], other=0.0)
-    else:
-        k = tl.load(k_ptrs + n0 * stride_kt, mask=mask_d[None, :], other=0.0)
-        v = tl.load(v_ptrs + n0 * stride_vt, mask=mask_d[None, :], other=0.0)
+    k, v = _kv_tile(k_ptrs, v_ptrs, n0, length, stride_kt, stride_vt, offs_n, mask_d, MASK_N)
     p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse[:, None])
     if MASK_N:
-        p = tl.where(ok[None, :], p, 0.0)
+        p = tl.where((n0 + offs_n < length)[None, :], p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds = p * (dp - delta[:, None])
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
@@ -210,18 +218,13 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU, num_seqs, num_tokens, sm_scale,
     """dQ of one query block (BLOCK_M rows) of one sequence and head, looping over the sequence's key blocks
     (BLOCK_N keys); only the last, part-filled key tile masks P (`_dq_tile`)."""
     head = tl.program_id(1)
-    seq, m0, bos, length = _find_block(CU, tl.program_id(0), num_seqs, BLOCK_M, SEQS)
+    seq, bos, length, offs_m, offs_d, mask_m, q_mask, rows = _own_block(CU, num_seqs, D, BLOCK_M, BLOCK_D, SEQS)
     if seq >= num_seqs:
         return
-    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < length
     mask_d = offs_d < D
-    q_mask = mask_m[:, None] & mask_d[None, :]
-    rows = (bos + offs_m).to(tl.int64)
-    q = tl.load(Q + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DO + rows[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=q_mask, other=0.0)
+    q = _head_rows(Q, rows, head, stride_qt, stride_qh, offs_d, q_mask)
+    do = _head_rows(DO, rows, head, stride_dot, stride_doh, offs_d, q_mask)
     lse = tl.load(LSE + head * num_tokens + bos + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + head * num_tokens + bos + offs_m, mask=mask_m, other=0.0)
     k_ptrs = K + bos.to(tl.int64) * stride_kt + head * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
