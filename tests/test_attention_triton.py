@@ -294,20 +294,17 @@ def test_gpu_matches_flash_attention(head_dim):
 
 
 @needs_triton
-@pytest.mark.parametrize("compiled", [False, True])
-def test_trainer_entry_matches_the_autograd_function(attn_interpreted, compiled):
-    """`packed_attention`, the custom ops the torch backend's layers call (model.attention_kernel=triton), gives the
-    autograd function's output and gradients at the shipped launch settings; under torch.compile with
-    fullgraph=True it compiles (no graph break: the ops stay in the layer's graph) and still agrees."""
+def test_compiled_attention_stays_in_the_graph_and_agrees(attn_interpreted):
+    """`varlen_attention`, what the torch backend's layers call (model.attention_kernel=triton), runs through custom
+    ops with their autograd: under torch.compile with fullgraph=True it compiles (no graph break: the ops stay in the
+    layer's graph), and its output and gradients are the eager call's."""
     lengths = PACKINGS["several"]
     q0, k0, v0, do = inputs(lengths, 2, 16, torch.float32)
     cu = cu_seqlens(lengths)
-    fn = attention.packed_attention
-    if compiled:
-        torch._dynamo.reset()
-        fn = torch.compile(lambda q, k, v, cu: attention.packed_attention(q, k, v, cu) * 2.0, fullgraph=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v, cu: attention.varlen_attention(q, k, v, cu, max(lengths)) * 2.0, fullgraph=True)
     results = []
-    for call in (fn, lambda q, k, v, cu: attention.varlen_attention(q, k, v, cu, max(lengths)) * (2.0 if compiled else 1.0)):
+    for call in (compiled, lambda q, k, v, cu: attention.varlen_attention(q, k, v, cu, max(lengths)) * 2.0):
         q, k, v = (x.clone().requires_grad_() for x in (q0, k0, v0))
         out = call(q, k, v, cu)
         out.backward(do)

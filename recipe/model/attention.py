@@ -15,7 +15,6 @@ import math
 from typing import Any, NamedTuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from recipe.model import rope_kernel
 
@@ -118,23 +117,6 @@ def attention_backward(do, q, k, v, out, lse, cu_seqlens, scale: float, launch: 
     return dq, dk, dv
 
 
-class _VarlenAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, scale: float, fwd: Launch, bwd: Launch):
-        q, k, v = _rows(q), _rows(k), _rows(v)
-        out, lse = attention_forward(q, k, v, cu_seqlens, scale, fwd)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-        ctx.scale, ctx.bwd = scale, bwd
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv = attention_backward(_rows(grad), q, k, v, out, lse, cu_seqlens, ctx.scale, ctx.bwd)
-        return dq, dk, dv, None, None, None, None
-
-
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
     if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"varlen_attention: q, k, v must be [T, H, D] of one shape, got {[tuple(x.shape) for x in (q, k, v)]}")
@@ -144,68 +126,60 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.
         raise ValueError(f"varlen_attention: cu_seqlens must be int32 [N + 1], got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
 
 
-@torch.compiler.disable  # Triton launches torch.compile would only break around
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                      scale: float | None = None, fwd: Launch = FORWARD, bwd: Launch = BACKWARD) -> torch.Tensor:  # fmt: skip
     """Exact softmax attention of q, k, v [T, H, D] (bf16, fp16 or fp32; any token and head strides, copied where
     D's stride is not 1) within each packed sequence of `cu_seqlens` (int32 [N + 1], non-decreasing from 0 to T;
     empty sequences allowed), with a positive scale, 1/sqrt(D) by default. Returns [T, H, D] in q's dtype.
     `max_seqlen` is taken for varlen_attn's signature only: the kernels find each block's sequence from cu_seqlens.
-    `fwd` and `bwd` are the kernels' launch settings."""
+    `fwd` and `bwd` are the kernels' launch settings. q, k and v are kept for backward: pass v as its own tensor,
+    not a view of a fused QKV projection, or all of QKV stays alive. What the torch backend's layers run with
+    model.attention_kernel=triton (layers.packed_attention), at the default launch settings."""
     _check(q, k, v, cu_seqlens)
     del max_seqlen
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if not scale > 0:  # the forward takes the row max of unscaled scores
         raise ValueError(f"varlen_attention: the softmax scale must be positive, got {scale}")
-    return _VarlenAttention.apply(q, k, v, cu_seqlens.contiguous(), scale, Launch(*fwd), Launch(*bwd))
+    out, _ = _attention_op(q, k, v, cu_seqlens.contiguous(), scale, list(Launch(*fwd)), list(Launch(*bwd)))
+    return out
 
 
-# The trainer's entry: the same kernels as PyTorch custom ops with their autograd registered, which torch.compile
-# keeps in the compiled layer's graph as opaque calls (a graph break per layer costs more than the kernels save at
-# the small sizes); `varlen_attention` above stays the eager function with its launch settings as arguments.
+# The kernels as PyTorch custom ops with their autograd registered, which torch.compile keeps in a compiled layer's
+# graph as opaque calls (a graph break per layer costs more than the kernels save at the small sizes).
 @torch.library.custom_op("esm::packed_attention", mutates_args=())
-def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float
-                  ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    return attention_forward(_rows(q), _rows(k), _rows(v), cu_seqlens, scale, FORWARD)
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float,
+                  fwd: list[int], bwd: list[int]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    return attention_forward(_rows(q), _rows(k), _rows(v), cu_seqlens, scale, Launch(*fwd))
 
 
 @_attention_op.register_fake
-def _(q, k, v, cu_seqlens, scale):
+def _(q, k, v, cu_seqlens, scale, fwd, bwd):
     return q.new_empty(q.shape), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
 
 
 @torch.library.custom_op("esm::packed_attention_backward", mutates_args=())
 def _attention_backward_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                           lse: torch.Tensor, cu_seqlens: torch.Tensor, scale: float
+                           lse: torch.Tensor, cu_seqlens: torch.Tensor, scale: float, bwd: list[int]
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    return attention_backward(_rows(grad), _rows(q), _rows(k), _rows(v), out, lse, cu_seqlens, scale, BACKWARD)
+    return attention_backward(_rows(grad), _rows(q), _rows(k), _rows(v), out, lse, cu_seqlens, scale, Launch(*bwd))
 
 
 @_attention_backward_op.register_fake
-def _(grad, q, k, v, out, lse, cu_seqlens, scale):
+def _(grad, q, k, v, out, lse, cu_seqlens, scale, bwd):
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, cu_seqlens, scale = inputs
+    q, k, v, cu_seqlens, scale, _, bwd = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-    ctx.scale = scale
+    ctx.scale, ctx.bwd = scale, bwd
 
 
 def _backward(ctx, grad, _grad_lse):
     q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv = _attention_backward_op(grad, q, k, v, out, lse, cu_seqlens, ctx.scale)
-    return dq, dk, dv, None, None
+    dq, dk, dv = _attention_backward_op(grad, q, k, v, out, lse, cu_seqlens, ctx.scale, ctx.bwd)
+    return dq, dk, dv, None, None, None, None
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """What layers.packed_attention runs with attention_kernel=triton: `varlen_attention` at the launch settings
-    FORWARD and BACKWARD, scale 1/sqrt(D), through the custom ops above. q, k and v are kept for backward: pass v as
-    its own tensor, not a view of the fused QKV projection, or all of QKV stays alive."""
-    _check(q, k, v, cu_seqlens)
-    out, _ = _attention_op(q, k, v, cu_seqlens.contiguous(), q.shape[-1] ** -0.5)
-    return out

@@ -322,9 +322,9 @@ def packed_attention(q, k, v, packed: PackedInfo, kernel: str = "flash") -> torc
     check against transformers.
     """
     if q.is_cuda and kernel == "triton":
-        from recipe.model.attention import packed_attention as triton_attention
+        from recipe.model.attention import varlen_attention
 
-        return triton_attention(q, k, v.contiguous(), packed.cu_seqlens)  # v copied: see below
+        return varlen_attention(q, k, v.contiguous(), packed.cu_seqlens, packed.max_seqlen)  # v copied: see below
     if _varlen_usable(q):
         from torch.nn.attention.varlen import varlen_attn
 
