@@ -116,9 +116,8 @@ def resolve_rope_kernel(kernel: str, backend: str, cp_size: int) -> str:
     return kernel
 
 
-# Head dims at which our Triton attention beat FlashAttention-2 on an H200 (docs/benchmarks.md, lever 50); at 24 it
-# was slower.
-TRITON_ATTENTION_HEAD_DIMS = (16, 32, 64)
+# Head dims at which our Triton attention beat FlashAttention-2 on an H200 (docs/benchmarks.md, levers 50 and 52).
+TRITON_ATTENTION_HEAD_DIMS = (16, 24, 32, 64)
 
 
 def resolve_attention_kernel(kernel: str, mcfg: EsmConfig, device: torch.device) -> str:

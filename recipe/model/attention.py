@@ -53,6 +53,15 @@ def _grid_rows(num_tokens: int, num_seqs: int, block: int) -> int:
     return -(-num_tokens // block) + num_seqs
 
 
+def _head_align(*tensors: torch.Tensor) -> int:
+    """The largest power of two up to 16 that divides every tensor's head stride (the kernels' HEAD_ALIGN: what lets
+    them load 16 bytes at a time where the head stride is not a multiple of 16, as at head dim 24)."""
+    align = 16
+    while any(t.stride(1) % align for t in tensors):
+        align //= 2
+    return align
+
+
 def _seq_lanes(num_seqs: int) -> int:
     """The lanes over which a program scans the sequences' block counts: a power of two, at least 16."""
     return max(16, 1 << max(0, num_seqs - 1).bit_length())
@@ -80,7 +89,8 @@ def attention_forward(q, k, v, cu_seqlens, scale: float, launch: Launch = FORWAR
         _kernels().attn_fwd[(rows, heads)](
             q, k, v, out, lse, cu_seqlens, num_seqs, num_tokens, scale * math.log2(math.e),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-            D=head_dim, BLOCK_D=_head_block(head_dim), BLOCK_M=launch.block_m, BLOCK_N=launch.block_n,
+            D=head_dim, BLOCK_D=_head_block(head_dim), HEAD_ALIGN=_head_align(q, k, v, out),
+            BLOCK_M=launch.block_m, BLOCK_N=launch.block_n,
             SEQS=_seq_lanes(num_seqs), PRECISION=_precision(q.dtype), num_warps=launch.warps, num_stages=launch.stages,
         )  # fmt: skip
     return out, lse
@@ -99,10 +109,10 @@ def attention_backward(do, q, k, v, out, lse, cu_seqlens, scale: float, launch: 
     delta = torch.empty_like(lse)
     kernels.attn_bwd_delta[(-(-num_tokens // DELTA_ROWS), heads)](
         out, do, delta, num_tokens, out.stride(0), out.stride(1), do.stride(0), do.stride(1),
-        D=head_dim, BLOCK_D=block_d, BLOCK_T=DELTA_ROWS,
+        D=head_dim, BLOCK_D=block_d, HEAD_ALIGN=_head_align(out, do), BLOCK_T=DELTA_ROWS,
     )  # fmt: skip
-    common = dict(D=head_dim, BLOCK_D=block_d, SEQS=_seq_lanes(num_seqs), PRECISION=_precision(q.dtype),
-                  num_warps=launch.warps, num_stages=launch.stages)  # fmt: skip
+    common = dict(D=head_dim, BLOCK_D=block_d, HEAD_ALIGN=_head_align(q, k, v, do, dq, dk, dv), SEQS=_seq_lanes(num_seqs),
+                  PRECISION=_precision(q.dtype), num_warps=launch.warps, num_stages=launch.stages)  # fmt: skip
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
     qk_scale = scale * math.log2(math.e)
     grid = (_grid_rows(num_tokens, num_seqs, launch.block_m), heads)

@@ -3,7 +3,7 @@ preprocess (delta = rowsum(dO * O)), dK/dV per key block and dQ per query block 
 
 Why our own: at ESM-2's small head dims (16, 24, 32) the cost of attention is in the score tiles (exp, row
 statistics), not in the dot products; FA2's Hopper kernels pad those head dims to 32 and run 128x128 tiles. Here the
-head dim is padded only to the next power of two (BLOCK_D, masked loads), the softmax runs in base 2 with the scale
+head dim is padded only to the next power of two (BLOCK_D, masked 16-byte loads), the softmax runs in base 2 with the scale
 folded into one multiply, and the block sizes, warps and stages are launch parameters (bench/attention_kernels.py
 --sweep picks them).
 
@@ -72,9 +72,23 @@ def _own_block(CU, num_seqs, D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.c
 
 
 @triton.jit
-def _head_rows(X, rows, head, stride_t, stride_h, offs_d, mask):
+def _head(head, stride_h, HEAD_ALIGN: tl.constexpr):
+    """head * stride_h, declared a multiple of HEAD_ALIGN (the host's `_head_align`, which divides every head stride).
+    Triton learns a stride's alignment only when it is a multiple of 16; without this, the head stride 24 of head dim
+    24 left every load and store of these kernels 2 bytes wide."""
+    return tl.multiple_of(head * stride_h, HEAD_ALIGN)
+
+
+@triton.jit
+def _tile(X, rows, head, stride_t, stride_h, offs_d, HEAD_ALIGN: tl.constexpr):
+    """Pointers to the [rows, BLOCK_D] tile of one head of X [T, H, D]."""
+    return X + rows[:, None] * stride_t + _head(head, stride_h, HEAD_ALIGN) + offs_d[None, :]
+
+
+@triton.jit
+def _head_rows(X, rows, head, stride_t, stride_h, offs_d, mask, HEAD_ALIGN: tl.constexpr):
     """The [rows, BLOCK_D] tile of one head of X [T, H, D], zeros outside `mask`."""
-    return tl.load(X + rows[:, None] * stride_t + head * stride_h + offs_d[None, :], mask=mask, other=0.0)
+    return tl.load(_tile(X, rows, head, stride_t, stride_h, offs_d, HEAD_ALIGN), mask=mask, other=0.0)
 
 
 @triton.jit
@@ -110,7 +124,7 @@ def _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, n0, length, stride_kt, stride_vt
 @triton.jit(do_not_specialize=["num_seqs", "num_tokens"])
 def attn_fwd(Q, K, V, OUT, LSE, CU, num_seqs, num_tokens, qk_scale,
              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-             D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              SEQS: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
     """OUT [T, H, D] and LSE [H, T] (natural log) of one query block of one sequence and head. qk_scale is the softmax
     scale times log2(e)."""
@@ -120,9 +134,9 @@ def attn_fwd(Q, K, V, OUT, LSE, CU, num_seqs, num_tokens, qk_scale,
         return
     offs_n = tl.arange(0, BLOCK_N)
     mask_d = offs_d < D
-    q = _head_rows(Q, rows, head, stride_qt, stride_qh, offs_d, q_mask)
-    k_ptrs = K + bos.to(tl.int64) * stride_kt + head * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
-    v_ptrs = V + bos.to(tl.int64) * stride_vt + head * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
+    q = _head_rows(Q, rows, head, stride_qt, stride_qh, offs_d, q_mask, HEAD_ALIGN)
+    k_ptrs = _tile(K, bos.to(tl.int64) + offs_n, head, stride_kt, stride_kh, offs_d, HEAD_ALIGN)
+    v_ptrs = _tile(V, bos.to(tl.int64) + offs_n, head, stride_vt, stride_vh, offs_d, HEAD_ALIGN)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.full([BLOCK_M], 0.0, tl.float32)
     acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
@@ -134,22 +148,22 @@ def attn_fwd(Q, K, V, OUT, LSE, CU, num_seqs, num_tokens, qk_scale,
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, full, length, stride_kt, stride_vt, qk_scale, offs_n,
                                   mask_d, True, PRECISION)  # fmt: skip
     out = acc / l_i[:, None]
-    tl.store(OUT + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=q_mask)
+    tl.store(_tile(OUT, rows, head, stride_ot, stride_oh, offs_d, HEAD_ALIGN), out.to(OUT.dtype.element_ty), mask=q_mask)
     tl.store(LSE + head * num_tokens + bos + offs_m, (m_i + tl.math.log2(l_i)) / 1.4426950408889634, mask=mask_m)
 
 
 @triton.jit(do_not_specialize=["num_tokens"])
 def attn_bwd_delta(OUT, DO, DELTA, num_tokens, stride_ot, stride_oh, stride_dot, stride_doh,
-                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
+                   D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_ALIGN: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
     """DELTA [H, T] = rowsum(dO * O) in fp32: the softmax backward's per-row term, computed once for both backward
     kernels."""
     head = tl.program_id(1)
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_t < num_tokens)[:, None] & (offs_d < D)[None, :]
-    rows = offs_t.to(tl.int64)[:, None]
-    o = tl.load(OUT + rows * stride_ot + head * stride_oh + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + rows * stride_dot + head * stride_doh + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    rows = offs_t.to(tl.int64)
+    o = tl.load(_tile(OUT, rows, head, stride_ot, stride_oh, offs_d, HEAD_ALIGN), mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(_tile(DO, rows, head, stride_dot, stride_doh, offs_d, HEAD_ALIGN), mask=mask, other=0.0).to(tl.float32)
     tl.store(DELTA + head * num_tokens + offs_t, tl.reduce(o * do, 1, _add), mask=offs_t < num_tokens)
 
 
@@ -157,7 +171,7 @@ def attn_bwd_delta(OUT, DO, DELTA, num_tokens, stride_ot, stride_oh, stride_dot,
 def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU, num_seqs, num_tokens, sm_scale, qk_scale,
                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                   stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   SEQS: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
     """dK and dV of one key block (BLOCK_N keys) of one sequence and head, looping over the sequence's query blocks
     (BLOCK_M rows). Works transposed ([keys, queries] tiles) so that P^T is computed once per tile and feeds both
@@ -170,12 +184,12 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU, num_seqs, num_tokens, sm_
         return
     offs_m = tl.arange(0, BLOCK_M)
     mask_d = offs_d < D
-    k = _head_rows(K, keys, head, stride_kt, stride_kh, offs_d, kv_mask)
-    v = _head_rows(V, keys, head, stride_vt, stride_vh, offs_d, kv_mask)
+    k = _head_rows(K, keys, head, stride_kt, stride_kh, offs_d, kv_mask, HEAD_ALIGN)
+    v = _head_rows(V, keys, head, stride_vt, stride_vh, offs_d, kv_mask, HEAD_ALIGN)
     dk = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)
     dv = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)
-    q_ptrs = Q + bos.to(tl.int64) * stride_qt + head * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
-    do_ptrs = DO + bos.to(tl.int64) * stride_dot + head * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :]
+    q_ptrs = _tile(Q, bos.to(tl.int64) + offs_m, head, stride_qt, stride_qh, offs_d, HEAD_ALIGN)
+    do_ptrs = _tile(DO, bos.to(tl.int64) + offs_m, head, stride_dot, stride_doh, offs_d, HEAD_ALIGN)
     stats = head * num_tokens + bos + offs_m
     for m0 in range(0, length, BLOCK_M):
         ok = m0 + offs_m < length
@@ -189,9 +203,9 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU, num_seqs, num_tokens, sm_
         dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         dst = pt * (dpt - delta[None, :])
         dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
-    tl.store(DK + keys[:, None] * stride_dkt + head * stride_dkh + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
+    tl.store(_tile(DK, keys, head, stride_dkt, stride_dkh, offs_d, HEAD_ALIGN), (dk * sm_scale).to(DK.dtype.element_ty),
              mask=kv_mask)  # fmt: skip
-    tl.store(DV + keys[:, None] * stride_dvt + head * stride_dvh + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+    tl.store(_tile(DV, keys, head, stride_dvt, stride_dvh, offs_d, HEAD_ALIGN), dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -213,7 +227,7 @@ def _dq_tile(dq, q, do, lse, delta, k_ptrs, v_ptrs, n0, length, stride_kt, strid
 def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU, num_seqs, num_tokens, sm_scale, qk_scale,
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                 stride_dqt, stride_dqh,
-                D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 SEQS: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
     """dQ of one query block (BLOCK_M rows) of one sequence and head, looping over the sequence's key blocks
     (BLOCK_N keys); only the last, part-filled key tile masks P (`_dq_tile`)."""
@@ -223,12 +237,12 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU, num_seqs, num_tokens, sm_scale,
         return
     offs_n = tl.arange(0, BLOCK_N)
     mask_d = offs_d < D
-    q = _head_rows(Q, rows, head, stride_qt, stride_qh, offs_d, q_mask)
-    do = _head_rows(DO, rows, head, stride_dot, stride_doh, offs_d, q_mask)
+    q = _head_rows(Q, rows, head, stride_qt, stride_qh, offs_d, q_mask, HEAD_ALIGN)
+    do = _head_rows(DO, rows, head, stride_dot, stride_doh, offs_d, q_mask, HEAD_ALIGN)
     lse = tl.load(LSE + head * num_tokens + bos + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + head * num_tokens + bos + offs_m, mask=mask_m, other=0.0)
-    k_ptrs = K + bos.to(tl.int64) * stride_kt + head * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
-    v_ptrs = V + bos.to(tl.int64) * stride_vt + head * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
+    k_ptrs = _tile(K, bos.to(tl.int64) + offs_n, head, stride_kt, stride_kh, offs_d, HEAD_ALIGN)
+    v_ptrs = _tile(V, bos.to(tl.int64) + offs_n, head, stride_vt, stride_vh, offs_d, HEAD_ALIGN)
     dq = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
     full = length // BLOCK_N * BLOCK_N
     for n0 in range(0, full, BLOCK_N):
@@ -237,5 +251,5 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU, num_seqs, num_tokens, sm_scale,
     if full < length:
         dq = _dq_tile(dq, q, do, lse, delta, k_ptrs, v_ptrs, full, length, stride_kt, stride_vt, qk_scale, offs_n, mask_d,
                       True, PRECISION)  # fmt: skip
-    tl.store(DQ + rows[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+    tl.store(_tile(DQ, rows, head, stride_dqt, stride_dqh, offs_d, HEAD_ALIGN), (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=q_mask)  # fmt: skip
