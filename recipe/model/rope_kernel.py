@@ -13,14 +13,26 @@ lever 29). Needs Triton (ships with PyTorch's CUDA wheels); the CPU tests run it
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from recipe.model import layers
 
-ROWS = 256  # tokens per program of the backward kernel: one row of bias partial sums per ROWS tokens
+
+class Launch(NamedTuple):
+    """One rope kernel's launch settings (`bench/rope_kernels.py --sweep` times the alternatives): the elements of one
+    [tokens, half-head] tile, the warps per program, and for the backward the tokens per program (one row of bias
+    partial sums each)."""
+
+    tile: int = 4096
+    warps: int = 4
+    rows: int = 256
+
+
+FORWARD = Launch(tile=1024, warps=8)  # the sweep's best at the 3B shape (docs/benchmarks.md, lever 54)
+BACKWARD = Launch(tile=1024, warps=8, rows=256)
 
 
 @functools.cache
@@ -51,36 +63,37 @@ def _kernels() -> tuple[Any, Any]:
     return module.rope_qkv_fwd, module.rope_qkv_bwd
 
 
-def _blocks(head_dim: int) -> tuple[int, int]:
-    """(BLOCK_J, BLOCK_T): a half-head's lanes (a power of two) and the tokens of one tile (4096 elements a tile)."""
+def _blocks(head_dim: int, tile: int) -> tuple[int, int]:
+    """(BLOCK_J, BLOCK_T): a half-head's lanes (a power of two) and the tokens of one tile of `tile` elements."""
     import triton
 
     block_j = triton.next_power_of_2(head_dim // 2)
-    return block_j, max(1, 4096 // block_j)
+    return block_j, max(1, tile // block_j)
 
 
-def _forward(qkv: torch.Tensor, positions, inv_freq, heads: int, head_dim: int):
+def _forward(qkv: torch.Tensor, positions, inv_freq, heads: int, head_dim: int, launch: Launch = FORWARD):
     num_tokens = qkv.shape[0]
     q, k, v = (qkv.new_empty(num_tokens, heads, head_dim) for _ in range(3))
-    block_j, block_t = _blocks(head_dim)
+    block_j, block_t = _blocks(head_dim, launch.tile)
     grid = (-(-num_tokens // block_t), heads)
     _kernels()[0][grid](qkv, q, k, v, positions, inv_freq, num_tokens, HD=heads * head_dim, HALF=head_dim // 2,
-                        BLOCK_T=block_t, BLOCK_J=block_j)  # fmt: skip
+                        BLOCK_T=block_t, BLOCK_J=block_j, num_warps=launch.warps)  # fmt: skip
     return q, k, v
 
 
-def _backward(dq, dk, dv, positions, inv_freq, heads: int, head_dim: int, bias: bool, tiles: int | None = None):
+def _backward(dq, dk, dv, positions, inv_freq, heads: int, head_dim: int, bias: bool, tiles: int | None = None,
+              launch: Launch = BACKWARD):  # fmt: skip
     """QKV's gradient [T, 3 HD] from dq, dk, dv, and with `bias` its column sums in fp32 (else None). A program
-    covers `tiles` token tiles (default: about ROWS tokens)."""
+    covers `tiles` token tiles (default: about launch.rows tokens)."""
     grads = [g.contiguous() for g in (dq, dk, dv)]  # autograd gives zeros for outputs that got no gradient
     num_tokens, hd = grads[0].shape[0], heads * head_dim
     dqkv = grads[0].new_empty(num_tokens, 3 * hd)
-    block_j, block_t = _blocks(head_dim)
-    rows = block_t * (tiles or max(1, ROWS // block_t))
+    block_j, block_t = _blocks(head_dim, launch.tile)
+    rows = block_t * (tiles or max(1, launch.rows // block_t))
     blocks = -(-num_tokens // rows)
     partial = torch.empty(blocks if bias else 1, 3 * hd, device=dqkv.device, dtype=torch.float32)
     _kernels()[1][(blocks, heads)](dqkv, *grads, positions, inv_freq, partial, num_tokens, HD=hd, HALF=head_dim // 2,
-                                   ROWS=rows, BLOCK_T=block_t, BLOCK_J=block_j, BIAS=bias)  # fmt: skip
+                                   ROWS=rows, BLOCK_T=block_t, BLOCK_J=block_j, BIAS=bias, num_warps=launch.warps)  # fmt: skip
     return dqkv, partial.sum(0) if bias else None
 
 

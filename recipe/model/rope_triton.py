@@ -68,9 +68,10 @@ def rope_qkv_bwd(dqkv, dq, dk, dv, positions, inv_freq, partial, num_tokens, HD:
                  ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, BIAS: tl.constexpr):  # fmt: skip
     """QKV's gradient from dq, dk, dv; with BIAS, also this program's column sums of what it stored (its share of
     the QKV projection's bias gradient: one row of `partial` [row blocks, 3 HD] per ROWS tokens, summed over the
-    row blocks afterwards, in a fixed order)."""
+    row blocks afterwards, in a fixed order). The sums are kept per tile element over the program's tiles and
+    reduced across tokens once at the end: a reduction per tile made each tile wait on the others' warps."""
     j = tl.arange(0, BLOCK_J)
-    zero = tl.full([BLOCK_J], 0.0, tl.float32)
+    zero = tl.full([BLOCK_T, BLOCK_J], 0.0, tl.float32)
     q1s, q2s, k1s, k2s, v1s, v2s = zero, zero, zero, zero, zero, zero
     for start in range(0, ROWS, BLOCK_T):
         t = tl.program_id(0) * ROWS + start + tl.arange(0, BLOCK_T)[:, None]
@@ -78,16 +79,14 @@ def rope_qkv_bwd(dqkv, dq, dk, dv, positions, inv_freq, partial, num_tokens, HD:
         q1, q2 = _rotate(dq + split, dqkv + packed, cos, sin, mask, HALF, -1.0)
         k1, k2 = _rotate(dk + split, dqkv + packed + HD, cos, sin, mask, HALF, -1.0)
         v1, v2 = _copy(dv + split, dqkv + packed + 2 * HD, mask, HALF)
-        if BIAS:
-            q1s, q2s = q1s + tl.reduce(q1, 0, _add), q2s + tl.reduce(q2, 0, _add)
-            k1s, k2s = k1s + tl.reduce(k1, 0, _add), k2s + tl.reduce(k2, 0, _add)
-            v1s, v2s = v1s + tl.reduce(v1, 0, _add), v2s + tl.reduce(v2, 0, _add)
+        if BIAS:  # rows past the end loaded as zeros: they add nothing
+            q1s, q2s, k1s, k2s, v1s, v2s = q1s + q1, q2s + q2, k1s + k1, k2s + k2, v1s + v1, v2s + v2
     if BIAS:
         row = partial + tl.program_id(0) * (3 * HD) + tl.program_id(1) * (2 * HALF) + j
         mask = j < HALF
-        tl.store(row, q1s, mask=mask)
-        tl.store(row + HALF, q2s, mask=mask)
-        tl.store(row + HD, k1s, mask=mask)
-        tl.store(row + HD + HALF, k2s, mask=mask)
-        tl.store(row + 2 * HD, v1s, mask=mask)
-        tl.store(row + 2 * HD + HALF, v2s, mask=mask)
+        tl.store(row, tl.reduce(q1s, 0, _add), mask=mask)
+        tl.store(row + HALF, tl.reduce(q2s, 0, _add), mask=mask)
+        tl.store(row + HD, tl.reduce(k1s, 0, _add), mask=mask)
+        tl.store(row + HD + HALF, tl.reduce(k2s, 0, _add), mask=mask)
+        tl.store(row + 2 * HD, tl.reduce(v1s, 0, _add), mask=mask)
+        tl.store(row + 2 * HD + HALF, tl.reduce(v2s, 0, _add), mask=mask)
