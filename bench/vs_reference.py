@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.throughput import write_docs  # noqa: E402
+from recipe.parallel import free_port  # noqa: E402
 
 FP8_BLOCK_THEIRS = [
     "fp8_config.enabled=true",
@@ -248,7 +249,8 @@ def measure_theirs(ref: Reference, name: str, row: Row, logs: Path, gpu: str | N
         return {"error": "no reference config at this size"}
     cmd, out = ref.command(row, name)
     log = logs / f"theirs_{name}.log"
-    rc, wall = run_logged(cmd, log, gpu, ref.env, timeout)
+    # Their rendezvous defaults to port 12355: a port of its own lets two references run on one host at once.
+    rc, wall = run_logged(cmd, log, gpu, {**ref.env, "MASTER_PORT": str(free_port())}, timeout)
     if rc or not out.exists():
         return {"error": failure(rc, log), "wall_s": wall}
     r = json.loads(out.read_text())

@@ -105,7 +105,8 @@ def setup_mesh(info: DistInfo, cp_size: int, comm_type: str = "p2p") -> DistInfo
     return info
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (the rendezvous of a process group started here)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -115,7 +116,7 @@ def init_distributed(device_pref: str = "auto") -> DistInfo:
     """Join (or, for a plain `python train_*.py`, create) the process group: NCCL on CUDA, gloo on CPU."""
     if "RANK" not in os.environ:  # single process without torchrun
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
     if device_pref == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device=cuda but no CUDA GPU is visible")

@@ -173,3 +173,28 @@ def test_device_levers_keeps_each_gpus_runs_apart(tmp_path):
     for gpu in (0, 1):
         section = text.split(f"== GPU {gpu}\n")[1].split("== GPU")[0]
         assert section.count(f"{{'gpu': {gpu}}}") == 2 and f"{{'gpu': {1 - gpu}}}" not in section
+
+
+def test_vs_reference_gives_each_reference_run_its_own_port(tmp_path, monkeypatch):
+    """The reference's rendezvous defaults to port 12355: two of its runs at once on one host (two GPU pairs) failed
+    with EADDRINUSE until each run was given a free port of its own."""
+    from bench import vs_reference
+
+    seen = []
+
+    def run_logged(cmd, log, gpu, env, timeout):
+        seen.append(env["MASTER_PORT"])
+        return 1, 0.0
+
+    class Ref:
+        env = {"MASTER_PORT": "12355", "PATH": "x"}
+
+        def command(self, row, name):
+            return ["true"], tmp_path / f"{name}.json"
+
+    monkeypatch.setattr(vs_reference, "run_logged", run_logged)
+    monkeypatch.setattr(vs_reference, "failure", lambda rc, log: f"rc {rc}")
+    for _ in range(2):
+        assert "error" in vs_reference.measure_theirs(Ref(), "8M", vs_reference.ROWS["8M"], tmp_path, "0", 1.0)
+    assert len(seen) == 2 and "12355" not in seen and all(port.isdigit() for port in seen)
+    assert Ref.env["MASTER_PORT"] == "12355"  # the shared environment is left as it was
