@@ -276,7 +276,8 @@ class TrainConfig:
     peak_tflops_per_gpu: Any = checked("auto", "(0, inf)", words=("auto",), kind=float, null=True)
     detect_anomaly: bool = True  # stop on a non-finite loss or gradient, naming the step, before anything is written
     # >0: Python's garbage collector runs every this many steps, while the host waits for the GPU, instead of whenever
-    # its allocation counters say (a pause of the host at any point of a step); what set-up built is frozen out of it.
+    # its allocation counters say (a pause of the host at any point of a step); what set-up built, and what each
+    # collection leaves, is frozen out of the next (each scans only what the last steps allocated).
     # 0: Python's automatic collection.
     gc_every_n_steps: int = checked(50, "[0, inf)")
     # Context parallelism: ranks that share each sequence (te backend, GPUs); divides the world size.

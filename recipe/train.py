@@ -70,7 +70,13 @@ class GarbageCollection:
     """Python's garbage collector on the loop's schedule (`every_n_steps` > 0): set-up's objects (the model, the
     data, imported modules) are frozen out of every later collection, automatic collection is off, and `step`
     collects every n steps at the point where the host waits for the GPU anyway. Left automatic, a collection
-    starts whenever allocations pass its threshold, mid-step, and stalls the host that feeds the GPU."""
+    starts whenever allocations pass its threshold, mid-step, and stalls the host that feeds the GPU.
+
+    Each collection freezes what survived it, so the next one scans only what the steps since allocated: what the
+    first steps build (torch.compile's graphs and guards, hundreds of thousands of objects) made every full
+    collection a stall of a few hundred milliseconds, which one-micro-batch steps of a small model felt
+    (docs/benchmarks.md, lever 55). The cost: a reference cycle among survivors that later becomes garbage is freed
+    only when the run ends (`restored`)."""
 
     def __init__(self, every_n_steps: int):
         self.every = every_n_steps
@@ -82,6 +88,7 @@ class GarbageCollection:
     def step(self, step: int) -> None:
         if self.every and step % self.every == 0:
             gc.collect()
+            gc.freeze()
 
     @staticmethod
     @contextmanager
