@@ -1,7 +1,8 @@
 #!/bin/bash
 # ESM-2 training on N nodes x 8 GPUs under Slurm: one torchrun per node (srun), c10d rendezvous on the first node.
 #
-#   sbatch --nodes 4 slurm.sh --config-name L1_650M dataset.train_path=/shared/uniref50/train grad_acc_steps=2
+#   sbatch --nodes 4 slurm.sh --config-name L1_650M dataset.train_path=/shared/uniref50/train \
+#     dataset.micro_batch_size=32 grad_acc_steps=2    # 32,768 tokens x 2 x 32 GPUs = 2.1 M tokens per step
 #
 # Everything after the script name is passed to the trainer (hydra overrides). Environment knobs:
 #   ENTRY=train_fsdp2.py        trainer (train_ddp.py, train_fsdp2.py)

@@ -6,7 +6,7 @@ relative to it):
     python bench/gc_pauses.py --config-name L1_8M --out /tmp/gc -- dataset.train_path=...
 
 Prints the durations in order: first the collections Python starts by itself during set-up, then, with
-`gc_every_n_steps` (default 50), the loop's own. Those are what a step that lands on one waits for.
+`gc_every_n_steps`, the loop's own. Those are what a step that lands on one waits for.
 """
 
 from __future__ import annotations

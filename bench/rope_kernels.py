@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import itertools
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -58,7 +59,7 @@ def timed(fn, reps: int) -> tuple[float, float]:
     return fwd[len(fwd) // 2], bwd[len(bwd) // 2]
 
 
-def kernel_ms(fn, reps: int) -> float:
+def kernel_ms(fn: Callable[[], object], reps: int) -> float:
     """Median milliseconds of fn() alone (CUDA events, a GPU sleep queued before each)."""
     times = []
     for _ in range(reps + 2):

@@ -92,8 +92,8 @@ class ModelConfig:
     # pick. Measured: docs/benchmarks.md.
     rope_kernel: str = checked("auto", words=("auto", "te", "triton"))
     # The torch backend's packed (THD) attention on CUDA. flash = PyTorch's FlashAttention-2 (varlen_attn); triton =
-    # our kernels (recipe/model/attention.py); auto = triton at head dims 16, 32 and 64 where Triton imports (faster
-    # there), else flash; logged and saved in the run's config.yaml. Measured: docs/benchmarks.md. The te backend
+    # our kernels (recipe/model/attention.py); auto = triton at head dims 16, 24, 32 and 64 where Triton imports
+    # (faster there), else flash; logged and saved in the run's config.yaml. Measured: docs/benchmarks.md. The te backend
     # runs TE's attention and the CPU PyTorch's SDPA whatever this says.
     attention_kernel: str = checked("auto", words=("auto", "flash", "triton"))
     # A local Hugging Face ESM-2 directory to start from (continued pretraining); its shape wins over model.size, and

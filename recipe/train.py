@@ -73,10 +73,9 @@ class GarbageCollection:
     starts whenever allocations pass its threshold, mid-step, and stalls the host that feeds the GPU.
 
     Each collection freezes what survived it, so the next one scans only what the steps since allocated: what the
-    first steps build (torch.compile's graphs and guards, hundreds of thousands of objects) made every full
-    collection a stall of a few hundred milliseconds, which one-micro-batch steps of a small model felt
-    (docs/benchmarks.md, lever 55). The cost: a reference cycle among survivors that later becomes garbage is freed
-    only when the run ends (`restored`)."""
+    first steps build (torch.compile's graphs and guards) made every full collection scan it all again, a stall that
+    short steps feel (docs/benchmarks.md, lever 55). The cost: a reference cycle among survivors that later becomes
+    garbage is freed only when the run ends (`restored`)."""
 
     def __init__(self, every_n_steps: int):
         self.every = every_n_steps
@@ -93,12 +92,14 @@ class GarbageCollection:
     @staticmethod
     @contextmanager
     def restored() -> Iterator[None]:
-        """Python's collector as it was before the run, however the run ends."""
+        """Python's collector as it was before the run, however the run ends; what was frozen is unfrozen and collected
+        once (a cycle among survivors that became garbage during the run is freed here)."""
         enabled = gc.isenabled()
         try:
             yield
         finally:
             gc.unfreeze()
+            gc.collect()
             if enabled:
                 gc.enable()
 
@@ -441,6 +442,9 @@ def entrypoint(strategy_name: str, config_name: str = "L0_sanity"):
         except USER_ERRORS as exc:  # what the message says is the whole story: no traceback of our internals
             log.error("%s: %s", type(exc).__name__, exc)
             raise SystemExit(1) from None
+        except torch.OutOfMemoryError:  # the traceback stays (where it ran out); the way out is said first
+            log.error(out_of_memory_hint(cfg))
+            raise
 
     def main_or_help() -> None:
         """--help / -h lists the shipped configs (hydra's own help cannot read their comments); --hydra-help stays."""
@@ -450,6 +454,18 @@ def entrypoint(strategy_name: str, config_name: str = "L0_sanity"):
         main()
 
     return main_or_help
+
+
+def out_of_memory_hint(cfg: DictConfig) -> str:
+    """What to change when a run does not fit its GPU: the tokens of a micro-batch, not of a step. The shipped L1
+    configs use the micro-batch that was fastest on the GPU they were measured on, larger than an 80 GB card holds at
+    some sizes (their comments say what fits there)."""
+    return (
+        f"out of GPU memory with {config_lib.token_budget(cfg):,} tokens per micro-batch: lower "
+        f"dataset.micro_batch_size (now {cfg.dataset.micro_batch_size}) and raise grad_acc_steps (now "
+        f"{cfg.grad_acc_steps}) by the same factor to keep the tokens per optimizer step; the shipped configs' "
+        "comments say what fits an 80 GB GPU"
+    )
 
 
 def run(cfg: DictConfig, strategy_name: str) -> None:

@@ -26,13 +26,12 @@ class Launch(NamedTuple):
     [tokens, half-head] tile, the warps per program, and for the backward the tokens per program (one row of bias
     partial sums each)."""
 
-    tile: int = 4096
-    warps: int = 4
+    tile: int = 1024
+    warps: int = 8
     rows: int = 256
 
 
-FORWARD = Launch(tile=1024, warps=8)  # the sweep's best at the 3B shape (docs/benchmarks.md, lever 54)
-BACKWARD = Launch(tile=1024, warps=8, rows=256)
+FORWARD = BACKWARD = Launch()  # the sweep's best at the 3B shape, both kernels (docs/benchmarks.md, lever 54)
 
 
 @functools.cache
