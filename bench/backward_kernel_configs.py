@@ -72,8 +72,10 @@ def rope(reps: int) -> None:
         mb = 6 * tokens * heads * head_dim * 2 / 1e6
         print(f"rope backward + QKV bias sums, {tokens} tokens x {heads} heads x {head_dim} ({mb:.0f} MB)")
         shape = (positions, inv_freq, heads, head_dim, True)
+        block_t = rope_kernel._blocks(head_dim, rope_kernel.BACKWARD.tile)[1]
         for tiles in ROPE_TILES:
-            ms = median_ms(lambda tiles=tiles, grads=grads, shape=shape: rope_kernel._backward(*grads, *shape, tiles), reps)
+            launch = rope_kernel.BACKWARD if tiles is None else rope_kernel.Launch(rows=tiles * block_t)
+            ms = median_ms(lambda launch=launch, grads=grads, shape=shape: rope_kernel._backward(*grads, *shape, launch), reps)
             print(f"  tiles per program {tiles or 'default'}: {ms:.3f} ms ({mb / ms / 1e3:.2f} TB/s)", flush=True)
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import itertools
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -28,6 +27,7 @@ import torch
 # isort: on
 
 from bench.attention_shapes import cu_seqlens, shape_arguments, te_layer  # noqa: E402
+from bench.backward_kernel_configs import median_ms  # noqa: E402
 from recipe.model import rope_kernel  # noqa: E402
 from recipe.model.esm import rope_inputs  # noqa: E402
 from recipe.model.layers import PackedInfo  # noqa: E402
@@ -59,21 +59,6 @@ def timed(fn, reps: int) -> tuple[float, float]:
     return fwd[len(fwd) // 2], bwd[len(bwd) // 2]
 
 
-def kernel_ms(fn: Callable[[], object], reps: int) -> float:
-    """Median milliseconds of fn() alone (CUDA events, a GPU sleep queued before each)."""
-    times = []
-    for _ in range(reps + 2):
-        e = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-        torch.cuda._sleep(1_000_000)
-        e[0].record()
-        fn()
-        e[1].record()
-        torch.cuda.synchronize()
-        times.append(e[0].elapsed_time(e[1]))
-    times = sorted(times[2:])
-    return times[len(times) // 2]
-
-
 def sweep(qkv: torch.Tensor, cu: torch.Tensor, heads: int, head_dim: int, reps: int) -> None:
     """Our forward and backward kernels over launch settings; bandwidth counts QKV read and q, k, v written (forward)
     and the reverse (backward)."""
@@ -90,7 +75,7 @@ def sweep(qkv: torch.Tensor, cu: torch.Tensor, heads: int, head_dim: int, reps: 
         if rows == SWEEP_ROWS[0]:  # the forward has no rows setting
             runs["forward"] = functools.partial(rope_kernel._forward, data, positions, inv_freq, heads, head_dim, launch)
         for name, fn in runs.items():
-            ms = kernel_ms(fn, reps)
+            ms = median_ms(fn, reps)
             print(f"sweep {name:8s} {launch}: {ms:.4f} ms, {moved / ms:.2f} TB/s", flush=True)
             if name not in best or ms < best[name][0]:
                 best[name] = (ms, launch)

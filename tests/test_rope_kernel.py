@@ -126,7 +126,9 @@ def test_backward_sums_the_bias_gradient(interpreted, dtype, heads, head_dim, to
     grads = [torch.randn(tokens, heads, head_dim, generator=gen).to(dtype) for _ in range(3)]
     positions = torch.randint(0, 1024, (tokens,), generator=gen)
     inv_freq = rotary_inv_freq(head_dim, 10000.0)
-    dqkv, bias_grad = rope_kernel._backward(*grads, positions, inv_freq, heads, head_dim, bias=True, tiles=tiles)
+    block_t = rope_kernel._blocks(head_dim, rope_kernel.BACKWARD.tile)[1]
+    launch = rope_kernel.BACKWARD if tiles is None else rope_kernel.Launch(rows=tiles * block_t)
+    dqkv, bias_grad = rope_kernel._backward(*grads, positions, inv_freq, heads, head_dim, bias=True, launch=launch)
     plain, none = rope_kernel._backward(*grads, positions, inv_freq, heads, head_dim, bias=False)
     assert none is None and torch.equal(dqkv, plain)
     torch.testing.assert_close(bias_grad, dqkv.float().sum(0), rtol=1e-5, atol=1e-4)

@@ -80,15 +80,14 @@ def _forward(qkv: torch.Tensor, positions, inv_freq, heads: int, head_dim: int, 
     return q, k, v
 
 
-def _backward(dq, dk, dv, positions, inv_freq, heads: int, head_dim: int, bias: bool, tiles: int | None = None,
-              launch: Launch = BACKWARD):  # fmt: skip
+def _backward(dq, dk, dv, positions, inv_freq, heads: int, head_dim: int, bias: bool, launch: Launch = BACKWARD):
     """QKV's gradient [T, 3 HD] from dq, dk, dv, and with `bias` its column sums in fp32 (else None). A program
-    covers `tiles` token tiles (default: about launch.rows tokens)."""
+    covers launch.rows tokens, rounded down to whole token tiles (at least one)."""
     grads = [g.contiguous() for g in (dq, dk, dv)]  # autograd gives zeros for outputs that got no gradient
     num_tokens, hd = grads[0].shape[0], heads * head_dim
     dqkv = grads[0].new_empty(num_tokens, 3 * hd)
     block_j, block_t = _blocks(head_dim, launch.tile)
-    rows = block_t * (tiles or max(1, launch.rows // block_t))
+    rows = block_t * max(1, launch.rows // block_t)
     blocks = -(-num_tokens // rows)
     partial = torch.empty(blocks if bias else 1, 3 * hd, device=dqkv.device, dtype=torch.float32)
     _kernels()[1][(blocks, heads)](dqkv, *grads, positions, inv_freq, partial, num_tokens, HD=hd, HALF=head_dim // 2,
