@@ -196,7 +196,7 @@ def build_optimizer(
 
 def adamw_kind(fused: Any, device: torch.device, model: nn.Module, triton_ok: bool = True) -> str:
     """Which AdamW `optimizer.fused` gives: "triton" (TritonAdamW), "fused" (torch's fused kernel) or "foreach".
-    auto: on CUDA, triton where Triton imports, the strategy allows it and every parameter is FP32 and whole (not a
+    auto: on CUDA, triton where Triton imports, the strategy allows it and every parameter is FP32 (whole or a
     DTensor shard), else fused; on the CPU foreach."""
     from recipe.model import rope_kernel
 
@@ -214,8 +214,9 @@ def adamw_kind(fused: Any, device: torch.device, model: nn.Module, triton_ok: bo
         return "fused" if fused else "foreach"
     if device.type != "cuda":
         return "foreach"
-    sharded = any(hasattr(p, "to_local") for p in params)  # the gain was measured on whole parameters (docs/benchmarks.md)
-    return "triton" if triton_ok and fp32 and not sharded and rope_kernel.available() else "fused"
+    # On DTensor shards too (docs/benchmarks.md, lever 56): torch's fused kernel there runs through DTensor's dispatch
+    # on the host, cannot take the clip, and makes the update wait for the host's finite check (guard_update).
+    return "triton" if triton_ok and fp32 and rope_kernel.available() else "fused"
 
 
 def guard_update(optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:

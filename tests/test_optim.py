@@ -126,6 +126,7 @@ def test_triton_adamw_state_dict_is_torch_adamws(interpreted):
         ("auto", "cuda", torch.float32, True, "triton"),
         ("auto", "cuda", torch.bfloat16, True, "fused"),  # BF16 parameters: torch's fused kernel
         ("auto", "cuda", torch.float32, False, "fused"),  # Megatron-FSDP
+        ("auto", "cuda", "fp32 shards", True, "triton"),  # FSDP2's DTensor shards (lever 56)
         (True, "cuda", torch.float32, True, "fused"),
         (False, "cuda", torch.float32, True, "foreach"),
         ("triton", "cuda", torch.float32, True, "triton"),
@@ -138,7 +139,10 @@ def test_adamw_kind(fused, device, dtype, triton_ok, expected, monkeypatch):
     """What optimizer.fused gives; triton where it cannot run is refused with the reason (a ConfigError: the
     entrypoint prints it as one line), never swapped for another."""
     monkeypatch.setattr(rope_kernel, "available", lambda: True)
-    model = torch.nn.Linear(4, 4).to(dtype)
+    model = torch.nn.Linear(4, 4).to(torch.float32 if dtype == "fp32 shards" else dtype)
+    if dtype == "fp32 shards":  # what adamw_kind would see of a DTensor
+        for p in model.parameters():
+            p.to_local = lambda p=p: p
     if expected in ("the CPU", "this strategy", "BF16 parameters"):
         with pytest.raises(ConfigError, match=f"optimizer.fused=triton is not available on {expected}"):
             adamw_kind(fused, torch.device(device), model, triton_ok)
