@@ -70,7 +70,7 @@ def test_triton_layer_norm_matches_pytorch(interpreted, rows, hidden, rows_per_p
     torch.manual_seed(0)
     x = torch.randn(rows, hidden) * 3 + 1
     w, b = torch.randn(hidden) * 0.5 + 1, torch.randn(hidden) * 0.1
-    y, mean, rstd = fused_kernels.layer_norm_forward(x, w, b, 1e-5)
+    y, mean, rstd, _ = fused_kernels.layer_norm_forward(x, w, b, 1e-5)
     leaves = [t.clone().requires_grad_() for t in (x, w, b)]
     want = F.layer_norm(leaves[0], (hidden,), leaves[1], leaves[2], 1e-5)
     dy = torch.randn(rows, hidden)
@@ -82,7 +82,7 @@ def test_triton_layer_norm_matches_pytorch(interpreted, rows, hidden, rows_per_p
     for g, leaf in zip(got, leaves, strict=True):
         torch.testing.assert_close(g, leaf.grad, rtol=1e-4, atol=1e-4)
     xb = x.bfloat16()
-    yb, _, _ = fused_kernels.layer_norm_forward(xb, w, b, 1e-5)
+    yb, _, _, _ = fused_kernels.layer_norm_forward(xb, w, b, 1e-5)
     w16, b16 = (toward_zero(t) for t in (w, b))  # as the interpreter rounds the parameters
     ref = F.layer_norm(xb.float(), (hidden,), w16, b16, 1e-5)
     assert yb.dtype == torch.bfloat16 and ((yb.float() - ref).abs() <= ref.abs() * 2**-7 + 1e-5).all()
@@ -113,6 +113,43 @@ def test_triton_layer_norm_autograd_under_the_interpreter(interpreted):
     for got, want in zip(outs["triton"], outs["pytorch"], strict=True):
         assert got.dtype == want.dtype
         assert rel_err(got, want) < 1.6e-2
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_layer_norm_is_the_add_then_the_layer_norm(interpreted, dtype):
+    """The residual add fused into the LayerNorm's kernels (`_TritonAddLayerNorm`) against `x + r` then the Triton
+    LayerNorm (`_TritonLayerNorm`) and autograd adding s's two gradients: s, y and the gradients of x, r, the weight
+    and the bias, bit for bit in FP32. In BF16 the interpreter rounds toward zero where PyTorch's add (and a GPU)
+    rounds to nearest: s is the toward-zero sum exactly, the rest within BF16's rounding (the GPU test compares them
+    bit for bit)."""
+    torch.manual_seed(3)
+    x0, r0 = torch.randn(45, 200).to(dtype), torch.randn(45, 200).to(dtype)
+    p0 = [torch.randn(200) * 0.2 + 1, torch.randn(200) * 0.1]
+    g_s, g_y = torch.randn(45, 200).to(dtype), torch.randn(45, 200).to(dtype)
+    outs = {}
+    for name in ("fused", "separate"):
+        x, r, w, b = x0.clone().requires_grad_(), r0.clone().requires_grad_(), *(p.clone().requires_grad_() for p in p0)
+        if name == "fused":
+            s_, y = fused_kernels._TritonAddLayerNorm.apply(x, r, w, b, 1e-5, dtype)
+        else:
+            s_ = x + r
+            y = fused_kernels._TritonLayerNorm.apply(s_, w, b, 1e-5, dtype)
+        torch.autograd.backward([s_, y], [g_s, g_y])
+        outs[name] = (s_, y, x.grad, r.grad, w.grad, b.grad)
+    if dtype == torch.bfloat16:
+        assert torch.equal(outs["fused"][0].float(), toward_zero(x0.float() + r0.float()))
+    for got, want in zip(outs["fused"], outs["separate"], strict=True):
+        assert got.dtype == want.dtype
+        assert torch.equal(got, want) if dtype == torch.float32 else rel_err(got, want) < 1e-2
+
+
+def test_add_layer_norm_off_cuda_is_the_add_then_pytorchs_layer_norm():
+    """Where the fused kernels do not run (here: CPU), add_layer_norm is x + r and layers.layer_norm of it."""
+    x, r = torch.randn(6, 32), torch.randn(6, 32)
+    w, b = torch.rand(32) + 0.5, torch.randn(32)
+    s_, y = fused_kernels.add_layer_norm(x, r, w, b, 1e-5)
+    assert torch.equal(s_, x + r) and torch.equal(y, F.layer_norm(x + r, (32,), w, b, 1e-5))
 
 
 @pytest.mark.parametrize("available", [True, False])

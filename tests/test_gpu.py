@@ -251,6 +251,33 @@ def test_te_layer_norm_matches_torch_layer_norm(param_dtype, has_bias, kernel, h
     assert bool(calls) == (kernel == "triton")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA needed")
+@pytest.mark.parametrize("h", [1280, 2560])
+def test_add_layer_norm_is_the_add_then_the_layer_norm_bit_for_bit(h):
+    """The te layer's residual add inside its MLP's LayerNorm kernels (fused_kernels.add_layer_norm, under BF16
+    autocast) against `x + r` then fused_kernels.layer_norm, with autograd adding s's two gradients: s, y and every
+    gradient equal bit for bit at the 650M and 3B widths."""
+    from recipe.model import fused_kernels
+
+    torch.manual_seed(0)
+    x0, r0, g_s, g_y = (torch.randn(4096, h, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    p0 = [torch.randn(h, device="cuda") * 0.1 + 1, torch.randn(h, device="cuda") * 0.1]
+    outs = {}
+    for name in ("fused", "separate"):
+        x, r, w, b = x0.clone().requires_grad_(), r0.clone().requires_grad_(), *(p.clone().requires_grad_() for p in p0)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            if name == "fused":
+                s_, y = fused_kernels.add_layer_norm(x, r, w, b, 1e-5)
+            else:
+                s_ = x + r
+                y = fused_kernels.layer_norm(s_, w, b, 1e-5)
+        torch.autograd.backward([s_, y], [g_s, g_y])
+        outs[name] = (s_, y, x.grad, r.grad, w.grad, b.grad)
+    same = [torch.equal(a, b) for a, b in zip(outs["fused"], outs["separate"], strict=True)]
+    print(f"\n  add_layer_norm vs add then layer_norm (h {h}): equal s, y, dx, dr, dw, db: {same}")
+    assert all(same)
+
+
 @needs_te
 def test_fused_gelu_mlp_matches_pytorch(monkeypatch):
     """fused_kernels.gelu_mlp (fc2's input gradient written over its input, GELU's backward in place with fc1's bias

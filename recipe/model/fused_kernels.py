@@ -78,30 +78,38 @@ def _ln_blocks(hidden: int) -> tuple[int, int]:
     return block_h, max(1, 4096 // block_h)
 
 
-def layer_norm_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, warps: int = LN_FWD_WARPS):
-    """(y, mean, rstd) of the rows of `x2` [T, H] (contiguous): y in x2's dtype, computed with the weight and bias
-    rounded to it; the rows' mean and reciprocal standard deviation in fp32, for the backward."""
+def layer_norm_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, warps: int = LN_FWD_WARPS,
+                       residual: torch.Tensor | None = None):  # fmt: skip
+    """(y, mean, rstd, s) of the rows of `x2` [T, H] (contiguous): y in x2's dtype, computed with the weight and bias
+    rounded to it; the rows' mean and reciprocal standard deviation in fp32, for the backward. With `residual` (x2's
+    shape and dtype, contiguous) the rows normalised are s = x2 + residual, rounded to x2's dtype and returned;
+    without, s is x2."""
     rows, hidden = x2.shape
     y = torch.empty_like(x2)
+    s = x2 if residual is None else torch.empty_like(x2)
     mean, rstd = (torch.empty(rows, device=x2.device, dtype=torch.float32) for _ in range(2))
     block_h, block_r = _ln_blocks(hidden)
-    _layer_norm_kernels()[0][(-(-rows // block_r),)](x2, weight, bias, y, mean, rstd, rows, eps, H=hidden, BLOCK_H=block_h,
-                                                      BLOCK_R=block_r, num_warps=warps)  # fmt: skip
-    return y, mean, rstd
+    _layer_norm_kernels()[0][(-(-rows // block_r),)](x2, x2 if residual is None else residual, s, weight, bias, y, mean,
+                                                      rstd, rows, eps, H=hidden, BLOCK_H=block_h, BLOCK_R=block_r,
+                                                      RESIDUAL=residual is not None, num_warps=warps)  # fmt: skip
+    return y, mean, rstd, s
 
 
 def layer_norm_backward(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-                        rows_per_program: int = LN_ROWS, warps: int = LN_BWD_WARPS):  # fmt: skip
+                        rows_per_program: int = LN_ROWS, warps: int = LN_BWD_WARPS,
+                        dres: torch.Tensor | None = None):  # fmt: skip
     """(dx, dw, db) from the output's gradient `dy` [T, H] (contiguous, x2's dtype): dx in that dtype, the weight's
-    and bias's gradients in fp32 (summed over the programs' partial rows in a fixed order)."""
+    and bias's gradients in fp32 (summed over the programs' partial rows in a fixed order). With `dres` (dy's shape,
+    contiguous) dx is the LayerNorm's input gradient plus it, as autograd would add them."""
     rows, hidden = x2.shape
     block_h, block_r = _ln_blocks(hidden)
     per_program = max(block_r, rows_per_program // block_r * block_r)
     programs = -(-rows // per_program)
     dx = torch.empty_like(dy)
     dw_part, db_part = (torch.empty(programs, hidden, device=x2.device, dtype=torch.float32) for _ in range(2))
-    _layer_norm_kernels()[1][(programs,)](dy, x2, weight, mean, rstd, dx, dw_part, db_part, rows, H=hidden,
-                                          BLOCK_H=block_h, BLOCK_R=block_r, ROWS=per_program, num_warps=warps)  # fmt: skip
+    _layer_norm_kernels()[1][(programs,)](dy, x2, weight, mean, rstd, dy if dres is None else dres, dx, dw_part, db_part,
+                                          rows, H=hidden, BLOCK_H=block_h, BLOCK_R=block_r, ROWS=per_program,
+                                          RESIDUAL=dres is not None, num_warps=warps)  # fmt: skip
     return dx, dw_part.sum(0), db_part.sum(0)
 
 
@@ -113,7 +121,7 @@ class _TritonLayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, dtype):
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        y, mean, rstd = layer_norm_forward(x2, weight, bias, eps, LN_FWD_WARPS)
+        y, mean, rstd, _ = layer_norm_forward(x2, weight, bias, eps, LN_FWD_WARPS)
         ctx.save_for_backward(x2, mean, rstd, weight)
         ctx.shape, ctx.dtype, ctx.bias_dtype = x.shape, dtype, bias.dtype
         return y.view(x.shape)
@@ -148,6 +156,43 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     if layer_norm_kernel(x.shape[-1]) == "triton":
         return _TritonLayerNorm.apply(x, weight, bias, eps, dtype)
     return _LayerNorm.apply(x, weight, bias, eps, dtype)
+
+
+class _TritonAddLayerNorm(torch.autograd.Function):
+    """(s, LayerNorm(s)) with s = x + r, in `dtype`, through the same Triton kernels with their residual path: the
+    sum is stored as the LayerNorm reads it, and in backward s's two gradients (from the residual stream and from
+    the LayerNorm) are added where the LayerNorm's is written. Bit for bit what `x + r` then `_TritonLayerNorm` give:
+    the sum rounded once, the gradients rounded as autograd rounds each before adding them."""
+
+    @staticmethod
+    def forward(ctx, x, r, weight, bias, eps, dtype):
+        x2, r2 = x.reshape(-1, x.shape[-1]).contiguous(), r.reshape(-1, r.shape[-1]).contiguous()
+        y, mean, rstd, s2 = layer_norm_forward(x2, weight, bias, eps, LN_FWD_WARPS, residual=r2)
+        ctx.save_for_backward(s2, mean, rstd, weight)
+        ctx.shape, ctx.dtype, ctx.bias_dtype = x.shape, dtype, bias.dtype
+        return s2.view(x.shape), y.view(x.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_s, grad_y):
+        s2, mean, rstd, weight = ctx.saved_tensors
+        dy = grad_y.to(ctx.dtype).reshape(s2.shape).contiguous()
+        dres = grad_s.to(ctx.dtype).reshape(s2.shape).contiguous()
+        ds, dw, db = layer_norm_backward(dy, s2, weight, mean, rstd, LN_ROWS, LN_BWD_WARPS, dres=dres)
+        ds = ds.view(ctx.shape)
+        return ds, ds, dw.to(ctx.dtype).to(weight.dtype), db.to(ctx.dtype).to(ctx.bias_dtype), None, None
+
+
+@torch.compiler.disable  # Triton launches, which torch.compile would only break around
+def add_layer_norm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
+    """(s, y): the residual sum s = x + r and y = layer_norm(s), in one Triton pass each way where `layer_norm` runs
+    ours (CUDA under autocast, x and r both in its dtype, rows up to LN_TRITON_MAX_WIDTH); `x + r` then `layer_norm`
+    otherwise. One pass fewer over s forward and the autograd add of s's two gradients saved backward."""
+    dtype = layers.cuda_autocast_dtype(x)
+    if dtype is None or x.dtype != dtype or r.dtype != dtype or x.shape != r.shape or layer_norm_kernel(x.shape[-1]) != "triton":
+        s = x + r
+        return s, layer_norm(s, weight, bias, eps)
+    return _TritonAddLayerNorm.apply(x, r, weight, bias, eps, dtype)
 
 
 @functools.cache

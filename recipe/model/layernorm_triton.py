@@ -20,9 +20,10 @@ def _add(a, b):
 
 
 @triton.jit
-def layer_norm_fwd(x, w, b, y, mean, rstd, num_rows, eps, H: tl.constexpr, BLOCK_H: tl.constexpr,
-                   BLOCK_R: tl.constexpr):  # fmt: skip
-    """One program: BLOCK_R rows, each whole (BLOCK_H >= H lanes)."""
+def layer_norm_fwd(x, r, s, w, b, y, mean, rstd, num_rows, eps, H: tl.constexpr, BLOCK_H: tl.constexpr,
+                   BLOCK_R: tl.constexpr, RESIDUAL: tl.constexpr):  # fmt: skip
+    """One program: BLOCK_R rows, each whole (BLOCK_H >= H lanes). With RESIDUAL the rows normalised are
+    s = x + r, rounded to s's dtype and stored (as PyTorch's add rounds it) before the statistics are taken."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_H)
     mask = (rows[:, None] < num_rows) & (cols[None, :] < H)
@@ -30,18 +31,24 @@ def layer_norm_fwd(x, w, b, y, mean, rstd, num_rows, eps, H: tl.constexpr, BLOCK
     wv = tl.load(w + cols, mask=cols < H, other=0.0).to(y.dtype.element_ty).to(tl.float32)
     bv = tl.load(b + cols, mask=cols < H, other=0.0).to(y.dtype.element_ty).to(tl.float32)
     xv = tl.load(x + offsets, mask=mask, other=0.0).to(tl.float32)
+    if RESIDUAL:
+        sv = (xv + tl.load(r + offsets, mask=mask, other=0.0).to(tl.float32)).to(s.dtype.element_ty)
+        tl.store(s + offsets, sv, mask=mask)
+        xv = sv.to(tl.float32)
     mu = tl.reduce(xv, 1, _add) / H
     d = tl.where(mask, xv - mu[:, None], 0.0)
-    r = 1.0 / tl.sqrt(tl.reduce(d * d, 1, _add) / H + eps)
-    tl.store(y + offsets, (d * r[:, None] * wv[None, :] + bv[None, :]).to(y.dtype.element_ty), mask=mask)
+    r_std = 1.0 / tl.sqrt(tl.reduce(d * d, 1, _add) / H + eps)
+    tl.store(y + offsets, (d * r_std[:, None] * wv[None, :] + bv[None, :]).to(y.dtype.element_ty), mask=mask)
     tl.store(mean + rows, mu, mask=rows < num_rows)
-    tl.store(rstd + rows, r, mask=rows < num_rows)
+    tl.store(rstd + rows, r_std, mask=rows < num_rows)
 
 
 @triton.jit
-def layer_norm_bwd(dy, x, w, mean, rstd, dx, dw_part, db_part, num_rows, H: tl.constexpr, BLOCK_H: tl.constexpr,
-                   BLOCK_R: tl.constexpr, ROWS: tl.constexpr):  # fmt: skip
-    """One program: ROWS rows in tiles of BLOCK_R; writes dx for them and one row of weight and bias partial sums."""
+def layer_norm_bwd(dy, x, w, mean, rstd, dres, dx, dw_part, db_part, num_rows, H: tl.constexpr, BLOCK_H: tl.constexpr,
+                   BLOCK_R: tl.constexpr, ROWS: tl.constexpr, RESIDUAL: tl.constexpr):  # fmt: skip
+    """One program: ROWS rows in tiles of BLOCK_R; writes dx for them and one row of weight and bias partial sums.
+    With RESIDUAL, dx is the gradient of the residual sum s: the LayerNorm's own, rounded to dx's dtype, plus `dres`
+    (what s's other use gives it), rounded again: the two roundings of autograd adding the two gradients."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_H)
     wv = tl.load(w + cols, mask=cols < H, other=0.0).to(dx.dtype.element_ty).to(tl.float32)
@@ -59,7 +66,10 @@ def layer_norm_bwd(dy, x, w, mean, rstd, dx, dw_part, db_part, num_rows, H: tl.c
         c_xhat = tl.reduce(g * xhat, 1, _add) / H
         c_mean = tl.reduce(g, 1, _add) / H
         dxv = (g - xhat * c_xhat[:, None] - c_mean[:, None]) * r[:, None]
-        tl.store(dx + offsets, dxv.to(dx.dtype.element_ty), mask=mask)
+        dxv = dxv.to(dx.dtype.element_ty)
+        if RESIDUAL:
+            dxv = (dxv.to(tl.float32) + tl.load(dres + offsets, mask=mask, other=0.0).to(tl.float32)).to(dx.dtype.element_ty)
+        tl.store(dx + offsets, dxv, mask=mask)
         dw_acc += tl.reduce(dyv * xhat, 0, _add)
         db_acc += tl.reduce(dyv, 0, _add)
     tl.store(dw_part + pid * H + cols, dw_acc, mask=cols < H)

@@ -109,6 +109,16 @@ class TEEsmLayer(EsmLayerBase):
             **cp,
         )
 
+    def forward(self, x, rope, packed: PackedInfo | None = None, key_padding_mask: torch.Tensor | None = None):
+        """A BF16 layer with the exact GELU adds the attention's output to the residual stream inside its MLP's
+        LayerNorm kernels (fused_kernels.add_layer_norm): one pass over the sum fewer forward, and backward the
+        sum's two gradients are added where the LayerNorm's is written. The same arithmetic as the base forward."""
+        if self.quantized or self.activation != "gelu":
+            return super().forward(x, rope, packed, key_padding_mask)
+        attn = self.attention.proj(self.attention_output(x, rope, packed, key_padding_mask).flatten(-2))
+        s, h = fused_kernels.add_layer_norm(x, attn, self.mlp.layer_norm_weight, self.mlp.layer_norm_bias, self.eps)
+        return s + fused_kernels.gelu_mlp(h, self.mlp, "gelu")
+
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation == "gelu":
             return layer_norm_mlp(x, self.mlp, self.eps, "gelu", fused_kernels.layer_norm, fused_kernels.gelu_mlp)
