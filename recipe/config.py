@@ -149,7 +149,7 @@ class OptimizerConfig:
     # Kinds without weight decay: bias, norm (LayerNorm weights), embedding.
     no_decay: list[str] = checked(["bias", "norm"], words=("bias", "norm", "embedding"))
     # AdamW's update: triton = one Triton launch per parameter group (FP32 CUDA parameters; optim.TritonAdamW), true =
-    # torch's fused kernel, false = torch's foreach; auto = triton on CUDA for FP32 parameters (whole or FSDP2 shards),
+    # torch's fused kernel, false = torch's foreach; auto = triton on CUDA for whole (unsharded) FP32 parameters,
     # else true; false on the CPU. Any: a bool or a word (OmegaConf has no such Union).
     fused: Any = checked("auto", words=("auto", "triton"), kind=bool)
 

@@ -196,7 +196,7 @@ def build_optimizer(
 
 def adamw_kind(fused: Any, device: torch.device, model: nn.Module, triton_ok: bool = True) -> str:
     """Which AdamW `optimizer.fused` gives: "triton" (TritonAdamW), "fused" (torch's fused kernel) or "foreach".
-    auto: on CUDA, triton where Triton imports, the strategy allows it and every parameter is FP32 (whole or a
+    auto: on CUDA, triton where Triton imports, the strategy allows it and every parameter is FP32 and whole (not a
     DTensor shard), else fused; on the CPU foreach."""
     from recipe.model import rope_kernel
 
@@ -214,9 +214,10 @@ def adamw_kind(fused: Any, device: torch.device, model: nn.Module, triton_ok: bo
         return "fused" if fused else "foreach"
     if device.type != "cuda":
         return "foreach"
-    # On DTensor shards too (docs/benchmarks.md, lever 56): torch's fused kernel there runs through DTensor's dispatch
-    # on the host, cannot take the clip, and makes the update wait for the host's finite check (guard_update).
-    return "triton" if triton_ok and fp32 and rope_kernel.available() else "fused"
+    # Not on DTensor shards: there torch's fused kernel measured faster through the trainer (docs/benchmarks.md, levers
+    # 45 and 56), though TritonAdamW updates shards correctly (optimizer.fused=triton).
+    sharded = any(hasattr(p, "to_local") for p in params)
+    return "triton" if triton_ok and fp32 and not sharded and rope_kernel.available() else "fused"
 
 
 def guard_update(optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:

@@ -168,8 +168,8 @@ os._exit(0)
 
 @pytest.mark.slow
 def test_triton_adamw_updates_fsdp2_shards_as_torch_adamw(tmp_path):
-    """optimizer.fused=auto picks TritonAdamW for FSDP2's DTensor shards too (lever 56): two gloo processes, the kernel
-    through Triton's interpreter, three clipped steps on shards (some uneven) give torch AdamW's parameters."""
+    """optimizer.fused=triton on FSDP2's DTensor shards: two gloo processes, the kernel through Triton's interpreter,
+    three clipped steps on shards (some uneven) give torch AdamW's parameters."""
     import sys
 
     from tests.conftest import ROOT, run_cmd
