@@ -74,7 +74,7 @@ def resolved_model_config(cfg: DictConfig, info: DistInfo) -> EsmConfig:
         prepare_config(cfg)  # refuses what transformers' model cannot do; padded batches
     check_context_parallel(cfg.cp_size, info.world_size, info.device.type, mcfg.backend, cfg.dataset.layout)
     cfg.model.rope_kernel = resolve_rope_kernel(cfg.model.rope_kernel, mcfg.backend, cfg.cp_size)
-    cfg.model.attention_kernel = resolve_attention_kernel(cfg.model.attention_kernel, mcfg, info.device)
+    cfg.model.attention_kernel = resolve_attention_kernel(cfg.model.attention_kernel, mcfg, info.device, cfg.cp_size)
     if cfg.dataset.pad_to_multiple_of == "auto":
         multiple, why = config_lib.pad_multiple(cfg)
         log.info("dataset.pad_to_multiple_of=auto picked %d: %s", multiple, why)
@@ -116,27 +116,45 @@ def resolve_rope_kernel(kernel: str, backend: str, cp_size: int) -> str:
     return kernel
 
 
-# Head dims at which our Triton attention beat FlashAttention-2 on an H200 (docs/benchmarks.md, levers 50 and 52).
-TRITON_ATTENTION_HEAD_DIMS = (16, 24, 32, 64)
+# Head dims at which our Triton attention was faster on an H200, per backend: than FlashAttention-2 (torch; levers 50
+# and 52), than TE's cuDNN attention (te; lever 58). Elsewhere auto keeps the backend's own kernel.
+TRITON_ATTENTION_HEAD_DIMS = {"torch": (16, 24, 32, 64), "te": (64,)}
+OWN_ATTENTION = {"torch": "flash", "te": "te"}  # each backend's attention when not ours
 
 
-def resolve_attention_kernel(kernel: str, mcfg: EsmConfig, device: torch.device) -> str:
-    """model.attention_kernel: `auto` -> triton for the torch backend on CUDA at the head dims where it was faster and
-    Triton imports, else flash (logged); an explicit triton needs all three (the torch backend, CUDA, Triton)."""
+def resolve_attention_kernel(kernel: str, mcfg: EsmConfig, device: torch.device, cp_size: int = 1) -> str:
+    """model.attention_kernel: `auto` -> triton on CUDA at the head dims where it was faster for the backend (te: without
+    context parallelism, whose attention is TE's) and Triton imports, else the backend's own (logged); an explicit
+    kernel must be one the backend runs, and triton needs CUDA and Triton (a ConfigError, never a silent swap)."""
     from recipe.model import rope_kernel
 
+    own = OWN_ATTENTION.get(mcfg.backend)
+    if own is None or device.type != "cuda":
+        return OWN_ATTENTION.get(mcfg.backend, "flash") if kernel == "auto" else _checked_kernel(kernel, mcfg, device, cp_size)
     if kernel == "auto":
-        if mcfg.backend != "torch" or device.type != "cuda":
-            return "flash"  # unused
+        dims = TRITON_ATTENTION_HEAD_DIMS[mcfg.backend]
         why: str | None = None
-        if mcfg.head_dim not in TRITON_ATTENTION_HEAD_DIMS:
-            why = f"head dim {mcfg.head_dim} (ours is faster at {', '.join(map(str, TRITON_ATTENTION_HEAD_DIMS))})"
+        if mcfg.head_dim not in dims:
+            why = f"head dim {mcfg.head_dim} (ours is faster at {', '.join(map(str, dims))} with the {mcfg.backend} backend)"
+        elif cp_size > 1:
+            why = f"context parallelism (cp_size={cp_size}) needs TE's attention"
         elif not rope_kernel.available():
             why = "Triton is not installed"
-        return auto_pick("model.attention_kernel", "triton", "flash", why)
+        return auto_pick("model.attention_kernel", "triton", own, why)
+    return _checked_kernel(kernel, mcfg, device, cp_size)
+
+
+def _checked_kernel(kernel: str, mcfg: EsmConfig, device: torch.device, cp_size: int) -> str:
+    """An explicit model.attention_kernel, refused where it cannot run."""
+    from recipe.model import rope_kernel
+
+    if kernel in ("flash", "te") and mcfg.backend in OWN_ATTENTION and kernel != OWN_ATTENTION[mcfg.backend]:
+        raise config_lib.ConfigError(f"model.attention_kernel={kernel} is not the {mcfg.backend} backend's: use "
+                                     f"{OWN_ATTENTION[mcfg.backend]}, triton or auto")  # fmt: skip
     if kernel == "triton":
-        why = (f"the torch backend (resolved: {mcfg.backend}; the te backend runs TE's attention)"
-               if mcfg.backend != "torch" else "a CUDA GPU" if device.type != "cuda" else
+        why = (f"the torch or te backend (resolved: {mcfg.backend})" if mcfg.backend not in OWN_ATTENTION else
+               "a CUDA GPU" if device.type != "cuda" else
+               f"cp_size 1 (context parallelism runs TE's attention; cp_size={cp_size})" if cp_size > 1 else
                "Triton (pip install triton)" if not rope_kernel.available() else None)  # fmt: skip
         if why:
             raise config_lib.ConfigError(f"model.attention_kernel=triton needs {why}: leave model.attention_kernel=auto")

@@ -91,11 +91,13 @@ class ModelConfig:
     # (te backend, cp_size 1, Triton importable), else te; the start-up log and the run's saved config.yaml record the
     # pick. Measured: docs/benchmarks.md.
     rope_kernel: str = checked("auto", words=("auto", "te", "triton"))
-    # The torch backend's packed (THD) attention on CUDA. flash = PyTorch's FlashAttention-2 (varlen_attn); triton =
-    # our kernels (recipe/model/attention.py); auto = triton at head dims 16, 24, 32 and 64 where Triton imports
-    # (faster there), else flash; logged and saved in the run's config.yaml. Measured: docs/benchmarks.md. The te backend
-    # runs TE's attention and the CPU PyTorch's SDPA whatever this says.
-    attention_kernel: str = checked("auto", words=("auto", "flash", "triton"))
+    # Packed (THD) attention on CUDA. triton = our kernels (recipe/model/attention.py), either backend (te: without
+    # context parallelism); flash = PyTorch's FlashAttention-2 (varlen_attn), torch backend; te = TE's
+    # DotProductAttention (cuDNN), te backend. auto = triton where it was measured faster and Triton imports (torch
+    # backend: head dims 16, 24, 32, 64 against FA2; te backend: head dim 64 against cuDNN, cp_size 1), else the
+    # backend's own (flash, te); logged and saved in the run's config.yaml. Measured: docs/benchmarks.md. The CPU runs
+    # PyTorch's SDPA whatever this says.
+    attention_kernel: str = checked("auto", words=("auto", "flash", "te", "triton"))
     # A local Hugging Face ESM-2 directory to start from (continued pretraining); its shape wins over model.size, and
     # shape keys given with it are an error.
     init_from: str | None = None

@@ -427,24 +427,35 @@ def test_prefetch_factor_auto_covers_two_steps_of_micro_batches(overrides, facto
 
 
 @pytest.mark.parametrize(
-    "kernel, backend, size, device, expected",
+    "kernel, backend, size, device, expected, cp_size",
     [
-        ("auto", "torch", "8M", "cuda", "triton"),  # head dim 16
-        ("auto", "torch", "150M", "cuda", "triton"),  # 32
-        ("auto", "torch", "35M", "cuda", "triton"),  # 24: faster once its loads were 16 bytes wide (lever 52)
-        ("auto", "torch", "15B", "cuda", "flash"),  # 128: not measured
-        ("auto", "torch", "8M", "cpu", "flash"),
-        ("auto", "te", "8M", "cuda", "flash"),
-        ("flash", "torch", "8M", "cuda", "flash"),
-        ("triton", "torch", "35M", "cuda", "triton"),
-        ("triton", "te", "8M", "cuda", "model.attention_kernel=triton needs the torch backend"),
-        ("triton", "torch", "8M", "cpu", "model.attention_kernel=triton needs a CUDA GPU"),
+        ("auto", "torch", "8M", "cuda", "triton", 1),  # head dim 16
+        ("auto", "torch", "150M", "cuda", "triton", 1),  # 32
+        ("auto", "torch", "35M", "cuda", "triton", 1),  # 24: faster once its loads were 16 bytes wide (lever 52)
+        ("auto", "torch", "15B", "cuda", "flash", 1),  # 128: not measured
+        ("auto", "torch", "8M", "cpu", "flash", 1),
+        ("auto", "te", "8M", "cuda", "te", 1),  # head dim 16: TE's attention
+        ("auto", "te", "650M", "cuda", "triton", 1),  # 64: faster than TE's cuDNN (lever 58)
+        ("auto", "te", "3B", "cuda", "triton", 1),
+        ("auto", "te", "15B", "cuda", "te", 1),  # 128: not measured
+        ("auto", "te", "650M", "cuda", "te", 2),  # context parallelism: TE's attention
+        ("auto", "te", "650M", "cpu", "te", 1),
+        ("flash", "torch", "8M", "cuda", "flash", 1),
+        ("te", "te", "650M", "cuda", "te", 1),
+        ("triton", "torch", "35M", "cuda", "triton", 1),
+        ("triton", "te", "8M", "cuda", "triton", 1),
+        ("triton", "te", "650M", "cuda", "model.attention_kernel=triton needs cp_size 1", 2),
+        ("triton", "hf", "8M", "cuda", "model.attention_kernel=triton needs the torch or te backend", 1),
+        ("triton", "torch", "8M", "cpu", "model.attention_kernel=triton needs a CUDA GPU", 1),
+        ("flash", "te", "650M", "cuda", "model.attention_kernel=flash is not the te backend's", 1),
+        ("te", "torch", "8M", "cuda", "model.attention_kernel=te is not the torch backend's", 1),
     ],
 )
-def test_attention_kernel_auto_picks_triton_where_it_was_faster(kernel, backend, size, device, expected):
-    """model.attention_kernel=auto: our Triton attention for the torch backend on CUDA at head dims 16, 24, 32 and 64
-    (measured faster than FA2, docs/benchmarks.md levers 50 and 52), FA2 elsewhere; an explicit triton where it cannot run is
-    a ConfigError, not a silent FA2 (needs Triton: the dev extra has it)."""
+def test_attention_kernel_auto_picks_triton_where_it_was_faster(kernel, backend, size, device, expected, cp_size):
+    """model.attention_kernel=auto: our Triton attention on CUDA where it was measured faster than the backend's own
+    (torch: FA2 at head dims 16, 24, 32 and 64, levers 50 and 52; te: TE's cuDNN at 64 without context parallelism,
+    lever 58), the backend's own elsewhere; an explicit kernel where it cannot run is a ConfigError, not a silent swap
+    (needs Triton: the dev extra has it)."""
     import torch
 
     from recipe.build import resolve_attention_kernel
@@ -454,6 +465,6 @@ def test_attention_kernel_auto_picks_triton_where_it_was_faster(kernel, backend,
     mcfg = dataclasses.replace(EsmConfig.from_size(size), backend=backend)
     if expected.startswith("model."):
         with pytest.raises(ConfigError, match=re.escape(expected)):
-            resolve_attention_kernel(kernel, mcfg, torch.device(device))
+            resolve_attention_kernel(kernel, mcfg, torch.device(device), cp_size)
     else:
-        assert resolve_attention_kernel(kernel, mcfg, torch.device(device)) == expected
+        assert resolve_attention_kernel(kernel, mcfg, torch.device(device), cp_size) == expected

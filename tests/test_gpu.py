@@ -15,6 +15,7 @@ from conftest import BUNDLED_VAL, ROOT, read_metrics, rel_err, te_available, tor
 from recipe.data.dataset import BatchSettings, MLMBatches
 from recipe.data.sources import load_sequences
 from recipe.model import EsmConfig, build_model
+from recipe.model.config import Runtime
 
 pytestmark = pytest.mark.gpu
 
@@ -105,10 +106,12 @@ def test_varlen_attention_matches_padded_reference(kernel):
 
 
 @needs_te
-@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
-def test_te_backend_against_torch(batch, activation):
+@pytest.mark.parametrize("activation, attention_kernel", [("gelu", "te"), ("gelu_tanh", "te"), ("gelu", "triton")])
+def test_te_backend_against_torch(batch, activation, attention_kernel):
+    """The te backend's logits against the torch backend's, with TE's attention or ours (model.attention_kernel)."""
     torch_model = build_model(EsmConfig.from_size("8M", backend="torch"), device="cuda", seed=0).eval()
-    te_model = build_model(EsmConfig.from_size("8M", backend="te", activation=activation), device="cuda", seed=None).eval()
+    te_model = build_model(EsmConfig.from_size("8M", backend="te", activation=activation), device="cuda", seed=None,
+                           runtime=Runtime(attention_kernel=attention_kernel)).eval()  # fmt: skip
     result = te_model.load_state_dict(torch_model.state_dict(), strict=False)
     assert not result.unexpected_keys and all(k.endswith("_extra_state") for k in result.missing_keys)
     ref32 = forward(torch_model, batch, torch.float32)
@@ -117,7 +120,8 @@ def test_te_backend_against_torch(batch, activation):
     err = rel_err(real_tokens(batch, out.logits), real_tokens(batch, ref.logits))
     err32 = rel_err(real_tokens(batch, out.logits), real_tokens(batch, ref32.logits))
     print(
-        f"\n  te backend ({activation}) vs torch backend, bf16: logits relative error {err:.2e} (vs torch fp32: {err32:.2e}); "
+        f"\n  te backend ({activation}, {attention_kernel} attention) vs torch backend, bf16: logits relative error "
+        f"{err:.2e} (vs torch fp32: {err32:.2e}); "
         f"loss te {out.loss.item():.5f}, torch bf16 {ref.loss.item():.5f}, torch fp32 {ref32.loss.item():.5f}"
     )
     assert err < 3e-2 and err32 < 3e-2
@@ -150,8 +154,6 @@ def test_fp8_te_layers_keep_no_fp8_weight_copies(batch, recipe_name):
     """Quantized te layers outside FSDP2 quantize their weights again in backward rather than keep the forward's FP8
     copies (te_layers.requantize_weight_in_backward), and compute the same loss and gradients as TE's default."""
     import transformer_engine.common.recipe as te_recipe
-
-    from recipe.model.config import Runtime
 
     cfg = EsmConfig.from_size("8M", backend="te", activation="gelu_tanh")
     results = {}
@@ -192,7 +194,6 @@ def test_triton_rope_kernel_matches_te_rope(batch, size, monkeypatch):
     """model.rope_kernel=triton against TE's fused rope in the same te model: logits, loss and every gradient; each
     layer's QKV bias gradient summed by the rope's backward kernel (rope_kernel.linear_rope_qkv)."""
     from recipe.model import rope_kernel
-    from recipe.model.config import Runtime
 
     sums = []
     record_calls(monkeypatch, rope_kernel, "_backward", lambda *a, **k: sums.append(k["bias"]))

@@ -105,4 +105,6 @@ class Runtime:
     amax_group: Any = None  # process group over which FP8 amaxes are reduced (all ranks)
     check_inputs: bool = True
     rope_kernel: str = "te"  # te backend: "te" (TE's fused THD rope) or "triton" (recipe/model/rope_kernel.py)
-    attention_kernel: str = "flash"  # torch backend, packed on CUDA: "flash" (varlen_attn) or "triton" (attention.py)
+    # Packed attention on CUDA: "triton" (attention.py) or the backend's own, "flash" (torch: varlen_attn) or "te" (TE's
+    # DotProductAttention); the te backend takes "flash" as "te"
+    attention_kernel: str = "flash"

@@ -88,6 +88,8 @@ class EsmForMaskedLM(nn.Module):
             raise ValueError("context parallelism and FP8/FP4 layers need the te backend (TransformerEngine)")
         if runtime.rope_kernel != "te" and (config.backend != "te" or cp.size > 1):
             raise ValueError(f"rope_kernel={runtime.rope_kernel} is for the te backend without context parallelism")
+        if runtime.attention_kernel == "triton" and cp.size > 1:
+            raise ValueError("attention_kernel=triton runs without context parallelism (TE's attention splits sequences)")
         if recipes is not None and len(recipes) != config.num_layers:
             raise ValueError(f"{len(recipes)} layer recipes for {config.num_layers} layers")
         h = config.hidden_size
@@ -98,7 +100,7 @@ class EsmForMaskedLM(nn.Module):
         layer_kw: dict[str, Any] = {"context_parallel": cp, "cp_stream": torch.cuda.Stream()} if cp.size > 1 else {}
         if config.backend == "te":
             layer_kw["rope_kernel"] = runtime.rope_kernel
-        elif config.backend == "torch":
+        if config.backend in ("te", "torch"):
             layer_kw["attention_kernel"] = runtime.attention_kernel
         layers = []
         for i, ctx in enumerate(contexts):

@@ -1,5 +1,6 @@
 """The ESM-2 layer on TransformerEngine (THD input only; the model unpads BSHD before the layers): TE's cuDNN
-attention in every layer, TE's projections and MLP in the layers the precision plan quantizes.
+attention or our Triton attention (attention_kernel) in every layer, TE's projections and MLP in the layers the
+precision plan quantizes.
 
 Parameter names equal the torch backend's (see layers.py), so state dicts move between backends as they are.
 TE's fused LayerNormMLP only knows the tanh GELU. With `activation: gelu` (ESM-2's exact erf GELU, the default)
@@ -23,6 +24,7 @@ from recipe.model.layers import (
     Linear,
     PackedInfo,
     layer_norm_mlp,
+    packed_attention,
     rotary_inv_freq,
 )
 
@@ -67,6 +69,7 @@ class TEEsmLayer(EsmLayerBase):
         cp_stream=None,
         quantized: bool = False,
         rope_kernel: str = "te",
+        attention_kernel: str = "te",
     ):
         super().__init__(config)
         import transformer_engine.pytorch as te
@@ -75,6 +78,7 @@ class TEEsmLayer(EsmLayerBase):
         device = device if device is not None else "cuda"
         kw = dict(params_dtype=dtype or torch.float32, device=device)
         self.eps, self.activation, self.rope_kernel, self.quantized = eps, config.activation, rope_kernel, quantized
+        self.attention_kernel = attention_kernel
         if quantized:
             qkv, proj = te.LayerNormLinear(h, 3 * h, eps=eps, bias=True, **kw), te.Linear(h, h, bias=True, **kw)
         else:
@@ -143,8 +147,12 @@ class TEEsmLayer(EsmLayerBase):
         return self.attend_rotated(q, k, v, packed)
 
     def attend_rotated(self, q, k, v, packed: PackedInfo | None):
-        """TE's attention over q, k, v [T, H, D] (rotated) within each packed sequence."""
+        """Attention over q, k, v [T, H, D] (rotated) within each packed sequence: TE's, or with attention_kernel=triton
+        ours (layers.packed_attention; faster than TE's cuDNN kernels at head dim 64, docs/benchmarks.md lever 58).
+        TE's module is built either way: it holds no weights, and the state dict keeps one layout."""
         packed = require_packed(packed)
+        if self.attention_kernel == "triton":
+            return packed_attention(q, k, v, packed, "triton")
         cu, cu_pad = packed.cu_seqlens, packed.cu_seqlens_padded
         out = self.core_attention(
             q,
