@@ -65,67 +65,7 @@ def test_clip_folded_into_fused_adamw_gives_clip_then_step(max_norm, scale, fuse
         assert torch.equal(p1, p0) and torch.equal(g1, g0)
 
 
-ACCUMULATION_SCRIPT = """
-import os
-import sys
-import torch
-import torch.distributed as dist
-sys.path.insert(0, {root!r})
-from recipe.model import EsmConfig, build_model
-from recipe.parallel import DistInfo, FSDP2Strategy, setup_mesh
-
-dist.init_process_group("gloo")
-rank = dist.get_rank()
-info = DistInfo(rank, 2, rank, torch.device("cpu"))
-setup_mesh(info, 1, "p2p")
-grads = {{}}
-for reduce_every in (True, False):
-    strategy = FSDP2Strategy(info, torch.bfloat16, reduce_every_micro_batch=reduce_every)  # BF16 compute, FP32 reduce
-    model = strategy.wrap(build_model(EsmConfig.from_size("tiny", backend="torch"), seed=0))
-    whole = []
-    for i in range(2):
-        gen = torch.Generator().manual_seed(10 * i + rank)
-        ids = torch.randint(4, 24, (30,), generator=gen)
-        batch = dict(input_ids=ids, cu_seqlens=torch.tensor([0, 12, 30], dtype=torch.int32), max_seqlen=18, labels=ids)
-        with strategy.sync_gradients(model, i == 1):
-            model(**batch).loss.backward()
-        if i == 0:  # after the first micro-batch: whole FP32 gradients kept for accumulation, or none
-            states = [m._get_fsdp_state()._fsdp_param_group for m in model.layers]
-            whole.append(any(getattr(fp, "unsharded_accumulated_grad", None) is not None
-                             for g in states for fp in g.fsdp_params))
-    grads[reduce_every] = ([p.grad.to_local().clone() for p in model.parameters()], whole[0])
-(sharded, kept_a), (deferred, kept_b) = grads[True], grads[False]
-same = all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(sharded, deferred))
-results = [None, None]
-dist.all_gather_object(results, (rank, kept_a, kept_b, same))
-if rank == 0:  # one process prints: two printing at once can interleave their lines
-    for r in results:
-        print("ACCUM", *r, flush=True)
-dist.barrier()  # no rank tears down gloo while the other still uses it (it aborts)
-dist.destroy_process_group()
-sys.stdout.flush()
-os._exit(0)  # what the test reads is printed: skip the interpreter's teardown of gloo's threads, which aborted once under load
-"""
-
-
-@pytest.mark.slow
-def test_fsdp2_accumulates_gradient_shards_by_default(tmp_path):
-    """fsdp.reduce_every_micro_batch (default true): with two gloo processes and two micro-batches, FSDP2 keeps no
-    whole FP32 gradients between the micro-batches (false keeps them, 4 bytes per parameter on every rank: 60 GB at
-    15B), and both give the same gradients to float rounding."""
-    import sys
-
-    from tests.conftest import ROOT, run_cmd
-
-    script = tmp_path / "accumulate.py"
-    script.write_text(ACCUMULATION_SCRIPT.format(root=str(ROOT)))
-    r = run_cmd([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)], timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
-    lines = sorted(x.split()[1:] for x in r.stdout.splitlines() if x.startswith("ACCUM"))
-    assert lines == [["0", "False", "True", "True"], ["1", "False", "True", "True"]], r.stdout[-2000:]
-
-
-SHARDED_ADAMW_SCRIPT = """
+TWO_GLOO_RANKS = """
 import os
 import sys
 import torch
@@ -139,30 +79,89 @@ dist.init_process_group("gloo")
 rank = dist.get_rank()
 info = DistInfo(rank, 2, rank, torch.device("cpu"))
 setup_mesh(info, 1, "p2p")
-final = {{}}
+
+
+def tiny_batch(seed):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 24, (30,), generator=gen)
+    return dict(input_ids=ids, cu_seqlens=torch.tensor([0, 12, 30], dtype=torch.int32), max_seqlen=18, labels=ids)
+
+
+{body}
+dist.barrier()  # no rank tears down gloo while the other still uses it (it aborts)
+dist.destroy_process_group()
+sys.stdout.flush()
+os._exit(0)  # what the test reads is printed: skip the interpreter's teardown of gloo's threads, which aborted once under load
+"""
+
+
+def run_two_gloo_ranks(tmp_path, body: str, env: dict | None = None) -> str:
+    """`body` run by two gloo processes (torchrun) after TWO_GLOO_RANKS' set-up (a 2-rank FSDP2 mesh, `tiny_batch`);
+    returns their output (rank 0 prints what a test reads: two printing at once can interleave their lines)."""
+    import sys
+
+    from tests.conftest import ROOT, run_cmd
+
+    script = tmp_path / "two_ranks.py"
+    script.write_text(TWO_GLOO_RANKS.format(root=str(ROOT), body=body))
+    r = run_cmd([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+                timeout=240, env=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+ACCUMULATION = """
+grads = {}
+for reduce_every in (True, False):
+    strategy = FSDP2Strategy(info, torch.bfloat16, reduce_every_micro_batch=reduce_every)  # BF16 compute, FP32 reduce
+    model = strategy.wrap(build_model(EsmConfig.from_size("tiny", backend="torch"), seed=0))
+    whole = []
+    for i in range(2):
+        with strategy.sync_gradients(model, i == 1):
+            model(**tiny_batch(10 * i + rank)).loss.backward()
+        if i == 0:  # after the first micro-batch: whole FP32 gradients kept for accumulation, or none
+            states = [m._get_fsdp_state()._fsdp_param_group for m in model.layers]
+            whole.append(any(getattr(fp, "unsharded_accumulated_grad", None) is not None
+                             for g in states for fp in g.fsdp_params))
+    grads[reduce_every] = ([p.grad.to_local().clone() for p in model.parameters()], whole[0])
+(sharded, kept_a), (deferred, kept_b) = grads[True], grads[False]
+same = all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(sharded, deferred))
+results = [None, None]
+dist.all_gather_object(results, (rank, kept_a, kept_b, same))
+if rank == 0:
+    for r in results:
+        print("ACCUM", *r, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_fsdp2_accumulates_gradient_shards_by_default(tmp_path):
+    """fsdp.reduce_every_micro_batch (default true): with two gloo processes and two micro-batches, FSDP2 keeps no
+    whole FP32 gradients between the micro-batches (false keeps them, 4 bytes per parameter on every rank: 60 GB at
+    15B), and both give the same gradients to float rounding."""
+    out = run_two_gloo_ranks(tmp_path, ACCUMULATION)
+    lines = sorted(x.split()[1:] for x in out.splitlines() if x.startswith("ACCUM"))
+    assert lines == [["0", "False", "True", "True"], ["1", "False", "True", "True"]], out[-2000:]
+
+
+SHARDED_ADAMW = """
+final = {}
 for kind in ("triton", "torch"):
     strategy = FSDP2Strategy(info, torch.float32)
     model = strategy.wrap(build_model(EsmConfig.from_size("tiny", backend="torch"), seed=0))
     params = list(model.parameters())
     uneven = any(p.to_local().numel() * 2 != p.numel() for p in params)
     cls = TritonAdamW if kind == "triton" else torch.optim.AdamW
-    opt = cls([{{"params": params, "weight_decay": 0.01}}], lr=1e-2, betas=(0.9, 0.98), eps=1e-8)
+    opt = cls([{"params": params, "weight_decay": 0.01}], lr=1e-2, betas=(0.9, 0.98), eps=1e-8)
     for step in range(3):
-        gen = torch.Generator().manual_seed(10 * step + rank)
-        ids = torch.randint(4, 24, (30,), generator=gen)
-        batch = dict(input_ids=ids, cu_seqlens=torch.tensor([0, 12, 30], dtype=torch.int32), max_seqlen=18, labels=ids)
-        model(**batch).loss.backward()
+        model(**tiny_batch(10 * step + rank)).loss.backward()
         strategy.clip_grad_norm(model, 0.5, opt)  # folded into TritonAdamW's update; torch's clips first
         opt.step()
         opt.zero_grad(set_to_none=True)
-    final[kind] = [p.full_tensor().clone() for p in params]
+    final[kind] = [p.full_tensor().detach().clone() for p in params]
 diff = max(float((a - b).abs().max()) for a, b in zip(final["triton"], final["torch"]))
 if rank == 0:
     print("SHARDED", uneven, diff, flush=True)
-dist.barrier()
-dist.destroy_process_group()
-sys.stdout.flush()
-os._exit(0)
 """
 
 
@@ -170,16 +169,8 @@ os._exit(0)
 def test_triton_adamw_updates_fsdp2_shards_as_torch_adamw(tmp_path):
     """optimizer.fused=triton on FSDP2's DTensor shards: two gloo processes, the kernel through Triton's interpreter,
     three clipped steps on shards (some uneven) give torch AdamW's parameters."""
-    import sys
-
-    from tests.conftest import ROOT, run_cmd
-
     pytest.importorskip("triton")
-    script = tmp_path / "sharded_adamw.py"
-    script.write_text(SHARDED_ADAMW_SCRIPT.format(root=str(ROOT)))
-    r = run_cmd([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
-                timeout=240, env={"TRITON_INTERPRET": "1"})  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
-    line = next(x for x in r.stdout.splitlines() if x.startswith("SHARDED")).split()
+    out = run_two_gloo_ranks(tmp_path, SHARDED_ADAMW, env={"TRITON_INTERPRET": "1"})
+    line = next(x for x in out.splitlines() if x.startswith("SHARDED")).split()
     assert line[1] == "True", "no parameter was sharded unevenly: the test lost a case"
-    assert float(line[2]) < 1e-5, r.stdout[-2000:]
+    assert float(line[2]) < 1e-5, out[-2000:]
