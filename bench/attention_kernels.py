@@ -1,11 +1,12 @@
 """Packed (THD) attention kernels side by side at each ESM-2 size's head count and head dim, on real Swiss-Prot
 packings: FlashAttention-2 (`torch.nn.attention.varlen.varlen_attn`, what the torch backend ran), our Triton
 kernels (`triton`: recipe/model/attention.py, launch settings --fwd and --bwd), TransformerEngine's
-`DotProductAttention` (cuDNN, what the te backend runs), cuDNN's ragged attention through PyTorch's private ATen
-ops (`aten._cudnn_attention_forward/backward` with cumulative sequence lengths, the path of nested-tensor SDPA;
-`varlen_attn` has it switched off), and PyTorch's FlexAttention over the packed tokens as one sequence with a
-document mask (compiled; the block mask's build, once per micro-batch for all layers, timed apart). Forward plus
-backward of one layer's attention, and the largest difference of each kernel's output and gradients from FA2's.
+`DotProductAttention` (cuDNN, what the te backend runs at head dims other than 64 and under context parallelism),
+cuDNN's ragged attention through PyTorch's private ATen ops (`aten._cudnn_attention_forward/backward` with
+cumulative sequence lengths, the path of nested-tensor SDPA; `varlen_attn` has it switched off), and PyTorch's
+FlexAttention over the packed tokens as one sequence with a document mask (compiled; the block mask's build, once
+per micro-batch for all layers, timed apart). Forward plus backward of one layer's attention, and the largest
+difference of each kernel's output and gradients from FA2's.
 
     python bench/attention_kernels.py --data .device/data/swissprot14_train_100k.fasta.xz --sizes 8M 35M 150M 650M
     python bench/attention_kernels.py --data ... --sizes 8M 35M 150M --kernels flash2 triton flex flex_bs64 flex_ranges

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from recipe.build import resolve_rope_kernel  # noqa: E402
+from recipe.build import resolve_attention_kernel, resolve_rope_kernel  # noqa: E402
 from recipe.data.dataset import BatchSettings, MLMBatches  # noqa: E402
 from recipe.data.sources import load_sequences  # noqa: E402
 from recipe.model import EsmConfig, Runtime, build_model  # noqa: E402
@@ -146,8 +146,10 @@ def make_model(size: str, impl: str):
     if impl in FP8_ROWS:
         cfg = dataclasses.replace(cfg, activation="gelu_tanh")
     recipes = tuple(fp8_layer_recipes(impl, cfg.num_layers)) if impl in FP8_ROWS else None
-    # The rope kernel the trainer's model.rope_kernel=auto picks (Triton's for the te backend when it imports).
-    runtime = Runtime(layer_recipes=recipes, check_inputs=False, rope_kernel=resolve_rope_kernel("auto", cfg.backend, 1))
+    # The rope and attention kernels the trainer's `auto` picks (Triton's where they were faster and Triton imports).
+    attention = resolve_attention_kernel("auto", cfg, torch.device("cuda")) if impl != "hf" else "flash"
+    runtime = Runtime(layer_recipes=recipes, check_inputs=False, rope_kernel=resolve_rope_kernel("auto", cfg.backend, 1),
+                      attention_kernel=attention)  # fmt: skip
     model = hf_model(cfg) if impl == "hf" else build_model(cfg, device="cuda", seed=0, runtime=runtime)
     if "_bf16params" in impl:
         model.to(torch.bfloat16)

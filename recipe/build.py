@@ -125,35 +125,45 @@ OWN_ATTENTION = {"torch": "flash", "te": "te"}  # each backend's attention when 
 def resolve_attention_kernel(kernel: str, mcfg: EsmConfig, device: torch.device, cp_size: int = 1) -> str:
     """model.attention_kernel: `auto` -> triton on CUDA at the head dims where it was faster for the backend (te: without
     context parallelism, whose attention is TE's) and Triton imports, else the backend's own (logged); an explicit
-    kernel must be one the backend runs, and triton needs CUDA and Triton (a ConfigError, never a silent swap)."""
+    kernel must be one the backend runs, and triton needs CUDA and Triton (a ConfigError, never a silent swap). `flash`
+    with the te backend is what `auto` resolved to there before the te backend could run ours (a run's saved
+    config.yaml may hold it): TE's attention, said in the log. The hf backend runs transformers' attention whatever
+    `auto` resolves to."""
     from recipe.model import rope_kernel
 
     own = OWN_ATTENTION.get(mcfg.backend)
+    if kernel == "flash" and mcfg.backend == "te":
+        log.warning("model.attention_kernel=flash with the te backend: TE's attention (te; flash is the torch backend's)")
+        return "te"
+    if kernel != "auto":
+        return _checked_kernel(kernel, mcfg, device, cp_size)
     if own is None or device.type != "cuda":
-        return OWN_ATTENTION.get(mcfg.backend, "flash") if kernel == "auto" else _checked_kernel(kernel, mcfg, device, cp_size)
-    if kernel == "auto":
-        dims = TRITON_ATTENTION_HEAD_DIMS[mcfg.backend]
-        why: str | None = None
-        if mcfg.head_dim not in dims:
-            why = f"head dim {mcfg.head_dim} (ours is faster at {', '.join(map(str, dims))} with the {mcfg.backend} backend)"
-        elif cp_size > 1:
-            why = f"context parallelism (cp_size={cp_size}) needs TE's attention"
-        elif not rope_kernel.available():
-            why = "Triton is not installed"
-        return auto_pick("model.attention_kernel", "triton", own, why)
-    return _checked_kernel(kernel, mcfg, device, cp_size)
+        return own or "flash"  # unused: the hf backend, or the CPU (PyTorch's SDPA)
+    dims = TRITON_ATTENTION_HEAD_DIMS[mcfg.backend]
+    why: str | None = None
+    if mcfg.head_dim not in dims:
+        why = f"head dim {mcfg.head_dim} (ours is faster at {', '.join(map(str, dims))} with the {mcfg.backend} backend)"
+    elif cp_size > 1:
+        why = f"context parallelism (cp_size={cp_size}) needs TE's attention"
+    elif not rope_kernel.available():
+        why = "Triton is not installed"
+    return auto_pick("model.attention_kernel", "triton", own, why)
 
 
 def _checked_kernel(kernel: str, mcfg: EsmConfig, device: torch.device, cp_size: int) -> str:
-    """An explicit model.attention_kernel, refused where it cannot run."""
+    """An explicit model.attention_kernel, refused where it cannot run; the message names the resolved backend (which
+    model.backend=auto may have chosen)."""
     from recipe.model import rope_kernel
 
-    if kernel in ("flash", "te") and mcfg.backend in OWN_ATTENTION and kernel != OWN_ATTENTION[mcfg.backend]:
-        raise config_lib.ConfigError(f"model.attention_kernel={kernel} is not the {mcfg.backend} backend's: use "
-                                     f"{OWN_ATTENTION[mcfg.backend]}, triton or auto")  # fmt: skip
+    backend = f"the {mcfg.backend} backend (the resolved model.backend)"
+    if mcfg.backend not in OWN_ATTENTION and kernel != "flash":  # hf: flash is what auto resolves to, unused
+        raise config_lib.ConfigError(f"model.attention_kernel={kernel}: {backend} runs transformers' attention; leave "
+                                     "model.attention_kernel=auto")  # fmt: skip
+    if kernel == "te" and mcfg.backend != "te":
+        raise config_lib.ConfigError(f"model.attention_kernel=te is TE's attention, which {backend} does not run: use "
+                                     "flash or auto, or model.backend=te")  # fmt: skip
     if kernel == "triton":
-        why = (f"the torch or te backend (resolved: {mcfg.backend})" if mcfg.backend not in OWN_ATTENTION else
-               "a CUDA GPU" if device.type != "cuda" else
+        why = ("a CUDA GPU" if device.type != "cuda" else
                f"cp_size 1 (context parallelism runs TE's attention; cp_size={cp_size})" if cp_size > 1 else
                "Triton (pip install triton)" if not rope_kernel.available() else None)  # fmt: skip
         if why:

@@ -95,8 +95,8 @@ class ModelConfig:
     # context parallelism); flash = PyTorch's FlashAttention-2 (varlen_attn), torch backend; te = TE's
     # DotProductAttention (cuDNN), te backend. auto = triton where it was measured faster and Triton imports (torch
     # backend: head dims 16, 24, 32, 64 against FA2; te backend: head dim 64 against cuDNN, cp_size 1), else the
-    # backend's own (flash, te); logged and saved in the run's config.yaml. Measured: docs/benchmarks.md. The CPU runs
-    # PyTorch's SDPA whatever this says.
+    # backend's own (flash, te); logged and saved in the run's config.yaml. Measured: docs/benchmarks.md. On the CPU
+    # auto gives the backend's own and PyTorch's SDPA runs; the hf backend runs transformers' attention (auto only).
     attention_kernel: str = checked("auto", words=("auto", "flash", "te", "triton"))
     # A local Hugging Face ESM-2 directory to start from (continued pretraining); its shape wins over model.size, and
     # shape keys given with it are an error.

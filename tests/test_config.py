@@ -445,10 +445,14 @@ def test_prefetch_factor_auto_covers_two_steps_of_micro_batches(overrides, facto
         ("triton", "torch", "35M", "cuda", "triton", 1),
         ("triton", "te", "8M", "cuda", "triton", 1),
         ("triton", "te", "650M", "cuda", "model.attention_kernel=triton needs cp_size 1", 2),
-        ("triton", "hf", "8M", "cuda", "model.attention_kernel=triton needs the torch or te backend", 1),
+        ("triton", "hf", "8M", "cuda", "model.attention_kernel=triton: the hf backend", 1),
+        ("te", "hf", "8M", "cuda", "model.attention_kernel=te: the hf backend", 1),
+        ("flash", "hf", "8M", "cuda", "flash", 1),  # what auto resolves to with hf (a saved config.yaml holds it)
+        ("auto", "hf", "8M", "cuda", "flash", 1),
         ("triton", "torch", "8M", "cpu", "model.attention_kernel=triton needs a CUDA GPU", 1),
-        ("flash", "te", "650M", "cuda", "model.attention_kernel=flash is not the te backend's", 1),
-        ("te", "torch", "8M", "cuda", "model.attention_kernel=te is not the torch backend's", 1),
+        ("flash", "te", "650M", "cuda", "te", 1),  # what auto resolved to with te before lever 58: TE's, logged
+        ("te", "torch", "8M", "cuda", "model.attention_kernel=te is TE's attention, which the torch backend", 1),
+        ("te", "torch", "8M", "cpu", "model.attention_kernel=te is TE's attention, which the torch backend", 1),
     ],
 )
 def test_attention_kernel_auto_picks_triton_where_it_was_faster(kernel, backend, size, device, expected, cp_size):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from conftest import rel_err
 
-from recipe.model import fused_kernels, rope_kernel
+from recipe.model import fused_kernels, layers, rope_kernel
 
 needs_triton = pytest.mark.skipif(not rope_kernel.available(), reason="triton is in the dev extra")
 
@@ -150,6 +150,28 @@ def test_add_layer_norm_off_cuda_is_the_add_then_pytorchs_layer_norm():
     w, b = torch.rand(32) + 0.5, torch.randn(32)
     s_, y = fused_kernels.add_layer_norm(x, r, w, b, 1e-5)
     assert torch.equal(s_, x + r) and torch.equal(y, F.layer_norm(x + r, (32,), w, b, 1e-5))
+
+
+@pytest.mark.parametrize(
+    "x_dtype, r_dtype, width, kernel, fused",
+    [
+        (torch.bfloat16, torch.bfloat16, 64, "triton", True),  # a BF16 layer at the 650M/3B widths
+        (torch.float32, torch.bfloat16, 64, "triton", False),  # model.fp32_residual=true: an FP32 stream
+        (torch.bfloat16, torch.bfloat16, 64, "te", False),  # rows wider than 4096 (15B) or no Triton: TE's LayerNorm
+        (torch.bfloat16, None, 64, "triton", False),  # not under CUDA autocast
+    ],
+)
+def test_add_layer_norm_fuses_only_where_its_kernels_apply(monkeypatch, x_dtype, r_dtype, width, kernel, fused):
+    """Which path add_layer_norm takes, as on a GPU: the fused kernels for a BF16 stream under autocast where our
+    LayerNorm runs, else the add and then `layer_norm` (which picks its own kernel)."""
+    taken = []
+    monkeypatch.setattr(layers, "cuda_autocast_dtype", lambda x: None if r_dtype is None else torch.bfloat16)
+    monkeypatch.setattr(fused_kernels, "layer_norm_kernel", lambda h: kernel)
+    monkeypatch.setattr(fused_kernels._TritonAddLayerNorm, "apply", lambda *a: taken.append("fused") or (a[0], a[0]))
+    monkeypatch.setattr(fused_kernels, "layer_norm", lambda s, *a: taken.append("separate") or s)
+    x, r = torch.randn(4, width).to(x_dtype), torch.randn(4, width).to(r_dtype or torch.bfloat16)
+    fused_kernels.add_layer_norm(x, r, torch.ones(width), torch.zeros(width), 1e-5)
+    assert taken == (["fused"] if fused else ["separate"])
 
 
 @pytest.mark.parametrize("available", [True, False])

@@ -171,6 +171,8 @@ def test_triton_adamw_updates_fsdp2_shards_as_torch_adamw(tmp_path):
     three clipped steps on shards (some uneven) give torch AdamW's parameters."""
     pytest.importorskip("triton")
     out = run_two_gloo_ranks(tmp_path, SHARDED_ADAMW, env={"TRITON_INTERPRET": "1"})
-    line = next(x for x in out.splitlines() if x.startswith("SHARDED")).split()
+    lines = [x.split() for x in out.splitlines() if x.startswith("SHARDED")]
+    assert lines, f"the script printed no result: {out[-2000:]}"
+    line = lines[0]
     assert line[1] == "True", "no parameter was sharded unevenly: the test lost a case"
     assert float(line[2]) < 1e-5, out[-2000:]

@@ -33,11 +33,14 @@ class _TEModule(nn.Module):
 
 
 class _DotProductAttention(nn.Module):
+    calls = 0  # forward calls, all instances
+
     def __init__(self, *args, **kwargs):
         super().__init__()
 
     def forward(self, q, k, v, cu_seqlens_q, cu_seqlens_kv, cu_seqlens_q_padded, cu_seqlens_kv_padded, max_seqlen_q,
                 max_seqlen_kv):  # fmt: skip
+        _DotProductAttention.calls += 1
         out = layers.packed_attention(q, k, v, layers.PackedInfo(cu_seqlens_q, max_seqlen_q, q.shape[0]))
         return out.flatten(-2)
 
@@ -96,16 +99,31 @@ def run(model, ids, cu):
 needs_triton = pytest.mark.skipif(not rope_kernel.available(), reason="triton is in the dev extra")
 
 
-@pytest.mark.parametrize("kernel", ["te", pytest.param("triton", marks=needs_triton)])
-def test_te_layer_computes_what_the_torch_layer_computes(stand_in_te, kernel):
-    """Same weights, same packed batch: the te model (TE's rope path, or the Triton kernel) against the torch
-    backend, logits and every gradient, in fp32."""
+@pytest.mark.parametrize(
+    "kernel, attention_kernel",
+    [("te", "te"), pytest.param("triton", "te", marks=needs_triton), ("te", "triton"), ("te", "flash")],
+)
+def test_te_layer_computes_what_the_torch_layer_computes(stand_in_te, monkeypatch, kernel, attention_kernel):
+    """Same weights, same packed batch: the te model (TE's rope path, or the Triton kernel; TE's attention, or ours
+    through layers.packed_attention, which on the CPU runs PyTorch's SDPA) against the torch backend, logits and every
+    gradient, in fp32; and the attention that ran is the one asked for (flash, the torch backend's default, runs
+    TE's)."""
+    from recipe.model import te_layers
+
+    ours = []
+    monkeypatch.setattr(te_layers, "packed_attention", lambda *a: ours.append(a[-1]) or layers.packed_attention(*a))
+    monkeypatch.setattr(_DotProductAttention, "calls", 0)
     ids, cu = torch.randint(4, 24, (37,), generator=torch.Generator().manual_seed(0)), torch.tensor([0, 10, 25, 37]).int()
     reference = EsmForMaskedLM(dataclasses.replace(CONFIG, backend="torch"))
     init_weights(reference, 0)
-    model = EsmForMaskedLM(dataclasses.replace(CONFIG, backend="te"), device="cpu", runtime=Runtime(rope_kernel=kernel))
+    runtime = Runtime(rope_kernel=kernel, attention_kernel=attention_kernel)
+    model = EsmForMaskedLM(dataclasses.replace(CONFIG, backend="te"), device="cpu", runtime=runtime)
     init_weights(model, 0)
     (want, want_grads), (got, got_grads) = run(reference, ids, cu), run(model, ids, cu)
+    layers_run = CONFIG.num_layers
+    assert (ours, _DotProductAttention.calls) == (
+        (["triton"] * layers_run, 0) if attention_kernel == "triton" else ([], layers_run)
+    )
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert got_grads.keys() == want_grads.keys()
     for name, grad in want_grads.items():
@@ -123,3 +141,21 @@ def test_compile_with_the_te_backend_compiles_nothing_and_says_so(stand_in_te, c
         model.compile_layers()
     assert compiled == []
     assert "use_torch_compile=true with the te backend compiles nothing" in caplog.text
+
+
+def test_our_attention_refuses_what_it_cannot_run(stand_in_te):
+    """attention_kernel=triton in a te model: refused under context parallelism (at construction) and for sequences
+    laid out with gaps (cu_seqlens_padded), which only TE's attention reads; an unknown kernel name is refused too."""
+    from recipe.model.config import ContextParallel
+    from recipe.model.te_layers import TEEsmLayer
+
+    te_config = dataclasses.replace(CONFIG, backend="te")
+    with pytest.raises(ValueError, match="attention_kernel=triton runs without context parallelism"):
+        TEEsmLayer(te_config, device="cpu", context_parallel=ContextParallel(size=2), attention_kernel="triton")
+    with pytest.raises(ValueError, match="attention_kernel='trtion': flash, te or triton"):
+        EsmForMaskedLM(te_config, device="cpu", runtime=Runtime(attention_kernel="trtion"))
+    model = EsmForMaskedLM(te_config, device="cpu", runtime=Runtime(attention_kernel="triton"))
+    init_weights(model, 0)
+    ids, cu = torch.randint(4, 24, (40,), generator=torch.Generator().manual_seed(0)), torch.tensor([0, 10, 25, 37]).int()
+    with pytest.raises(ValueError, match="cu_seqlens_padded .* needs TE's attention"):
+        model(ids, cu_seqlens=cu, max_seqlen=16, cu_seqlens_padded=torch.tensor([0, 12, 28, 40]).int())

@@ -143,7 +143,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     empty sequences allowed), with a positive scale, 1/sqrt(D) by default. Returns [T, H, D] in q's dtype.
     `max_seqlen` is taken for varlen_attn's signature only: the kernels find each block's sequence from cu_seqlens.
     `fwd` and `bwd` are the kernels' launch settings. q, k and v are kept for backward: pass v as its own tensor,
-    not a view of a fused QKV projection, or all of QKV stays alive. What the torch backend's layers run with
+    not a view of a fused QKV projection, or all of QKV stays alive. What the torch and te backends' layers run with
     model.attention_kernel=triton (layers.packed_attention), at the default launch settings."""
     _check(q, k, v, cu_seqlens)
     del max_seqlen

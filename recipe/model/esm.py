@@ -88,8 +88,8 @@ class EsmForMaskedLM(nn.Module):
             raise ValueError("context parallelism and FP8/FP4 layers need the te backend (TransformerEngine)")
         if runtime.rope_kernel != "te" and (config.backend != "te" or cp.size > 1):
             raise ValueError(f"rope_kernel={runtime.rope_kernel} is for the te backend without context parallelism")
-        if runtime.attention_kernel == "triton" and cp.size > 1:
-            raise ValueError("attention_kernel=triton runs without context parallelism (TE's attention splits sequences)")
+        if runtime.attention_kernel not in ("flash", "te", "triton"):
+            raise ValueError(f"attention_kernel={runtime.attention_kernel!r}: flash, te or triton")
         if recipes is not None and len(recipes) != config.num_layers:
             raise ValueError(f"{len(recipes)} layer recipes for {config.num_layers} layers")
         h = config.hidden_size

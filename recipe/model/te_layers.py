@@ -54,11 +54,12 @@ def require_packed(packed: PackedInfo | None) -> PackedInfo:
 
 
 class TEEsmLayer(EsmLayerBase):
-    """An ESM-2 layer on TE's attention. A `quantized` layer (FP8/FP4 under the precision plan) runs its projections
-    and MLP through TE's modules, whose GEMMs quantize. A BF16 layer runs its projections through our linears: TE's
-    keep a BF16 copy of every weight for backward under autocast, ours cast the FP32 weight again there (layers.py
-    `linear`), which is the same arithmetic with less memory (docs/benchmarks.md, lever 26). Its LayerNorms run our
-    Triton kernels, or TE's for rows wider than 4096 (fused_kernels.py, levers 33 and 43)."""
+    """An ESM-2 layer on TransformerEngine: TE's attention, or ours (`attention_kernel=triton`). A `quantized` layer
+    (FP8/FP4 under the precision plan) runs its projections and MLP through TE's modules, whose GEMMs quantize. A BF16
+    layer runs its projections through our linears: TE's keep a BF16 copy of every weight for backward under autocast,
+    ours cast the FP32 weight again there (layers.py `linear`), which is the same arithmetic with less memory
+    (docs/benchmarks.md, lever 26). Its LayerNorms run our Triton kernels, or TE's for rows wider than 4096
+    (fused_kernels.py, levers 33 and 43)."""
 
     def __init__(
         self,
@@ -78,6 +79,8 @@ class TEEsmLayer(EsmLayerBase):
         device = device if device is not None else "cuda"
         kw = dict(params_dtype=dtype or torch.float32, device=device)
         self.eps, self.activation, self.rope_kernel, self.quantized = eps, config.activation, rope_kernel, quantized
+        if attention_kernel == "triton" and context_parallel is not None and context_parallel.size > 1:
+            raise ValueError("attention_kernel=triton runs without context parallelism (TE's attention splits sequences)")
         self.attention_kernel = attention_kernel
         if quantized:
             qkv, proj = te.LayerNormLinear(h, 3 * h, eps=eps, bias=True, **kw), te.Linear(h, h, bias=True, **kw)
@@ -152,6 +155,8 @@ class TEEsmLayer(EsmLayerBase):
         TE's module is built either way: it holds no weights, and the state dict keeps one layout."""
         packed = require_packed(packed)
         if self.attention_kernel == "triton":
+            if packed.cu_seqlens_padded is not None:
+                raise ValueError("cu_seqlens_padded (sequences laid out with gaps) needs TE's attention: attention_kernel=te")
             return packed_attention(q, k, v, packed, "triton")
         cu, cu_pad = packed.cu_seqlens, packed.cu_seqlens_padded
         out = self.core_attention(
