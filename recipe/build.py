@@ -136,9 +136,13 @@ def resolve_attention_kernel(kernel: str, mcfg: EsmConfig, device: torch.device,
         log.warning("model.attention_kernel=flash with the te backend: TE's attention (te; flash is the torch backend's)")
         return "te"
     if kernel != "auto":
-        return _checked_kernel(kernel, mcfg, device, cp_size)
-    if own is None or device.type != "cuda":
-        return own or "flash"  # unused: the hf backend, or the CPU (PyTorch's SDPA)
+        kernel = _checked_kernel(kernel, mcfg, device, cp_size)
+    if own is None or device.type != "cuda":  # the setting has no effect: said, and saved as the backend's own
+        where = "the hf backend runs transformers' attention" if own is None else "on the CPU PyTorch's SDPA runs"
+        log.info("model.attention_kernel=%s has no effect here: %s", kernel, where)
+        return own or "flash"
+    if kernel != "auto":
+        return kernel
     dims = TRITON_ATTENTION_HEAD_DIMS[mcfg.backend]
     why: str | None = None
     if mcfg.head_dim not in dims:
@@ -161,7 +165,7 @@ def _checked_kernel(kernel: str, mcfg: EsmConfig, device: torch.device, cp_size:
                                      "model.attention_kernel=auto")  # fmt: skip
     if kernel == "te" and mcfg.backend != "te":
         raise config_lib.ConfigError(f"model.attention_kernel=te is TE's attention, which {backend} does not run: use "
-                                     "flash or auto, or model.backend=te")  # fmt: skip
+                                     "flash or auto, or model.backend=te on a GPU with TransformerEngine")  # fmt: skip
     if kernel == "triton":
         why = ("a CUDA GPU" if device.type != "cuda" else
                f"cp_size 1 (context parallelism runs TE's attention; cp_size={cp_size})" if cp_size > 1 else

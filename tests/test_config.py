@@ -472,3 +472,21 @@ def test_attention_kernel_auto_picks_triton_where_it_was_faster(kernel, backend,
             resolve_attention_kernel(kernel, mcfg, torch.device(device), cp_size)
     else:
         assert resolve_attention_kernel(kernel, mcfg, torch.device(device), cp_size) == expected
+
+
+@pytest.mark.parametrize(
+    "kernel, backend, said",
+    [("auto", "torch", "on the CPU PyTorch's SDPA runs"), ("flash", "hf", "the hf backend runs transformers' attention")],
+)
+def test_attention_kernel_without_effect_is_said(caplog, kernel, backend, said):
+    """Where model.attention_kernel changes nothing (the CPU, the hf backend), the log says so: the saved config's
+    value alone would not tell a reader that no kernel of that name ran."""
+    import torch
+
+    from recipe.build import resolve_attention_kernel
+    from recipe.model import EsmConfig
+
+    mcfg = dataclasses.replace(EsmConfig.from_size("8M"), backend=backend)
+    with caplog.at_level("INFO", logger="recipe"):
+        resolve_attention_kernel(kernel, mcfg, torch.device("cpu" if backend == "torch" else "cuda"))
+    assert f"model.attention_kernel={kernel} has no effect here: {said}" in caplog.text
