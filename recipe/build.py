@@ -74,7 +74,8 @@ def resolved_model_config(cfg: DictConfig, info: DistInfo) -> EsmConfig:
         prepare_config(cfg)  # refuses what transformers' model cannot do; padded batches
     check_context_parallel(cfg.cp_size, info.world_size, info.device.type, mcfg.backend, cfg.dataset.layout)
     cfg.model.rope_kernel = resolve_rope_kernel(cfg.model.rope_kernel, mcfg.backend, cfg.cp_size)
-    cfg.model.attention_kernel = resolve_attention_kernel(cfg.model.attention_kernel, mcfg, info.device, cfg.cp_size)
+    cfg.model.attention_kernel = resolve_attention_kernel(cfg.model.attention_kernel, mcfg, info.device, cfg.cp_size,
+                                                          cfg.dataset.layout)  # fmt: skip
     if cfg.dataset.pad_to_multiple_of == "auto":
         multiple, why = config_lib.pad_multiple(cfg)
         log.info("dataset.pad_to_multiple_of=auto picked %d: %s", multiple, why)
@@ -122,13 +123,13 @@ TRITON_ATTENTION_HEAD_DIMS = {"torch": (16, 24, 32, 64), "te": (64,)}
 OWN_ATTENTION = {"torch": "flash", "te": "te"}  # each backend's attention when not ours
 
 
-def resolve_attention_kernel(kernel: str, mcfg: EsmConfig, device: torch.device, cp_size: int = 1) -> str:
+def resolve_attention_kernel(kernel: str, mcfg: EsmConfig, device: torch.device, cp_size: int = 1, layout: str = "thd") -> str:
     """model.attention_kernel: `auto` -> triton on CUDA at the head dims where it was faster for the backend (te: without
     context parallelism, whose attention is TE's) and Triton imports, else the backend's own (logged); an explicit
     kernel must be one the backend runs, and triton needs CUDA and Triton (a ConfigError, never a silent swap). `flash`
     with the te backend is what `auto` resolved to there before the te backend could run ours (a run's saved
-    config.yaml may hold it): TE's attention, said in the log. The hf backend runs transformers' attention whatever
-    `auto` resolves to."""
+    config.yaml may hold it): TE's attention, said in the log. Where the setting changes nothing (the CPU, the hf
+    backend, the torch backend's padded batches, which run SDPA) the log says so."""
     from recipe.model import rope_kernel
 
     own = OWN_ATTENTION.get(mcfg.backend)
@@ -137,8 +138,10 @@ def resolve_attention_kernel(kernel: str, mcfg: EsmConfig, device: torch.device,
         return "te"
     if kernel != "auto":
         kernel = _checked_kernel(kernel, mcfg, device, cp_size)
-    if own is None or device.type != "cuda":  # the setting has no effect: said, and saved as the backend's own
-        where = "the hf backend runs transformers' attention" if own is None else "on the CPU PyTorch's SDPA runs"
+    padded = layout == "bshd" and mcfg.backend == "torch"  # the te backend unpads to THD itself
+    if own is None or device.type != "cuda" or padded:  # the setting has no effect: said, and saved as the backend's own
+        where = ("the hf backend runs transformers' attention" if own is None else
+                 "on the CPU PyTorch's SDPA runs" if device.type != "cuda" else "padded batches (bshd) run SDPA")  # fmt: skip
         log.info("model.attention_kernel=%s has no effect here: %s", kernel, where)
         return own or "flash"
     if kernel != "auto":

@@ -475,10 +475,14 @@ def test_attention_kernel_auto_picks_triton_where_it_was_faster(kernel, backend,
 
 
 @pytest.mark.parametrize(
-    "kernel, backend, said",
-    [("auto", "torch", "on the CPU PyTorch's SDPA runs"), ("flash", "hf", "the hf backend runs transformers' attention")],
+    "kernel, backend, device, layout, said",
+    [
+        ("auto", "torch", "cpu", "thd", "on the CPU PyTorch's SDPA runs"),
+        ("flash", "hf", "cuda", "bshd", "the hf backend runs transformers' attention"),
+        ("auto", "torch", "cuda", "bshd", "padded batches (bshd) run SDPA"),
+    ],
 )
-def test_attention_kernel_without_effect_is_said(caplog, kernel, backend, said):
+def test_attention_kernel_without_effect_is_said(caplog, kernel, backend, device, layout, said):
     """Where model.attention_kernel changes nothing (the CPU, the hf backend), the log says so: the saved config's
     value alone would not tell a reader that no kernel of that name ran."""
     import torch
@@ -488,5 +492,6 @@ def test_attention_kernel_without_effect_is_said(caplog, kernel, backend, said):
 
     mcfg = dataclasses.replace(EsmConfig.from_size("8M"), backend=backend)
     with caplog.at_level("INFO", logger="recipe"):
-        resolve_attention_kernel(kernel, mcfg, torch.device("cpu" if backend == "torch" else "cuda"))
+        picked = resolve_attention_kernel(kernel, mcfg, torch.device(device), layout=layout)
     assert f"model.attention_kernel={kernel} has no effect here: {said}" in caplog.text
+    assert picked == "flash" and "picked triton" not in caplog.text
