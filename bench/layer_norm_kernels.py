@@ -36,7 +36,7 @@ def kernels(fwd_warps: list[int], bwd: list[tuple[int, int]]) -> dict:
     def triton(rows, fwd_w, bwd_w):
         def run(x, w, b):
             fused_kernels.LN_ROWS, fused_kernels.LN_FWD_WARPS, fused_kernels.LN_BWD_WARPS = rows, fwd_w, bwd_w
-            return fused_kernels._TritonLayerNorm.apply(x, w, b, 1e-5, torch.bfloat16)
+            return fused_kernels._TritonLayerNorm.apply(x, None, w, b, 1e-5, torch.bfloat16)
 
         return run
 

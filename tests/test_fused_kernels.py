@@ -105,7 +105,7 @@ def test_triton_layer_norm_autograd_under_the_interpreter(interpreted):
     for name in ("triton", "pytorch"):
         x, w, b = x0.clone().requires_grad_(), *(p.clone().requires_grad_() for p in p0)
         if name == "triton":
-            y = fused_kernels._TritonLayerNorm.apply(x, w, b, 1e-5, torch.bfloat16)
+            y = fused_kernels._TritonLayerNorm.apply(x, None, w, b, 1e-5, torch.bfloat16)
         else:
             y = F.layer_norm(x.float(), (200,), w.bfloat16().float(), b.bfloat16().float(), 1e-5).bfloat16()
         (y.float() * torch.linspace(-1, 1, 200)).square().sum().backward()
@@ -118,8 +118,8 @@ def test_triton_layer_norm_autograd_under_the_interpreter(interpreted):
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_add_layer_norm_is_the_add_then_the_layer_norm(interpreted, dtype):
-    """The residual add fused into the LayerNorm's kernels (`_TritonAddLayerNorm`) against `x + r` then the Triton
-    LayerNorm (`_TritonLayerNorm`) and autograd adding s's two gradients: s, y and the gradients of x, r, the weight
+    """The residual add fused into the LayerNorm's kernels (`_TritonLayerNorm` given r) against `x + r` then the
+    Triton LayerNorm alone and autograd adding s's two gradients: s, y and the gradients of x, r, the weight
     and the bias, bit for bit in FP32. In BF16 the interpreter rounds toward zero where PyTorch's add (and a GPU)
     rounds to nearest: s is the toward-zero sum exactly, the rest within BF16's rounding (the GPU test compares them
     bit for bit)."""
@@ -131,10 +131,10 @@ def test_add_layer_norm_is_the_add_then_the_layer_norm(interpreted, dtype):
     for name in ("fused", "separate"):
         x, r, w, b = x0.clone().requires_grad_(), r0.clone().requires_grad_(), *(p.clone().requires_grad_() for p in p0)
         if name == "fused":
-            s_, y = fused_kernels._TritonAddLayerNorm.apply(x, r, w, b, 1e-5, dtype)
+            s_, y = fused_kernels._TritonLayerNorm.apply(x, r, w, b, 1e-5, dtype)
         else:
             s_ = x + r
-            y = fused_kernels._TritonLayerNorm.apply(s_, w, b, 1e-5, dtype)
+            y = fused_kernels._TritonLayerNorm.apply(s_, None, w, b, 1e-5, dtype)
         torch.autograd.backward([s_, y], [g_s, g_y])
         outs[name] = (s_, y, x.grad, r.grad, w.grad, b.grad)
     if dtype == torch.bfloat16:
@@ -167,7 +167,7 @@ def test_add_layer_norm_fuses_only_where_its_kernels_apply(monkeypatch, x_dtype,
     taken = []
     monkeypatch.setattr(layers, "cuda_autocast_dtype", lambda x: None if r_dtype is None else torch.bfloat16)
     monkeypatch.setattr(fused_kernels, "layer_norm_kernel", lambda h: kernel)
-    monkeypatch.setattr(fused_kernels._TritonAddLayerNorm, "apply", lambda *a: taken.append("fused") or (a[0], a[0]))
+    monkeypatch.setattr(fused_kernels._TritonLayerNorm, "apply", lambda *a: taken.append("fused") or (a[0], a[0]))
     monkeypatch.setattr(fused_kernels, "layer_norm", lambda s, *a: taken.append("separate") or s)
     x, r = torch.randn(4, width).to(x_dtype), torch.randn(4, width).to(r_dtype or torch.bfloat16)
     fused_kernels.add_layer_norm(x, r, torch.ones(width), torch.zeros(width), 1e-5)

@@ -116,23 +116,33 @@ def layer_norm_backward(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor
 class _TritonLayerNorm(torch.autograd.Function):
     """LayerNorm in `dtype` through our Triton kernels: one pass forward, one backward that also sums the weight and
     bias gradients (layernorm_triton.py). Gradients are those of the parameters rounded to `dtype` (what autocast's
-    cast gives back), returned in the parameters' dtype."""
+    cast gives back), returned in the parameters' dtype.
+
+    With a residual `r` (x's shape and dtype; None: none) the rows normalised are s = x + r, added in the forward
+    kernel and returned before the output, (s, y); in backward s's two gradients (from the residual stream and from
+    the LayerNorm) are added where the LayerNorm's is written. Bit for bit what `x + r` then this LayerNorm give: the
+    sum rounded once, the gradients rounded as autograd rounds each before adding them."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, dtype):
+    def forward(ctx, x, r, weight, bias, eps, dtype):
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        y, mean, rstd, _ = layer_norm_forward(x2, weight, bias, eps, LN_FWD_WARPS)
-        ctx.save_for_backward(x2, mean, rstd, weight)
-        ctx.shape, ctx.dtype, ctx.bias_dtype = x.shape, dtype, bias.dtype
-        return y.view(x.shape)
+        r2 = None if r is None else r.reshape(-1, r.shape[-1]).contiguous()
+        y, mean, rstd, s2 = layer_norm_forward(x2, weight, bias, eps, LN_FWD_WARPS, residual=r2)
+        ctx.save_for_backward(s2, mean, rstd, weight)
+        ctx.shape, ctx.dtype, ctx.bias_dtype, ctx.residual = x.shape, dtype, bias.dtype, r is not None
+        return (s2.view(x.shape), y.view(x.shape)) if ctx.residual else y.view(x.shape)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad):
-        x2, mean, rstd, weight = ctx.saved_tensors
-        dy = grad.to(ctx.dtype).reshape(x2.shape).contiguous()
-        dx, dw, db = layer_norm_backward(dy, x2, weight, mean, rstd, LN_ROWS, LN_BWD_WARPS)
-        return dx.view(ctx.shape), dw.to(ctx.dtype).to(weight.dtype), db.to(ctx.dtype).to(ctx.bias_dtype), None, None
+    def backward(ctx, *grads):
+        s2, mean, rstd, weight = ctx.saved_tensors
+        grad_s, grad_y = grads if ctx.residual else (None, grads[0])
+        dy = grad_y.to(ctx.dtype).reshape(s2.shape).contiguous()
+        dres = None if grad_s is None else grad_s.to(ctx.dtype).reshape(s2.shape).contiguous()
+        dx, dw, db = layer_norm_backward(dy, s2, weight, mean, rstd, LN_ROWS, LN_BWD_WARPS, dres=dres)
+        dx = dx.view(ctx.shape)
+        dw, db = dw.to(ctx.dtype).to(weight.dtype), db.to(ctx.dtype).to(ctx.bias_dtype)
+        return dx, dx if ctx.residual else None, dw, db, None, None
 
 
 # The widest rows the Triton LayerNorm takes: at 5120 (15B) TE has tuned kernels, faster than ours (whose rows of
@@ -154,33 +164,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     if dtype is None or x.dtype != dtype:  # also an FP32 residual stream: layers.layer_norm's FP32 path
         return layers.layer_norm(x, weight, bias, eps)
     if layer_norm_kernel(x.shape[-1]) == "triton":
-        return _TritonLayerNorm.apply(x, weight, bias, eps, dtype)
+        return _TritonLayerNorm.apply(x, None, weight, bias, eps, dtype)
     return _LayerNorm.apply(x, weight, bias, eps, dtype)
-
-
-class _TritonAddLayerNorm(torch.autograd.Function):
-    """(s, LayerNorm(s)) with s = x + r, in `dtype`, through the same Triton kernels with their residual path: the
-    sum is stored as the LayerNorm reads it, and in backward s's two gradients (from the residual stream and from
-    the LayerNorm) are added where the LayerNorm's is written. Bit for bit what `x + r` then `_TritonLayerNorm` give:
-    the sum rounded once, the gradients rounded as autograd rounds each before adding them."""
-
-    @staticmethod
-    def forward(ctx, x, r, weight, bias, eps, dtype):
-        x2, r2 = x.reshape(-1, x.shape[-1]).contiguous(), r.reshape(-1, r.shape[-1]).contiguous()
-        y, mean, rstd, s2 = layer_norm_forward(x2, weight, bias, eps, LN_FWD_WARPS, residual=r2)
-        ctx.save_for_backward(s2, mean, rstd, weight)
-        ctx.shape, ctx.dtype, ctx.bias_dtype = x.shape, dtype, bias.dtype
-        return s2.view(x.shape), y.view(x.shape)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_s, grad_y):
-        s2, mean, rstd, weight = ctx.saved_tensors
-        dy = grad_y.to(ctx.dtype).reshape(s2.shape).contiguous()
-        dres = grad_s.to(ctx.dtype).reshape(s2.shape).contiguous()
-        ds, dw, db = layer_norm_backward(dy, s2, weight, mean, rstd, LN_ROWS, LN_BWD_WARPS, dres=dres)
-        ds = ds.view(ctx.shape)
-        return ds, ds, dw.to(ctx.dtype).to(weight.dtype), db.to(ctx.dtype).to(ctx.bias_dtype), None, None
 
 
 @torch.compiler.disable  # Triton launches, which torch.compile would only break around
@@ -192,7 +177,7 @@ def add_layer_norm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, bias:
     if dtype is None or x.dtype != dtype or r.dtype != dtype or x.shape != r.shape or layer_norm_kernel(x.shape[-1]) != "triton":
         s = x + r
         return s, layer_norm(s, weight, bias, eps)
-    return _TritonAddLayerNorm.apply(x, r, weight, bias, eps, dtype)
+    return _TritonLayerNorm.apply(x, r, weight, bias, eps, dtype)
 
 
 @functools.cache
